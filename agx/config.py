@@ -1,0 +1,179 @@
+"""Typed configuration for a whole experiment, loaded from a Python module and patched with `--set`.
+
+Experiments are plain Python (`experiments/NAME.py` defining `config() -> Config`), so a size table or
+a derived schedule is ordinary code; `--set a.b=value` then overrides any field by its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agx.errors import UserError
+
+REMAT_POLICIES = ("none", "full", "selective")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 8
+    seq_len: int = 128
+    vocab_size: int = 256
+    vocab_multiple: int = 128  # Megatron's --make-vocab-size-divisible-by
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype; parameters, softmax and loss stay in float32
+    remat: str = "none"  # activation checkpointing policy, one of REMAT_POLICIES
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def d_ff(self) -> int:
+        return 4 * self.d_model
+
+    @property
+    def padded_vocab(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh axes; -1 takes the devices left over. `fsdp` always shards params, grads and
+    optimizer state (ZeRO-3 on that axis); `zero_stage` says what is also sharded over `data`."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    zero_stage: int = 1
+    sequence_parallel: bool = False  # Megatron SP: LayerNorm/dropout regions split over `tensor`
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 32  # global sequences per step
+    microbatches: int = 1  # gradient accumulation steps inside one training step
+    seed: int = 0
+    log_every: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr (GPT-3: 10%)
+    warmup_steps: int = 20
+    decay_steps: int | None = None  # None: decay over train.steps (Megatron's --lr-decay-iters)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Config:
+    name: str = "unnamed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> Config:
+        m, t = self.model, self.train
+        if m.d_model % m.num_heads:
+            raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+        if m.remat not in REMAT_POLICIES:
+            raise UserError(f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+        if m.dtype not in COMPUTE_DTYPES:
+            raise UserError(f"model.dtype={m.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if self.mesh.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"mesh.zero_stage={self.mesh.zero_stage} must be 0, 1, 2 or 3")
+        for name, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                            ("train.microbatches", t.microbatches), ("model.seq_len", m.seq_len)]:
+            if value < 1:
+                raise UserError(f"{name}={value} must be at least 1")
+        if t.batch_size % t.microbatches:
+            raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.microbatches={t.microbatches}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(text: str, hint, key: str):
+    """Parses `text` as the annotated type of a config field."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        return hint(text)
+    except ValueError:
+        raise UserError(f"--set {key}={text}: expected a value of type {hint.__name__}") from None
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    """Applies one `a.b=value` override in place."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {assignment!r}: expected key=value, for example train.steps=100")
+    node, parts = cfg, key.split(".")
+    for depth, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(node)}
+        if part not in names:
+            where = ".".join(parts[:depth]) or "the config"
+            raise UserError(f"unknown config key '{key}': {where} has {', '.join(sorted(names))}")
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(node, part)):
+                raise UserError(f"config key '{key}' is a section; set one of its fields")
+            hint = typing.get_type_hints(type(node))[part]
+            setattr(node, part, _coerce(text, hint, key))
+        else:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise UserError(f"unknown config key '{key}': '{part}' is not a section")
+
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_experiment(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """Loads `experiments/NAME.py` (or a path to such a module), calls its `config()`, applies overrides."""
+    path = Path(name_or_path)
+    if path.suffix != ".py":
+        path = EXPERIMENTS_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        raise UserError(f"unknown experiment '{name_or_path}': known are {', '.join(experiment_names())}, "
+                        "or give a path to a .py file")
+    spec = importlib.util.spec_from_file_location(f"agx_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "config", None)):
+        raise UserError(f"experiment {path} defines no config() function")
+    cfg = module.config()
+    if not isinstance(cfg, Config):
+        raise UserError(f"experiment {path}: config() returned {type(cfg).__name__}, not agx.config.Config")
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    return cfg.validate()

@@ -1,0 +1,118 @@
+"""GPT-3 (Brown et al. 2020) in Flax Linen, partitioned through logical axis names.
+
+Pre-LayerNorm blocks, causal multi-head attention, GELU(tanh) MLP of 4·d_model, learned positions,
+LM head tied to the embedding. Layers are stacked with nn.scan so that depth costs no compile time.
+Shape suffixes: B batch, T sequence, D d_model, H heads, Q head dim, F d_ff, V padded vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from agx.config import ModelConfig
+from agx.parallel.mesh import Layout
+
+# Activation checkpointing: which intermediates of a layer the backward pass may keep.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    # Megatron's selective recompute: keep projection outputs, recompute attention scores/softmax
+    "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _init(std: float, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype, param_dtype=jnp.float32, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=_zeros(("embed",)))
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    layout: Layout | None
+    deterministic: bool
+
+    def _constrain(self, x, logical):
+        return x if self.layout is None else self.layout.constrain(x, logical)
+
+    def _dropout(self, x):
+        return nn.Dropout(self.cfg.dropout)(x, deterministic=self.deterministic) if self.cfg.dropout else x
+
+    @nn.compact
+    def __call__(self, x_BxTxD, _):
+        cfg = self.cfg
+        H, Q, dtype = cfg.num_heads, cfg.head_dim, cfg.dtype
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
+        dense = dict(dtype=dtype, param_dtype=jnp.float32)
+
+        # Attention: QKV column-parallel over heads, output projection row-parallel.
+        h_BxTxD = self._constrain(_layer_norm(cfg, "ln_attn")(x_BxTxD), ("batch", "length", "act_embed"))
+        qkv_BxTx3xHxQ = nn.DenseGeneral((3, H, Q), name="qkv", **dense,
+                                        kernel_init=_init(cfg.init_std, ("embed", "qkv", "heads", "kv")),
+                                        bias_init=_zeros(("qkv", "heads", "kv")))(h_BxTxD)
+        qkv_BxTx3xHxQ = self._constrain(qkv_BxTx3xHxQ, ("batch", "length", "qkv", "heads", "kv"))
+        q_BxTxHxQ, k_BxTxHxQ, v_BxTxHxQ = (qkv_BxTx3xHxQ[:, :, i] for i in range(3))
+        scores_BxHxTxT = jnp.einsum("bthq,bshq->bhts", q_BxTxHxQ, k_BxTxHxQ,
+                                    preferred_element_type=jnp.float32) / math.sqrt(Q)
+        T = x_BxTxD.shape[1]
+        causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+        scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(jnp.float32).min)
+        probs_BxHxTxT = self._dropout(jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(dtype))
+        ctx_BxTxHxQ = jnp.einsum("bhts,bshq->bthq", probs_BxHxTxT, v_BxTxHxQ)
+        ctx_BxTxHxQ = self._constrain(ctx_BxTxHxQ, ("batch", "length", "heads", "kv"))
+        attn_BxTxD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="proj", **dense,
+                                     kernel_init=_init(out_std, ("heads", "kv", "embed")),
+                                     bias_init=_zeros(("embed",)))(ctx_BxTxHxQ)
+        x_BxTxD = self._constrain(x_BxTxD + self._dropout(attn_BxTxD), ("batch", "act_length", "act_embed"))
+
+        # MLP: fc column-parallel, out row-parallel.
+        h_BxTxD = self._constrain(_layer_norm(cfg, "ln_mlp")(x_BxTxD), ("batch", "length", "act_embed"))
+        h_BxTxF = nn.Dense(cfg.d_ff, name="fc", **dense, kernel_init=_init(cfg.init_std, ("embed", "mlp")),
+                           bias_init=_zeros(("mlp",)))(h_BxTxD)
+        h_BxTxF = nn.gelu(self._constrain(h_BxTxF, ("batch", "length", "mlp")), approximate=True)
+        mlp_BxTxD = nn.Dense(cfg.d_model, name="out", **dense, kernel_init=_init(out_std, ("mlp", "embed")),
+                             bias_init=_zeros(("embed",)))(h_BxTxF)
+        x_BxTxD = self._constrain(x_BxTxD + self._dropout(mlp_BxTxD), ("batch", "act_length", "act_embed"))
+        return x_BxTxD, None
+
+
+class GPT(nn.Module):
+    cfg: ModelConfig
+    layout: Layout | None = None  # None: no sharding constraints (single device, abstract shapes)
+
+    @nn.compact
+    def __call__(self, tokens_BxT, deterministic: bool = True):
+        """Returns float32 logits over the padded vocabulary."""
+        cfg = self.cfg
+        constrain = (lambda x, logical: x) if self.layout is None else self.layout.constrain
+        T = tokens_BxT.shape[1]
+        embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32, name="wte",
+                         embedding_init=_init(cfg.init_std, ("vocab", "embed")))
+        pos_TxD = self.param("wpe", _init(cfg.init_std, ("pos", "embed")), (cfg.seq_len, cfg.d_model))
+        x_BxTxD = embed(tokens_BxT) + pos_TxD[:T].astype(cfg.dtype)
+        x_BxTxD = constrain(x_BxTxD, ("batch", "act_length", "act_embed"))
+        if cfg.dropout:
+            x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        stack = nn.scan(block, length=cfg.num_layers, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BxTxD, _ = stack(cfg, self.layout, deterministic, name="layers")(x_BxTxD, None)
+
+        x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
+        logits_BxTxV = embed.attend(x_BxTxD).astype(jnp.float32)  # tied, vocab-parallel LM head
+        return constrain(logits_BxTxV, ("batch", "length", "vocab"))

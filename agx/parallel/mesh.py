@@ -1,0 +1,87 @@
+"""The device mesh and the table that maps logical array axes onto it.
+
+Model code names its axes ('embed', 'heads', 'batch', ...); this file alone decides where they live.
+Megatron's tensor parallelism is just rules here: 'heads' and 'mlp' on `tensor` make QKV and fc
+column-parallel and the attention output and second MLP matrix row-parallel; 'vocab' on `tensor`
+makes the embedding and the tied LM head vocab-parallel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from agx.config import MeshConfig
+from agx.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Resolves -1 (fill with the devices left) and checks that the mesh covers the devices exactly."""
+    sizes = {axis: getattr(cfg, axis) for axis in AXES}
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise UserError(f"mesh {sizes}: sizes must be positive, and at most one may be -1")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if num_devices % fixed:
+        raise UserError(f"mesh {_fmt(sizes)} does not divide the {num_devices} devices")
+    if fill:
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise UserError(f"mesh {_fmt(sizes)} uses {fixed} devices but {num_devices} are present")
+    return sizes
+
+
+def _fmt(sizes: dict[str, int]) -> str:
+    return ",".join(f"{axis}={size}" for axis, size in sizes.items())
+
+
+def build_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(cfg, len(devices))
+    return Mesh(mesh_utils.create_device_mesh(tuple(shape.values()), devices=np.asarray(devices).ravel()), AXES)
+
+
+def logical_rules(shard_over_data: bool, sequence_parallel: bool) -> tuple:
+    """Logical axis -> mesh axes. Weights use 'embed'; activations use 'act_embed' and 'act_length'.
+
+    shard_over_data: also shard weight-shaped arrays over `data` (ZeRO), besides `fsdp`.
+    """
+    return (
+        ("batch", BATCH_AXES),
+        ("act_length", "tensor" if sequence_parallel else None),  # residual stream between blocks
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("embed", ("fsdp", "data") if shard_over_data else "fsdp"),
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A mesh with one rules table: turns logical axis names into concrete NamedShardings."""
+
+    mesh: Mesh
+    rules: tuple
+
+    def spec(self, logical: tuple) -> PartitionSpec:
+        return nn.logical_to_mesh_axes(logical, self.rules)
+
+    def sharding(self, logical: tuple) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical))
+
+    def constrain(self, x, logical: tuple):
+        return jax.lax.with_sharding_constraint(x, self.sharding(logical))
+
+    def tree_shardings(self, logical_tree):
+        """Maps a pytree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
+        return nn.logical_to_mesh_sharding(logical_tree, self.mesh, self.rules)
+

@@ -1,0 +1,81 @@
+"""`python -m agx.train --experiment NAME_OR_PATH [--set key=value ...] [--workdir DIR] [--dry-run]`"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from agx.config import Config, load_experiment
+from agx.errors import UserError
+
+
+def dry_run(cfg: Config) -> dict:
+    """Plans the run from abstract shapes only: nothing is allocated, so any size works anywhere."""
+    import jax
+
+    from agx.models.configs import flops_per_token, param_count
+    from agx.parallel.mesh import build_mesh
+    from agx.training.optimizer import make_optimizer
+    from agx.training.state import plan_state
+
+    mesh = build_mesh(cfg.mesh)
+    plan = plan_state(cfg, make_optimizer(cfg), mesh)
+    bytes_per_device = {
+        part: sum(_shard_bytes(a, s) for a, s in zip(jax.tree_util.tree_leaves(getattr(plan.abstract, part)),
+                                                     jax.tree_util.tree_leaves(getattr(plan.shardings, part))))
+        for part in ("params", "opt_state")}
+    assert plan.num_params == param_count(cfg.model), "the analytic count disagrees with the model"
+    return {"experiment": cfg.name, "params": plan.num_params, "flops_per_token": flops_per_token(cfg.model),
+            "mesh": dict(mesh.shape), "devices": mesh.devices.size, "zero_stage": cfg.mesh.zero_stage,
+            "param_bytes_per_device": bytes_per_device["params"],
+            "opt_state_bytes_per_device": bytes_per_device["opt_state"]}
+
+
+def _shard_bytes(abstract, sharding) -> int:
+    shard = sharding.shard_shape(abstract.shape)
+    size = 1
+    for dim in shard:
+        size *= dim
+    return size * abstract.dtype.itemsize
+
+
+def _print_config(cfg: Config) -> None:
+    def walk(prefix, node):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(f"{prefix}{f.name}.", value)
+            else:
+                print(f"{prefix}{f.name} = {value!r}")
+
+    walk("", cfg)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agx.train", description=__doc__)
+    parser.add_argument("--experiment", required=True, help="name in experiments/ or path to a .py file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by dotted path, e.g. train.steps=100 (repeatable)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where metrics go (default: runs/EXPERIMENT)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan; build nothing")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_experiment(args.experiment, args.set)
+        if args.dry_run:
+            _print_config(cfg)
+            print(json.dumps(dry_run(cfg)))
+            return 0
+        from agx.training.loop import train
+
+        train(cfg, args.workdir or Path("runs") / cfg.name)
+        return 0
+    except UserError as e:
+        print(f"agx: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

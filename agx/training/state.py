@@ -1,0 +1,70 @@
+"""The train state and where each of its arrays lives.
+
+The state is planned from abstract shapes first (jax.eval_shape: nothing allocated), so that its
+shardings, its parameter count and any mesh that does not divide it are known before a byte is
+placed; then it is initialised directly into those shardings by one jitted call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import struct
+from jax.sharding import Mesh
+
+from agx.config import Config
+from agx.models.gpt import GPT
+from agx.parallel.zero import check_divisible, replicated, zero_layouts
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    abstract: TrainState  # ShapeDtypeStructs
+    shardings: TrainState  # NamedShardings, per ZeRO stage
+    grad_shardings: Any  # NamedShardings for a params-shaped gradient tree
+
+    @property
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params))
+
+
+def _init_fn(cfg: Config, tx: optax.GradientTransformation):
+    """Returns rng -> boxed TrainState (LogicallyPartitioned leaves carry the logical axis names)."""
+    model = GPT(cfg.model)  # no layout: init needs no sharding constraints
+
+    def init(rng):
+        tokens_1xT = jnp.zeros((1, cfg.model.seq_len), jnp.int32)
+        params = model.init(rng, tokens_1xT)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StatePlan:
+    boxed = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(0))
+    logical = nn.get_partition_spec(boxed)
+    layouts = zero_layouts(mesh, cfg.mesh)
+    shardings = TrainState(step=replicated(mesh), params=layouts.params.tree_shardings(logical.params),
+                           opt_state=layouts.opt_state.tree_shardings(logical.opt_state))
+    abstract = nn.meta.unbox(boxed)
+    check_divisible(abstract.params, shardings.params, "parameter")
+    check_divisible(abstract.opt_state, shardings.opt_state, "optimizer state")
+    return StatePlan(abstract=abstract, shardings=shardings,
+                     grad_shardings=layouts.grads.tree_shardings(logical.params))
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation, plan: StatePlan) -> TrainState:
+    init = _init_fn(cfg, tx)
+    return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=plan.shardings)(
+        jax.random.key(cfg.train.seed))

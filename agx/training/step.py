@@ -1,0 +1,78 @@
+"""One training step: forward, backward with gradient accumulation, clipping, AdamW. One jitted
+function with explicit in/out shardings and the old state donated."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from agx.config import Config
+from agx.models.gpt import GPT
+from agx.parallel.mesh import BATCH_AXES
+from agx.parallel.zero import replicated, zero_layouts
+from agx.training.state import StatePlan, TrainState
+
+
+def cross_entropy(logits_BxTxV, targets_BxT, vocab_size: int):
+    """Mean next-token loss in float32. Padded vocabulary entries are excluded from the softmax;
+    the target logit is picked with a mask, not a gather, so vocab-sharded logits stay sharded."""
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    vocab_V = jnp.arange(logits_BxTxV.shape[-1])
+    if vocab_size < logits_BxTxV.shape[-1]:
+        logits_BxTxV = jnp.where(vocab_V < vocab_size, logits_BxTxV, -jnp.inf)
+    target_BxT = jnp.sum(jnp.where(vocab_V == targets_BxT[..., None], logits_BxTxV, 0.0), axis=-1)
+    return jnp.mean(jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_BxT)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches [B, T+1] are split over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    plan: StatePlan, mesh: Mesh):
+    """Returns jitted (state, tokens_Bx(T+1)) -> (state, metrics); the state argument is donated."""
+    model = GPT(cfg.model, zero_layouts(mesh, cfg.mesh).params)
+    M = cfg.train.microbatches
+    dropout = cfg.model.dropout > 0
+    constrain_grads = lambda g: jax.lax.with_sharding_constraint(g, plan.grad_shardings)
+
+    def loss_fn(params, tokens_BxT1, rng):
+        logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1], deterministic=not dropout,
+                                   rngs={"dropout": rng} if dropout else None)
+        return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:], cfg.model.vocab_size)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state: TrainState, tokens_BxT1):
+        rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
+        if M == 1:
+            loss, grads = grad_fn(state.params, tokens_BxT1, rng)
+            grads = constrain_grads(grads)
+        else:
+            # Micro-batch m takes rows m, m+M, ...: each device's rows split evenly, no reshuffle.
+            B, T1 = tokens_BxT1.shape
+            micro_MxbxT1 = tokens_BxT1.reshape(B // M, M, T1).swapaxes(0, 1)
+            micro_MxbxT1 = jax.lax.with_sharding_constraint(
+                micro_MxbxT1, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None)))
+
+            def accumulate(carry, xs):
+                loss_sum, grad_sum = carry
+                m, tokens_bxT1 = xs
+                loss, grads = grad_fn(state.params, tokens_bxT1, jax.random.fold_in(rng, m))
+                return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, constrain_grads(grads))), None
+
+            zeros = constrain_grads(jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                            (jnp.arange(M), micro_MxbxT1))
+            loss, grads = loss / M, jax.tree_util.tree_map(lambda g: g / M, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                               opt_state=opt_state)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+
+    return jax.jit(step, in_shardings=(plan.shardings, batch_sharding(mesh)),
+                   out_shardings=(plan.shardings, replicated(mesh)), donate_argnums=0)
