@@ -17,12 +17,10 @@ def dry_run(cfg: Config) -> dict:
     import jax
 
     from agx.models.configs import flops_per_token, param_count
-    from agx.parallel.mesh import build_mesh
-    from agx.training.optimizer import make_optimizer
-    from agx.training.state import plan_state
+    from agx.training.loop import Trainer
 
-    mesh = build_mesh(cfg.mesh)
-    plan = plan_state(cfg, make_optimizer(cfg), mesh)
+    trainer = Trainer.build(cfg)  # checks the mesh, the batch and the model's divisibility
+    plan, mesh = trainer.plan, trainer.mesh
     bytes_per_device = {
         part: sum(_shard_bytes(a, s) for a, s in zip(jax.tree_util.tree_leaves(getattr(plan.abstract, part)),
                                                      jax.tree_util.tree_leaves(getattr(plan.shardings, part))))

@@ -24,11 +24,13 @@ class PublishedSize:
 
 
 # GPT-3 Table 2.1; the 1T row is Megatron-LM's (Narayanan et al. 2021, Table 1), used on Aurora.
+# XL: the table's 24 heads of 128 do not tile d_model 2048 (and would not give 1.3B parameters);
+# we keep its head size, 128, with 16 heads, as Megatron's and GPT-Neo's 1.3B configs do.
 PUBLISHED = {
     "gpt3_small": PublishedSize(12, 768, 12, 125e6, 256, 6.0e-4),
     "gpt3_medium": PublishedSize(24, 1024, 16, 350e6, 256, 3.0e-4),
     "gpt3_large": PublishedSize(24, 1536, 16, 760e6, 256, 2.5e-4),
-    "gpt3_xl": PublishedSize(24, 2048, 24, 1.3e9, 512, 2.0e-4),
+    "gpt3_xl": PublishedSize(24, 2048, 16, 1.3e9, 512, 2.0e-4),
     "gpt3_2_7b": PublishedSize(32, 2560, 32, 2.7e9, 512, 1.6e-4),
     "gpt3_6_7b": PublishedSize(32, 4096, 32, 6.7e9, 1024, 1.2e-4),
     "gpt3_13b": PublishedSize(40, 5120, 40, 13e9, 1024, 1.0e-4),

@@ -50,7 +50,7 @@ class Block(nn.Module):
         return nn.Dropout(self.cfg.dropout)(x, deterministic=self.deterministic) if self.cfg.dropout else x
 
     @nn.compact
-    def __call__(self, x_BxTxD, _):
+    def __call__(self, x_BxTxD):
         cfg = self.cfg
         H, Q, dtype = cfg.num_heads, cfg.head_dim, cfg.dtype
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
@@ -83,13 +83,41 @@ class Block(nn.Module):
         h_BxTxF = nn.gelu(self._constrain(h_BxTxF, ("batch", "length", "mlp")), approximate=True)
         mlp_BxTxD = nn.Dense(cfg.d_model, name="out", **dense, kernel_init=_init(out_std, ("mlp", "embed")),
                              bias_init=_zeros(("embed",)))(h_BxTxF)
-        x_BxTxD = self._constrain(x_BxTxD + self._dropout(mlp_BxTxD), ("batch", "act_length", "act_embed"))
-        return x_BxTxD, None
+        return self._constrain(x_BxTxD + self._dropout(mlp_BxTxD), ("batch", "act_length", "act_embed"))
 
 
 class GPT(nn.Module):
     cfg: ModelConfig
     layout: Layout | None = None  # None: no sharding constraints (single device, abstract shapes)
+
+    def _layers(self, x_BxTxD, deterministic: bool):
+        """The block stack: one set of weights with a leading 'layers' axis, run by lax.scan.
+
+        A plain scan over stacked weights (rather than nn.scan) works the same on every Flax/JAX
+        pair we support, and leaves the stack as one array per weight for later pipelining.
+        """
+        cfg, L = self.cfg, self.cfg.num_layers
+        dropout = bool(cfg.dropout) and not deterministic
+
+        def init_stack(rng):
+            x_1xTxD = jnp.zeros((1, cfg.seq_len, cfg.d_model), cfg.dtype)
+            init_one = lambda key: Block(cfg, None, True).init(key, x_1xTxD)["params"]
+            stacked = jax.vmap(init_one)(jax.random.split(rng, L))
+            return jax.tree_util.tree_map(lambda box: box.replace(names=("layers",) + box.names), stacked,
+                                          is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+        stack_LxW = self.param("layers", init_stack)
+        block = Block(cfg, self.layout, not dropout)
+
+        def one_layer(x_BxTxD, params_and_rng):
+            params, rng = params_and_rng
+            return block.apply({"params": params}, x_BxTxD, rngs={"dropout": rng} if dropout else None), None
+
+        if cfg.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        rngs_L = jax.random.split(self.make_rng("dropout"), L) if dropout else jnp.zeros((L,))
+        x_BxTxD, _ = jax.lax.scan(one_layer, x_BxTxD, (stack_LxW, rngs_L))
+        return x_BxTxD
 
     @nn.compact
     def __call__(self, tokens_BxT, deterministic: bool = True):
@@ -100,19 +128,14 @@ class GPT(nn.Module):
         embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32, name="wte",
                          embedding_init=_init(cfg.init_std, ("vocab", "embed")))
         pos_TxD = self.param("wpe", _init(cfg.init_std, ("pos", "embed")), (cfg.seq_len, cfg.d_model))
-        x_BxTxD = embed(tokens_BxT) + pos_TxD[:T].astype(cfg.dtype)
-        x_BxTxD = constrain(x_BxTxD, ("batch", "act_length", "act_embed"))
+        # Vocab-parallel lookup (each shard contributes its rows, summed), then split the sequence
+        # if sequence parallel is on: without the first constraint XLA gathers the whole table.
+        x_BxTxD = constrain(embed(tokens_BxT), ("batch", "length", "act_embed"))
+        x_BxTxD = constrain(x_BxTxD + pos_TxD[:T].astype(cfg.dtype), ("batch", "act_length", "act_embed"))
         if cfg.dropout:
             x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
 
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        stack = nn.scan(block, length=cfg.num_layers, variable_axes={"params": 0},
-                        split_rngs={"params": True, "dropout": True},
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BxTxD, _ = stack(cfg, self.layout, deterministic, name="layers")(x_BxTxD, None)
-
+        x_BxTxD = self._layers(x_BxTxD, deterministic)
         x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
         logits_BxTxV = embed.attend(x_BxTxD).astype(jnp.float32)  # tied, vocab-parallel LM head
         return constrain(logits_BxTxV, ("batch", "length", "vocab"))

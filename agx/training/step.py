@@ -68,7 +68,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
             (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
                                             (jnp.arange(M), micro_MxbxT1))
             loss, grads = loss / M, jax.tree_util.tree_map(lambda g: g / M, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                opt_state=opt_state)

@@ -1,0 +1,43 @@
+"""8 simulated CPU devices for every test, set before jax is first imported."""
+
+import os
+
+# Backend optimisation off: the tests compile ~40 programs and check numbers, not speed.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from agx.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from agx.data.stdlib_text import StdlibText  # noqa: E402
+from agx.training.loop import Trainer  # noqa: E402
+
+
+def tiny_config(**mesh) -> Config:
+    """Small enough to compile in seconds; every dimension divisible by 8."""
+    return Config(
+        name="test_tiny",
+        model=ModelConfig(num_layers=2, d_model=64, num_heads=8, seq_len=32, vocab_size=256),
+        mesh=MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, **mesh}),
+        train=TrainConfig(steps=3, batch_size=16),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+    )
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    return StdlibText(seq_len=32, seed=0, max_bytes=1 << 20)
+
+
+def run_steps(cfg: Config, corpus, devices, steps: int = 3):
+    """Trains `steps` steps; returns the losses and the final parameters on the host."""
+    trainer = Trainer.build(cfg, devices)
+    state = trainer.init()
+    losses = []
+    for step in range(steps):
+        state, metrics = trainer.step_fn(state, trainer.put_batch(corpus.batch(step, cfg.train.batch_size)))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(state.params)

@@ -1,0 +1,64 @@
+"""`python -m agx.train` as a user runs it: real processes, real output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+def agx_train(*args, env=ENV, timeout=300):
+    return subprocess.run([sys.executable, "-m", "agx.train", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
+    result = agx_train("--experiment", "gpt3_1t", "--dry-run", "--set", "mesh.tensor=8", "--set", "mesh.fsdp=1")
+    assert result.returncode == 0, result.stderr
+    assert "model.num_layers = 128" in result.stdout
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plan["params"] == pytest.approx(1.0e12, rel=0.01)
+    assert plan["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert plan["flops_per_token"] > 6 * plan["params"]
+    # 4 bytes per fp32 parameter, split 8 ways by tensor parallelism (LayerNorms replicated)
+    assert plan["param_bytes_per_device"] == pytest.approx(4 * plan["params"] / 8, rel=0.01)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--experiment", "gpt3_nope"], "unknown experiment 'gpt3_nope'"),
+    (["--experiment", "gpt3_tiny", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--experiment", "gpt3_tiny", "--set", "train.steps=many"], "expected a value of type int"),
+    (["--experiment", "gpt3_tiny", "--set", "mesh.data=3"], "does not divide the 8 devices"),
+    (["--experiment", "gpt3_tiny", "--set", "mesh.data=1", "--set", "mesh.tensor=8", "--set", "model.num_heads=4"],
+     "do not divide dimension 4"),
+    (["--experiment", "gpt3_tiny", "--set", "train.batch_size=12"], "not divisible by the data-parallel degree"),
+    (["--experiment", "gpt3_tiny", "--set", "model.remat=some"], "model.remat='some' is not one of"),
+])
+def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
+    result = agx_train(*args, "--dry-run")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_mesh_fails_before_training_starts(tmp_path):
+    result = agx_train("--experiment", "gpt3_tiny", "--set", "mesh.data=3", "--workdir", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith("agx: error: mesh data=3,fsdp=1,tensor=1")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_default_experiment_loss_falls_within_50_steps(tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    result = agx_train("--experiment", "gpt3_tiny", "--set", "train.steps=50", "--workdir", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 51))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_s"} <= set(records[0])
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert first == pytest.approx(5.55, abs=0.3)  # ln(256): uniform over bytes at init
+    assert last < first - 1.5, (first, last)
+    assert "step     50 | loss" in result.stdout

@@ -1,0 +1,49 @@
+"""Every layout of 8 devices computes the same training run as one device."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_steps, tiny_config
+
+MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "tensor8": (1, 1, 8), "2x2x2": (2, 2, 2)}
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    return run_steps(tiny_config(), corpus, jax.devices()[:1])
+
+
+def assert_same_run(run, reference):
+    losses, params = run
+    ref_losses, ref_params = reference
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    assert ref_losses[-1] < ref_losses[0]  # the reference itself is training
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(ref_params)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def with_mesh(mesh_name, zero_stage, **kwargs):
+    cfg = tiny_config(**dict(zip(("data", "fsdp", "tensor"), MESHES[mesh_name])), zero_stage=zero_stage)
+    for section, values in kwargs.items():
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
+    return cfg
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_layout_matches_single_device(mesh, zero_stage, corpus, reference):
+    assert_same_run(run_steps(with_mesh(mesh, zero_stage), corpus, jax.devices()), reference)
+
+
+@pytest.mark.parametrize("mesh,zero_stage", [("data8", 2), ("fsdp8", 3), ("tensor8", 1), ("2x2x2", 0)])
+def test_accumulation_and_full_remat_match_single_device(mesh, zero_stage, corpus, reference):
+    cfg = with_mesh(mesh, zero_stage, train={"microbatches": 2}, model={"remat": "full"})
+    assert_same_run(run_steps(cfg, corpus, jax.devices()), reference)
+
+
+@pytest.mark.parametrize("mesh,zero_stage", [("tensor8", 3), ("2x2x2", 2)])
+def test_selective_remat_with_sequence_parallel_matches_single_device(mesh, zero_stage, corpus, reference):
+    cfg = with_mesh(mesh, zero_stage, model={"remat": "selective"}, mesh={"sequence_parallel": True})
+    assert_same_run(run_steps(cfg, corpus, jax.devices()), reference)

@@ -1,0 +1,51 @@
+"""Per-device bytes of the actual parameter and optimizer-state shards follow the ZeRO stage and mesh."""
+
+import jax
+import pytest
+from conftest import tiny_config
+
+from agx.training.loop import Trainer
+
+
+def bytes_on_device(tree, device) -> int:
+    return sum(shard.data.nbytes for leaf in jax.tree_util.tree_leaves(tree)
+               for shard in leaf.addressable_shards if shard.device == device)
+
+
+def total_bytes(tree) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def measure(zero_stage, data=1, fsdp=1, tensor=1):
+    trainer = Trainer.build(tiny_config(data=data, fsdp=fsdp, tensor=tensor, zero_stage=zero_stage))
+    state = trainer.init()
+    device = jax.devices()[0]
+    grads = jax.tree_util.tree_map(lambda a, s: s.shard_shape(a.shape), trainer.plan.abstract.params,
+                                   trainer.plan.grad_shardings)
+    grad_fraction = sum(jax.numpy.prod(jax.numpy.array(shape)) for shape in jax.tree_util.tree_leaves(
+        grads, is_leaf=lambda x: isinstance(x, tuple))) / trainer.plan.num_params
+    return (bytes_on_device(state.params, device) / total_bytes(state.params),
+            bytes_on_device(state.opt_state, device) / total_bytes(state.opt_state), float(grad_fraction))
+
+
+# Biases and LayerNorm vectors without an 'embed' axis stay replicated: at most ~2% of this model.
+SHARDED = pytest.approx(1 / 8, abs=0.02)
+
+
+def test_zero_stages_over_data():
+    params, opt, grads = zip(*[measure(stage, data=8) for stage in range(4)])
+    assert params[:3] == (1.0, 1.0, 1.0) and params[3] == SHARDED
+    assert opt[0] == 1.0 and opt[1:] == (SHARDED,) * 3
+    assert grads[:2] == (1.0, 1.0) and grads[2:] == (SHARDED,) * 2
+
+
+def test_fsdp_shards_everything_at_any_stage():
+    for stage in (0, 3):
+        assert measure(stage, fsdp=8) == (SHARDED, SHARDED, SHARDED)
+
+
+def test_tensor_parallel_splits_the_matrices():
+    # The position table, LayerNorms and the row-parallel biases are replicated (Megatron's too).
+    assert measure(0, tensor=8) == pytest.approx((1 / 8, 1 / 8, 1 / 8), abs=0.05)
+    # ZeRO-3 over data on top of tensor=4: a further 2×.
+    assert measure(3, data=2, tensor=4)[0] == pytest.approx(1 / 8, abs=0.05)
