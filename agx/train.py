@@ -10,6 +10,7 @@ from pathlib import Path
 
 from agx.config import Config, load_experiment
 from agx.errors import UserError
+from agx.runtime import choose_platform
 
 
 def dry_run(cfg: Config) -> dict:
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where metrics go (default: runs/EXPERIMENT)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan; build nothing")
     args = parser.parse_args(argv)
+    choose_platform()
     try:
         cfg = load_experiment(args.experiment, args.set)
         if args.dry_run:

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+# As a user runs it: no JAX_PLATFORMS, so agx.train makes its own backend choice.
+ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+       "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
 def agx_train(*args, env=ENV, timeout=300):
@@ -40,14 +42,15 @@ def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
 def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
     result = agx_train(*args, "--dry-run")
     assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("agx: error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    # Nothing else but agx's own one-line notices (the XPU stack says once that it runs on CPU).
+    assert all(line.startswith("agx: ") for line in result.stderr.splitlines()), result.stderr
 
 
 def test_bad_mesh_fails_before_training_starts(tmp_path):
     result = agx_train("--experiment", "gpt3_tiny", "--set", "mesh.data=3", "--workdir", str(tmp_path))
-    assert result.returncode == 2 and result.stderr.startswith("agx: error: mesh data=3,fsdp=1,tensor=1")
+    assert result.returncode == 2 and "agx: error: mesh data=3,fsdp=1,tensor=1" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -1,0 +1,132 @@
+"""Times full training steps of an experiment after warm-up; prints one JSON line.
+
+    python tools/bench.py [--experiment bench_cpu] [--set key=value ...] [--steps 10] [--warmup 3]
+                          [--peer ../shared/peers/torch_gpt_step.py --rounds 5]
+
+MFU is model FLOPs per second (PaLM's 6N + 12·L·H·Q·T per token) over a peak: on CPU the XLA matmul
+throughput measured in the same run, on GPUs the vendor's dense peak for the compute dtype. With
+--peer, agx and the PyTorch peer run interleaved, `--rounds` times each, and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agx.config import load_experiment  # noqa: E402
+from agx.errors import UserError  # noqa: E402
+from agx.runtime import choose_platform  # noqa: E402
+
+# Dense peak FLOP/s per JAX device, by device-kind substring and compute dtype.
+VENDOR_PEAKS = {
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},  # SXM
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "Max 1550": {"bfloat16": 419e12, "float16": 419e12, "float32": 26e12},  # one tile (FLAT mode)
+}
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
+    """XLA's own fp32 matmul throughput on this device: the CPU roofline for MFU."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def peak_flops_per_s(dtype: str) -> tuple[float, str]:
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return matmul_flops_per_s(), "measured XLA fp32 matmul (2048²)"
+    for kind, peaks in VENDOR_PEAKS.items():
+        if kind in device.device_kind:
+            return peaks[dtype], f"vendor peak, {kind} {dtype}"
+    raise UserError(f"no peak FLOP/s known for {device.device_kind!r}; add it to VENDOR_PEAKS")
+
+
+def time_agx_steps(trainer, state, batch, steps: int):
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = trainer.step_fn(state, batch)
+        metrics["loss"].block_until_ready()
+        times.append(time.perf_counter() - start)
+    return state, statistics.median(times)
+
+
+def run_peer(peer: str, cfg, steps: int) -> float:
+    """Runs the PyTorch peer (torch.compile) on the same shape; returns its tokens/s."""
+    m, t = cfg.model, cfg.train
+    cmd = [sys.executable, peer, "--layers", str(m.num_layers), "--d-model", str(m.d_model), "--heads",
+           str(m.num_heads), "--seq", str(m.seq_len), "--vocab", str(m.padded_vocab), "--batch", str(t.batch_size),
+           "--steps", str(steps), "--compile"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"tokens_per_s=([\d.]+)", out).group(1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="bench_cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peer", help="path to the PyTorch peer script, run interleaved with agx")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of agx (and the peer)")
+    args = parser.parse_args(argv)
+    choose_platform()
+    try:
+        cfg = load_experiment(args.experiment, args.set)
+        import jax
+
+        from agx.data.stdlib_text import StdlibText
+        from agx.models.configs import flops_per_token
+        from agx.training.loop import Trainer
+
+        trainer = Trainer.build(cfg)
+        state = trainer.init()
+        batch = trainer.put_batch(StdlibText(cfg.model.seq_len, cfg.train.seed).batch(0, cfg.train.batch_size))
+        state, _ = time_agx_steps(trainer, state, batch, args.warmup)
+        agx_step_s, peer_tokens_per_s = [], []
+        for _ in range(args.rounds):
+            state, step_s = time_agx_steps(trainer, state, batch, args.steps)
+            agx_step_s.append(step_s)
+            if args.peer:
+                peer_tokens_per_s.append(run_peer(args.peer, cfg, args.steps))
+        peak, peak_source = peak_flops_per_s(cfg.model.dtype)
+    except UserError as e:
+        print(f"agx: error: {e}", file=sys.stderr)
+        return 2
+    step_s = statistics.median(agx_step_s)
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    devices = trainer.mesh.devices.size
+    tflops_per_device = flops_per_token(cfg.model) * tokens / step_s / devices / 1e12
+    result = {"experiment": cfg.name, "device": jax.devices()[0].device_kind, "devices": devices,
+              "tokens_per_s": tokens / step_s, "step_s": step_s, "model_tflops_per_s": tflops_per_device,
+              "peak_tflops_per_s": peak / 1e12, "peak": peak_source, "mfu": tflops_per_device * 1e12 / peak,
+              "rounds": args.rounds, "steps_per_round": args.steps}
+    if args.peer:
+        peer = statistics.median(peer_tokens_per_s)
+        result.update(peer_tokens_per_s=peer, agx_over_peer=result["tokens_per_s"] / peer)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
