@@ -31,6 +31,7 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters, softmax and loss stay in float32
     remat: str = "none"  # activation checkpointing policy, one of REMAT_POLICIES
+    scan_unroll: int = 1  # layers per iteration of the layer loop; 1 keeps compile time flat in depth
     init_std: float = 0.02
 
     @property
@@ -99,7 +100,8 @@ class Config:
         if self.mesh.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"mesh.zero_stage={self.mesh.zero_stage} must be 0, 1, 2 or 3")
         for name, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size),
-                            ("train.microbatches", t.microbatches), ("model.seq_len", m.seq_len)]:
+                            ("train.microbatches", t.microbatches), ("model.seq_len", m.seq_len),
+                            ("model.scan_unroll", m.scan_unroll)]:
             if value < 1:
                 raise UserError(f"{name}={value} must be at least 1")
         if t.batch_size % t.microbatches:

@@ -7,7 +7,8 @@ from agx.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 def config() -> Config:
     return Config(
         name="bench_cpu",
-        model=ModelConfig(num_layers=4, d_model=256, num_heads=4, seq_len=256, vocab_size=8192),
+        model=ModelConfig(num_layers=4, d_model=256, num_heads=4, seq_len=256, vocab_size=8192,
+                          scan_unroll=4),
         mesh=MeshConfig(data=-1),
         train=TrainConfig(steps=20, batch_size=16),
         optim=OptimConfig(lr=3e-4, warmup_steps=0),

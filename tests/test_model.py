@@ -1,0 +1,148 @@
+"""The Flax model against a plain-JAX GPT-3 written from the paper, and the training recipe's pieces."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from conftest import tiny_config
+
+from agx.models.gpt import GPT
+from agx.training.optimizer import decay_mask, lr_schedule, make_optimizer
+from agx.training.step import cross_entropy
+
+CFG = tiny_config().model
+
+
+@pytest.fixture(scope="module")
+def params():
+    tokens = jnp.zeros((1, CFG.seq_len), jnp.int32)
+    return nn.meta.unbox(jax.jit(GPT(CFG).init)(jax.random.key(1), tokens)["params"])
+
+
+def reference_gpt(p, tokens_BxT, cfg):
+    """GPT-3 forward pass straight from the paper, one layer at a time, no Flax."""
+
+    def layer_norm(x, ln):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-5) * ln["scale"] + ln["bias"]
+
+    B, T = tokens_BxT.shape
+    x = p["wte"]["embedding"][tokens_BxT] + p["wpe"][:T]
+    for i in range(cfg.num_layers):
+        lp = jax.tree_util.tree_map(lambda a: a[i], p["layers"])
+        h = layer_norm(x, lp["ln_attn"])
+        qkv = jnp.einsum("btd,dchq->cbthq", h, lp["qkv"]["kernel"]) + lp["qkv"]["bias"][:, None, None]
+        q, k, v = qkv
+        scores = jnp.einsum("bthq,bshq->bhts", q, k) / math.sqrt(cfg.head_dim)
+        scores = jnp.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+        ctx = jnp.einsum("bhts,bshq->bthq", jax.nn.softmax(scores, -1), v)
+        x = x + jnp.einsum("bthq,hqd->btd", ctx, lp["proj"]["kernel"]) + lp["proj"]["bias"]
+        h = layer_norm(x, lp["ln_mlp"])
+        g = h @ lp["fc"]["kernel"] + lp["fc"]["bias"]
+        gelu = 0.5 * g * (1 + jnp.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+        x = x + gelu @ lp["out"]["kernel"] + lp["out"]["bias"]
+    return layer_norm(x, p["ln_f"]) @ p["wte"]["embedding"].T
+
+
+def random_tokens(seed=0, batch=2):
+    return jax.random.randint(jax.random.key(seed), (batch, CFG.seq_len), 0, CFG.vocab_size)
+
+
+def test_matches_a_plain_implementation_of_the_paper(params):
+    # Perturb the zero-initialised biases and unit LayerNorms so that every term is exercised.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = tree.unflatten([a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    tokens = random_tokens()
+    np.testing.assert_allclose(GPT(CFG).apply({"params": params}, tokens), reference_gpt(params, tokens, CFG),
+                               rtol=2e-4, atol=2e-4)
+
+
+def test_is_causal(params):
+    tokens = random_tokens()
+    changed = tokens.at[:, 20:].set((tokens[:, 20:] + 1) % CFG.vocab_size)
+    logits, logits_changed = (GPT(CFG).apply({"params": params}, t) for t in (tokens, changed))
+    np.testing.assert_array_equal(logits[:, :20], logits_changed[:, :20])
+    assert not np.allclose(logits[:, 20:], logits_changed[:, 20:])
+
+
+def test_gpt2_initialisation(params):
+    layers = params["layers"]
+    assert np.std(params["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
+    assert np.std(layers["qkv"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+    residual_std = 0.02 / math.sqrt(2 * CFG.num_layers)
+    assert np.std(layers["proj"]["kernel"]) == pytest.approx(residual_std, rel=0.05)
+    assert np.std(layers["out"]["kernel"]) == pytest.approx(residual_std, rel=0.05)
+    assert not np.any(layers["fc"]["bias"]) and np.all(layers["ln_mlp"]["scale"] == 1)
+    # Each layer draws its own weights.
+    assert not np.allclose(layers["fc"]["kernel"][0], layers["fc"]["kernel"][1])
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(params):
+    logits = GPT(dataclasses.replace(CFG, dtype="bfloat16")).apply({"params": params}, random_tokens())
+    assert logits.dtype == jnp.float32
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(params))
+    np.testing.assert_allclose(logits, GPT(CFG).apply({"params": params}, random_tokens()), atol=0.05)
+
+
+def test_dropout_is_random_in_training_and_off_in_eval(params):
+    model = GPT(dataclasses.replace(CFG, dropout=0.1))
+    tokens = random_tokens()
+    train = [model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(s)})
+             for s in (0, 0, 1)]
+    np.testing.assert_array_equal(train[0], train[1])
+    assert not np.allclose(train[0], train[2])
+    np.testing.assert_array_equal(model.apply({"params": params}, tokens), GPT(CFG).apply({"params": params}, tokens))
+
+
+def test_cross_entropy_ignores_vocabulary_padding():
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    targets = jnp.array([[0, 1, 2], [3, 4, 0]])
+    padded = jnp.concatenate([logits, jnp.full((2, 3, 4), 30.0)], axis=-1)  # large logits on padding
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    assert float(cross_entropy(padded, targets, vocab_size=8)) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_weight_decay_applies_to_matmul_kernels_only(params):
+    mask = decay_mask(params)
+    assert mask["layers"]["qkv"]["kernel"] and mask["layers"]["fc"]["kernel"]
+    assert not mask["wte"]["embedding"] and not mask["wpe"] and not mask["layers"]["fc"]["bias"]
+    assert not mask["layers"]["ln_attn"]["scale"] and not mask["ln_f"]["bias"]
+
+
+def test_gpt3_schedule_warms_up_linearly_then_decays_to_ten_percent():
+    cfg = tiny_config()
+    cfg.optim = dataclasses.replace(cfg.optim, lr=1e-3, warmup_steps=10, decay_steps=110)
+    schedule = lr_schedule(cfg)
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(60)) == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-5)  # half-way down the cosine
+    assert float(schedule(110)) == pytest.approx(1e-4) and float(schedule(500)) == pytest.approx(1e-4)
+
+
+def test_adamw_update_matches_hand_computation():
+    cfg = tiny_config()
+    cfg.optim = dataclasses.replace(cfg.optim, lr=0.1, warmup_steps=0, decay_steps=1000, grad_clip=1e9)
+    params = {"dense": {"kernel": jnp.array([1.0, -2.0])}, "ln": {"scale": jnp.array([1.0])}}
+    grads = {"dense": {"kernel": jnp.array([0.5, 0.5])}, "ln": {"scale": jnp.array([0.5])}}
+    tx = make_optimizer(cfg)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # First Adam step: m̂ = g, v̂ = g², so the step is lr·(g/(|g|+eps)) plus decoupled decay lr·wd·w.
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * (1 + 0.1 * np.array([1.0, -2.0])), rtol=1e-6)
+    np.testing.assert_allclose(updates["ln"]["scale"], [-0.1], rtol=1e-6)
+
+
+def test_gradients_are_clipped_to_global_norm_one():
+    # With a huge eps, Adam's first step is lr·g/(|g|+eps): proportional to the gradient it was given.
+    cfg = tiny_config()
+    cfg.optim = dataclasses.replace(cfg.optim, lr=1.0, warmup_steps=0, decay_steps=1000, eps=1e3, weight_decay=0.0)
+    tx = make_optimizer(cfg)
+    params, grads = {"kernel": jnp.zeros(2)}, {"kernel": jnp.array([3.0, 4.0])}  # global norm 5
+    updates, _ = tx.update(grads, tx.init(params), params)
+    clipped = np.array([0.6, 0.8])
+    np.testing.assert_allclose(updates["kernel"], -clipped / (clipped + 1e3), rtol=1e-5)
