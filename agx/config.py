@@ -153,18 +153,19 @@ def apply_override(cfg: Config, assignment: str) -> None:
                 raise UserError(f"unknown config key '{key}': '{part}' is not a section")
 
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+# The checkout's experiments/, then the current directory's (for a non-editable install).
+EXPERIMENTS_DIRS = [Path(__file__).resolve().parent.parent / "experiments", Path("experiments")]
 
 
 def experiment_names() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    return sorted({p.stem for d in EXPERIMENTS_DIRS for p in d.glob("*.py") if not p.stem.startswith("_")})
 
 
 def load_experiment(name_or_path: str, overrides: list[str] = ()) -> Config:
     """Loads `experiments/NAME.py` (or a path to such a module), calls its `config()`, applies overrides."""
     path = Path(name_or_path)
     if path.suffix != ".py":
-        path = EXPERIMENTS_DIR / f"{name_or_path}.py"
+        path = next((d / f"{name_or_path}.py" for d in EXPERIMENTS_DIRS if (d / f"{name_or_path}.py").is_file()), path)
     if not path.is_file():
         raise UserError(f"unknown experiment '{name_or_path}': known are {', '.join(experiment_names())}, "
                         "or give a path to a .py file")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import optax
 from jax.sharding import Mesh
 
 from agx.config import Config
@@ -26,6 +27,7 @@ class Trainer:
 
     cfg: Config
     mesh: Mesh
+    tx: optax.GradientTransformation
     plan: StatePlan
     step_fn: object
 
@@ -42,10 +44,10 @@ class Trainer:
                             " (needed by mesh.sequence_parallel)")
         tx = make_optimizer(cfg)
         plan = plan_state(cfg, tx, mesh)
-        return cls(cfg, mesh, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh))
+        return cls(cfg, mesh, tx, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh))
 
     def init(self) -> TrainState:
-        return init_state(self.cfg, make_optimizer(self.cfg), self.plan)
+        return init_state(self.cfg, self.tx, self.plan)
 
     def put_batch(self, tokens):
         return jax.device_put(tokens, batch_sharding(self.mesh))
