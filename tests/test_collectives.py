@@ -1,6 +1,7 @@
 """The compiled tensor-parallel step holds Megatron's collectives, and never gathers the logits."""
 
 import collections
+import math
 import re
 
 import jax
@@ -24,10 +25,16 @@ def collectives(sequence_parallel: bool) -> collections.Counter:
                                for shape, op in COLLECTIVE.findall(hlo))
 
 
+def activation_sized(ops: collections.Counter, op: str) -> int:
+    """How many `op`s move a whole [B, T, D] activation (in any shape, e.g. [B·T, D])."""
+    return sum(n for (kind, shape), n in ops.items() if kind == op and math.prod(shape) == B * T * D)
+
+
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_no_collective_moves_whole_logits(sequence_parallel):
+    # Nothing as large as the [B, T, V] logits (or the [B, T, 4D] MLP activations) is ever moved.
     for (op, shape), _ in collectives(sequence_parallel).items():
-        assert not (V in shape and T in shape and op != "all-reduce" or shape == (B, T, V)), (op, shape)
+        assert math.prod(shape) < B * T * V, (op, shape)
 
 
 def test_megatron_tensor_parallel_collectives():
@@ -35,7 +42,7 @@ def test_megatron_tensor_parallel_collectives():
     # Per layer: all-reduce after the row-parallel attention output and MLP output (forward), and of
     # the input gradients of the column-parallel QKV and fc (backward); plus the vocab-parallel
     # embedding (forward) and LM head (backward).
-    assert ops[("all-reduce", (B, T, D))] == 6
+    assert activation_sized(ops, "all-reduce") == 6
     # Vocab-parallel cross-entropy reduces max and sum over the vocabulary shards: [B, T] only.
     assert ops[("all-reduce", (B, T))] >= 2
     # Weights are split, never gathered, in pure tensor parallelism.
@@ -47,4 +54,4 @@ def test_sequence_parallel_gathers_activations_along_the_sequence():
     # Megatron SP: the LayerNorm output is gathered along the sequence before QKV and fc, in both
     # passes, and the row-parallel outputs are reduced back to sequence shards.
     assert ops[("all-gather", (B, T, D))] >= 4
-    assert ops[("all-reduce", (B, T, D))] + ops[("reduce-scatter", (B, T // 8, D))] >= 4
+    assert activation_sized(ops, "all-reduce") + ops[("reduce-scatter", (B, T // 8, D))] >= 4

@@ -142,5 +142,9 @@ class GPT(nn.Module):
 
         x_BxTxD = self._layers(x_BxTxD, deterministic)
         x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
-        logits_BxTxV = embed.attend(x_BxTxD).astype(jnp.float32)  # tied, vocab-parallel LM head
+        # Tied, vocab-parallel LM head, as one 2-D matmul: XLA's CPU backend then computes the
+        # weight gradient without a transposed copy of the [B·T, V] logit gradient.
+        B = x_BxTxD.shape[0]
+        logits_BTxV = embed.attend(x_BxTxD.reshape(B * T, cfg.d_model)).astype(jnp.float32)
+        logits_BxTxV = logits_BTxV.reshape(B, T, cfg.padded_vocab)
         return constrain(logits_BxTxV, ("batch", "length", "vocab"))
