@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -34,11 +35,7 @@ def dry_run(cfg: Config) -> dict:
 
 
 def _shard_bytes(abstract, sharding) -> int:
-    shard = sharding.shard_shape(abstract.shape)
-    size = 1
-    for dim in shard:
-        size *= dim
-    return size * abstract.dtype.itemsize
+    return math.prod(sharding.shard_shape(abstract.shape)) * abstract.dtype.itemsize
 
 
 def _print_config(cfg: Config) -> None:

@@ -1,5 +1,7 @@
 """Per-device bytes of the actual parameter and optimizer-state shards follow the ZeRO stage and mesh."""
 
+import math
+
 import jax
 import pytest
 from conftest import tiny_config
@@ -20,12 +22,12 @@ def measure(zero_stage, data=1, fsdp=1, tensor=1):
     trainer = Trainer.build(tiny_config(data=data, fsdp=fsdp, tensor=tensor, zero_stage=zero_stage))
     state = trainer.init()
     device = jax.devices()[0]
-    grads = jax.tree_util.tree_map(lambda a, s: s.shard_shape(a.shape), trainer.plan.abstract.params,
-                                   trainer.plan.grad_shardings)
-    grad_fraction = sum(jax.numpy.prod(jax.numpy.array(shape)) for shape in jax.tree_util.tree_leaves(
-        grads, is_leaf=lambda x: isinstance(x, tuple))) / trainer.plan.num_params
+    # Gradients live only inside the step, constrained to these shardings: count their shard shapes.
+    grad_elements = sum(math.prod(sharding.shard_shape(param.shape)) for param, sharding in zip(
+        jax.tree_util.tree_leaves(trainer.plan.abstract.params), jax.tree_util.tree_leaves(trainer.plan.grad_shardings)))
     return (bytes_on_device(state.params, device) / total_bytes(state.params),
-            bytes_on_device(state.opt_state, device) / total_bytes(state.opt_state), float(grad_fraction))
+            bytes_on_device(state.opt_state, device) / total_bytes(state.opt_state),
+            grad_elements / trainer.plan.num_params)
 
 
 # Biases and LayerNorm vectors without an 'embed' axis stay replicated: at most ~2% of this model.

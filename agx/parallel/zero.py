@@ -8,6 +8,7 @@ updated weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -49,10 +50,7 @@ def _mesh_size(mesh: Mesh, axes) -> int:
     if axes is None:
         return 1
     names = (axes,) if isinstance(axes, str) else axes
-    size = 1
-    for name in names:
-        size *= mesh.shape[name]
-    return size
+    return math.prod(mesh.shape[name] for name in names)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -23,7 +23,7 @@ from agx.training.step import batch_sharding, make_train_step
 
 @dataclass
 class Trainer:
-    """Everything one run needs, built once: mesh, state plan, the compiled step's inputs."""
+    """Everything one run needs, built once: the mesh, the optimizer, the state plan, the jitted step."""
 
     cfg: Config
     mesh: Mesh
