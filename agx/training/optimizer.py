@@ -10,12 +10,15 @@ from agx.config import Config
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
+    """Learning rate of step `count` (0-based), Megatron's way: step i of W warm-up steps uses lr·i/W
+    (never zero), then a cosine to lr·min_lr_ratio at step `decay_steps`, flat after."""
     o = cfg.optim
     decay_steps = o.decay_steps or cfg.train.steps
     warmup = min(o.warmup_steps, decay_steps)
-    return optax.warmup_cosine_decay_schedule(
+    by_iteration = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=o.lr, warmup_steps=warmup, decay_steps=max(decay_steps, warmup + 1),
         end_value=o.lr * o.min_lr_ratio)
+    return lambda count: by_iteration(count + 1)
 
 
 def decay_mask(params):
