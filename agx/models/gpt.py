@@ -16,8 +16,9 @@ from flax import linen as nn
 from agx.config import ModelConfig
 from agx.parallel.mesh import Layout
 
-# Activation checkpointing: which intermediates of a layer the backward pass may keep.
-REMAT_POLICIES = {
+# Activation checkpointing (model.remat, named in agx.config.REMAT_POLICIES): which intermediates
+# of a layer the backward pass may keep.
+CHECKPOINT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
     # Megatron's selective recompute: keep projection outputs, recompute attention scores/softmax
     "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -119,7 +120,7 @@ class GPT(nn.Module):
             return block.apply({"params": params}, x_BxTxD, rngs={"dropout": rng} if dropout else None), None
 
         if cfg.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            one_layer = jax.checkpoint(one_layer, policy=CHECKPOINT_POLICIES[cfg.remat], prevent_cse=False)
         rngs_L = jax.random.split(self.make_rng("dropout"), L) if dropout else jnp.zeros((L,))
         x_BxTxD, _ = jax.lax.scan(one_layer, x_BxTxD, (stack_LxW, rngs_L), unroll=cfg.scan_unroll)
         return x_BxTxD

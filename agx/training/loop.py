@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -60,12 +61,13 @@ def train(cfg: Config, workdir: Path, log=print) -> TrainState:
     trainer = Trainer.build(cfg)
     log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh "
         f"{dict(trainer.mesh.shape)} of {trainer.mesh.devices.size} {jax.devices()[0].platform} devices")
-    state = trainer.init()
-    source = StdlibText(cfg.model.seq_len, cfg.train.seed)
     B, T = cfg.train.batch_size, cfg.model.seq_len
     start = time.perf_counter()
-    step_fn = trainer.step_fn.lower(state, trainer.put_batch(source.batch(0, B))).compile()
+    tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=batch_sharding(trainer.mesh))
+    step_fn = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile()  # from shapes alone
     log(f"agx: compiled the training step in {time.perf_counter() - start:.1f}s")
+    state = trainer.init()
+    source = StdlibText(cfg.model.seq_len, cfg.train.seed)
 
     workdir.mkdir(parents=True, exist_ok=True)
     flops_per_step = flops_per_token(cfg.model) * B * T
