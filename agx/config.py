@@ -82,12 +82,27 @@ class OptimConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where tokens come from. Without `paths`, the built-in corpus (the standard library's source)."""
+
+    paths: str | None = None  # 'w1 prefix1 w2 prefix2 ...', one prefix, or a data-file list of 'weight prefix corpus'
+    tokenizer: str | None = None  # the tokenizer.json the data was made with: checked against the model
+    eod_token: str | None = None  # default: found in the tokenizer's vocabulary
+    split: str = "990,10,0"  # train/valid/test shares of each dataset's documents
+    num_samples: int | None = None  # train samples to index; None: train.steps × train.batch_size
+    cache_dir: str | None = None  # index arrays and the built-in corpus; None: $AGX_CACHE_DIR or ~/.cache/agx
+    workers: int = 1  # loader worker processes (0: load in the training process)
+    prefetch: int = 4  # batches buffered per worker
+
+
+@dataclass
 class Config:
     name: str = "unnamed"
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> Config:
         m, t = self.model, self.train
@@ -104,6 +119,8 @@ class Config:
                             ("model.scan_unroll", m.scan_unroll)]:
             if value < 1:
                 raise UserError(f"{name}={value} must be at least 1")
+        if self.data.workers < 0 or self.data.prefetch < 1:
+            raise UserError("data.workers must be at least 0 and data.prefetch at least 1")
         if t.batch_size % t.microbatches:
             raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.microbatches={t.microbatches}")
         return self

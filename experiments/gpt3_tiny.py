@@ -7,7 +7,7 @@ from agx.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 def config() -> Config:
     return Config(
         name="gpt3_tiny",
-        model=ModelConfig(num_layers=4, d_model=128, num_heads=8, seq_len=128, vocab_size=256,
+        model=ModelConfig(num_layers=4, d_model=128, num_heads=8, seq_len=128, vocab_size=2048,
                           scan_unroll=4),
         mesh=MeshConfig(data=-1, fsdp=1, tensor=1, zero_stage=1),
         train=TrainConfig(steps=300, batch_size=32),

@@ -1,18 +1,21 @@
 """8 simulated CPU devices for every test, set before jax is first imported."""
 
 import os
+import tempfile
 
 # Backend optimisation off: the tests compile ~40 programs and check numbers, not speed.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One cache per test session, shared with the subprocesses it starts: the built-in corpus is built once.
+os.environ.setdefault("AGX_CACHE_DIR", tempfile.mkdtemp(prefix="agx-test-cache-"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from agx.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
-from agx.data.stdlib_text import StdlibText  # noqa: E402
+from agx.data.pipeline import make_samples  # noqa: E402
 from agx.training.loop import Trainer  # noqa: E402
 
 
@@ -20,7 +23,7 @@ def tiny_config(**mesh) -> Config:
     """Small enough to compile in seconds; every dimension divisible by 8."""
     return Config(
         name="test_tiny",
-        model=ModelConfig(num_layers=2, d_model=64, num_heads=8, seq_len=32, vocab_size=256),
+        model=ModelConfig(num_layers=2, d_model=64, num_heads=8, seq_len=32, vocab_size=2048),
         mesh=MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, **mesh}),
         train=TrainConfig(steps=3, batch_size=16),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
@@ -29,7 +32,12 @@ def tiny_config(**mesh) -> Config:
 
 @pytest.fixture(scope="session")
 def corpus():
-    return StdlibText(seq_len=32, seed=0, max_bytes=1 << 20)
+    """tiny_config's training samples from the built-in corpus."""
+    return make_samples(tiny_config(), num_samples=64)
+
+
+def batch(samples, step: int, batch_size: int) -> np.ndarray:
+    return np.stack([samples[step * batch_size + i] for i in range(batch_size)])
 
 
 def run_steps(cfg: Config, corpus, devices, steps: int = 3):
@@ -38,6 +46,6 @@ def run_steps(cfg: Config, corpus, devices, steps: int = 3):
     state = trainer.init()
     losses = []
     for step in range(steps):
-        state, metrics = trainer.step_fn(state, trainer.put_batch(corpus.batch(step, cfg.train.batch_size)))
+        state, metrics = trainer.step_fn(state, trainer.put_batch(batch(corpus, step, cfg.train.batch_size)))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(state.params)

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from agx.training.loop import Trainer
 from agx.training.step import batch_sharding
 
-B, T, D, V = 16, 32, 64, 256  # tiny_config's batch, sequence, width and padded vocabulary
+B, T, D, V = 16, 32, 64, 2048  # tiny_config's batch, sequence, width and padded vocabulary
 COLLECTIVE = re.compile(r"= \w+\[([\d,]*)\][^ ]* (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
                         r"(?:-start)?\(")
 

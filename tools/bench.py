@@ -95,13 +95,14 @@ def main(argv=None) -> int:
         cfg = load_experiment(args.experiment, args.set)
         import jax
 
-        from agx.data.stdlib_text import StdlibText
+        from agx.data.pipeline import make_loader
         from agx.models.configs import flops_per_token
         from agx.training.loop import Trainer
+        from agx.training.step import batch_sharding
 
         trainer = Trainer.build(cfg)
         state = trainer.init()
-        batch = trainer.put_batch(StdlibText(cfg.model.seq_len, cfg.train.seed).batch(0, cfg.train.batch_size))
+        batch = next(make_loader(cfg, batch_sharding(trainer.mesh), num_batches=1))
         state, _ = time_agx_steps(trainer, state, batch, args.warmup)
         agx_step_s, peer_tokens_per_s = [], []
         for _ in range(args.rounds):

@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from agx.config import Config
-from agx.data.stdlib_text import VOCAB_SIZE, StdlibText
+from agx.data.pipeline import make_loader
 from agx.errors import UserError
 from agx.models.configs import flops_per_token
 from agx.parallel.mesh import build_mesh
@@ -55,9 +55,6 @@ class Trainer:
 
 
 def train(cfg: Config, workdir: Path, log=print) -> TrainState:
-    if cfg.model.vocab_size < VOCAB_SIZE:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the built-in byte corpus needs "
-                        f"({VOCAB_SIZE})")
     trainer = Trainer.build(cfg)
     log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh "
         f"{dict(trainer.mesh.shape)} of {trainer.mesh.devices.size} {jax.devices()[0].platform} devices")
@@ -67,13 +64,13 @@ def train(cfg: Config, workdir: Path, log=print) -> TrainState:
     step_fn = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile()  # from shapes alone
     log(f"agx: compiled the training step in {time.perf_counter() - start:.1f}s")
     state = trainer.init()
-    source = StdlibText(cfg.model.seq_len, cfg.train.seed)
+    loader = make_loader(cfg, batch_sharding(trainer.mesh), log=log)
 
     workdir.mkdir(parents=True, exist_ok=True)
     flops_per_step = flops_per_token(cfg.model) * B * T
     with open(workdir / "metrics.jsonl", "w") as metrics_file:
         for step in range(cfg.train.steps):
-            batch = trainer.put_batch(source.batch(step, B))
+            batch = next(loader)
             start = time.perf_counter()
             state, metrics = step_fn(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -86,4 +83,5 @@ def train(cfg: Config, workdir: Path, log=print) -> TrainState:
                 log(f"step {step + 1:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                     f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
                     f"{step_s * 1e3:.0f} ms")
+    loader.close()
     return state

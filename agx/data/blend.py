@@ -1,0 +1,126 @@
+"""Mixing many datasets by weight, as Megatron does.
+
+Sources come as Megatron's `--data-path` list (`w1 prefix1 w2 prefix2 ...`, or one bare prefix) or as
+the ALCF data-file list used for the Aurora runs: a file of `weight prefix corpus` lines. Sample i of
+the blend comes from the dataset whose realised count lags its weight the most (Megatron's greedy
+largest-error rule), so at every prefix of the stream each dataset is within one sample of its share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agx.data.cache import cache_root, cached_arrays, file_identity
+from agx.data.gpt_samples import GPTSamples, split_ranges
+from agx.data.indexed import IndexedDataset
+from agx.errors import UserError
+
+SURPLUS = 0.005  # each dataset builds this much more than its share (Megatron's default)
+
+
+@dataclass(frozen=True)
+class Source:
+    weight: float
+    prefix: str
+    corpus: str
+
+
+def _weight(text: str, where: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        raise UserError(f"{where}: weight {text!r} is not a number") from None
+    if not weight > 0 or math.isinf(weight):
+        raise UserError(f"{where}: weight {text} must be positive")
+    return weight
+
+
+def _check_prefix(prefix: str, where: str) -> None:
+    missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
+    if missing:
+        raise UserError(f"{where}: dataset {prefix} is missing {' and '.join(prefix + s for s in missing)}")
+
+
+def read_data_file_list(path: Path) -> list[Source]:
+    """`weight prefix [corpus]` per line; `#` starts a comment; relative prefixes are taken from the
+    list's own folder."""
+    sources = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        where = f"{path}:{number}"
+        if len(fields) not in (2, 3):
+            raise UserError(f"{where}: expected 'weight prefix [corpus]', got {line.strip()!r}")
+        prefix = fields[1] if Path(fields[1]).is_absolute() else str(path.parent / fields[1])
+        _check_prefix(prefix, where)
+        sources.append(Source(_weight(fields[0], where), prefix, fields[2] if len(fields) == 3 else Path(prefix).name))
+    if not sources:
+        raise UserError(f"{path}: the data-file list names no datasets")
+    return sources
+
+
+def parse_sources(paths: str) -> list[Source]:
+    """`data.paths`: a data-file list, one prefix, or `w1 prefix1 w2 prefix2 ...`."""
+    fields = paths.split()
+    if len(fields) == 1 and Path(fields[0]).is_file() and not Path(fields[0] + ".idx").is_file():
+        return read_data_file_list(Path(fields[0]))
+    if len(fields) == 1:
+        _check_prefix(fields[0], "data.paths")
+        return [Source(1.0, fields[0], Path(fields[0]).name)]
+    if len(fields) % 2:
+        raise UserError(f"data.paths: expected 'weight prefix' pairs, got {len(fields)} fields")
+    sources = []
+    for weight, prefix in zip(fields[::2], fields[1::2]):
+        _check_prefix(prefix, "data.paths")
+        sources.append(Source(_weight(weight, "data.paths"), prefix, Path(prefix).name))
+    return sources
+
+
+def blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's `build_blending_indices`: for each sample, the dataset with the largest error
+    `weight * max(i, 1) - count` (the first on ties), and that dataset's running count."""
+    weights = np.asarray(weights, np.float64)
+    counts = np.zeros(len(weights), np.int64)
+    dataset_index = np.empty(size, np.int16 if len(weights) < np.iinfo(np.int16).max else np.int32)
+    sample_index = np.empty(size, np.int64)
+    for i in range(size):
+        d = int(np.argmax(weights * max(i, 1) - counts))
+        dataset_index[i], sample_index[i] = d, counts[d]
+        counts[d] += 1
+    return dataset_index, sample_index
+
+
+class BlendedSamples:
+    """`blend[i]` for i < num_samples: tokens [seq_len + 1] from the dataset the blending rule picks."""
+
+    def __init__(self, sources: list[Source], split: str, which: int, seq_len: int, num_samples: int, seed: int,
+                 cache_dir: str | None = None, vocab_size: int | None = None):
+        total = sum(s.weight for s in sources)
+        self.sources, self.weights = sources, np.array([s.weight / total for s in sources])
+        self.datasets = []
+        for source, weight in zip(sources, self.weights):
+            dataset = IndexedDataset(source.prefix)
+            documents = split_ranges(split, len(dataset))[which]
+            wanted = math.ceil(weight * num_samples * (1 + SURPLUS))
+            self.datasets.append(GPTSamples(dataset, documents, seq_len, wanted, seed, cache_dir, vocab_size))
+        self.num_samples = num_samples
+        if len(sources) == 1:
+            self.dataset_index = np.zeros(num_samples, np.int16)
+            self.dataset_sample_index = np.arange(num_samples)
+        else:
+            description = {"kind": "BlendedSamples", "weights": self.weights.tolist(), "size": num_samples,
+                           "datasets": [file_identity(s.prefix + ".idx") for s in sources]}
+            self.dataset_index, self.dataset_sample_index = cached_arrays(
+                cache_root(cache_dir) / "indices", description, ("dataset_index", "dataset_sample_index"),
+                lambda: blending_indices(self.weights, num_samples))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.datasets[self.dataset_index[i]][int(self.dataset_sample_index[i])]

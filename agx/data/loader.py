@@ -1,0 +1,86 @@
+"""Global token batches through Grain: each process loads only its rows, and the rows of all
+processes together make one global `jax.Array` laid out for the mesh's data-parallel axes.
+
+Batch s is samples [s·B, (s+1)·B) of the sample stream, so which sample lands in which batch depends
+on neither the number of processes nor the number of loader workers. Workers are Grain's
+`mp_prefetch` processes; the iterator's state (`get_state`/`set_state`, or Grain's Orbax checkpoint
+args on `.iterator`) resumes at exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+
+def process_rows(sharding, global_shape: tuple[int, ...]) -> np.ndarray:
+    """The batch rows that this process's devices hold, in order."""
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        rows.update(range(global_shape[0])[index[0]])
+    return np.array(sorted(rows), np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadRows:
+    """Batch number -> this process's rows of that global batch, int32 [rows, seq_len + 1]."""
+
+    samples: object  # anything with __getitem__(i) -> tokens
+    batch_size: int
+    rows: np.ndarray
+
+    def __call__(self, step: int) -> np.ndarray:
+        first = int(step) * self.batch_size
+        return np.stack([self.samples[first + int(r)] for r in self.rows])
+
+
+class BatchLoader:
+    """Iterates global batches [batch_size, seq_len + 1] as jax.Arrays with `sharding`."""
+
+    def __init__(self, samples, batch_size: int, num_batches: int, sharding, seq_len: int,
+                 workers: int = 0, prefetch: int = 4):
+        self.global_shape = (batch_size, seq_len + 1)
+        self.sharding = sharding
+        self.rows = process_rows(sharding, self.global_shape)
+        dataset = grain.MapDataset.range(num_batches).map(LoadRows(samples, batch_size, self.rows))
+        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2,
+                                                            prefetch_buffer_size=prefetch))
+        if workers:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; agx has none on the command line
+                flags.FLAGS.mark_as_parsed()
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                                       per_worker_buffer_size=prefetch))
+        self.iterator = iter(dataset)
+
+    def next_local(self) -> np.ndarray:
+        """This process's rows of the next batch, on the host."""
+        return next(self.iterator)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import jax
+
+        local = self.next_local()
+
+        def rows_for(index):
+            wanted = np.arange(self.global_shape[0])[index[0]]
+            return local[np.searchsorted(self.rows, wanted)][:, index[1]]
+
+        return jax.make_array_from_callback(self.global_shape, self.sharding, rows_for)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+    def close(self) -> None:
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
