@@ -15,11 +15,12 @@ import grain
 import numpy as np
 
 
-def process_rows(sharding, global_shape: tuple[int, ...]) -> np.ndarray:
-    """The batch rows that this process's devices hold, in order."""
+def device_rows(sharding, global_shape: tuple[int, ...], devices) -> np.ndarray:
+    """The batch rows that these devices hold, in order."""
+    indices = sharding.devices_indices_map(global_shape)
     rows = set()
-    for index in sharding.addressable_devices_indices_map(global_shape).values():
-        rows.update(range(global_shape[0])[index[0]])
+    for device in devices:
+        rows.update(range(global_shape[0])[indices[device][0]])
     return np.array(sorted(rows), np.int64)
 
 
@@ -43,7 +44,7 @@ class BatchLoader:
                  workers: int = 0, prefetch: int = 4):
         self.global_shape = (batch_size, seq_len + 1)
         self.sharding = sharding
-        self.rows = process_rows(sharding, self.global_shape)
+        self.rows = device_rows(sharding, self.global_shape, sharding.addressable_devices)
         dataset = grain.MapDataset.range(num_batches).map(LoadRows(samples, batch_size, self.rows))
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2,
                                                             prefetch_buffer_size=prefetch))

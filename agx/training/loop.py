@@ -59,29 +59,31 @@ def train(cfg: Config, workdir: Path, log=print) -> TrainState:
     log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh "
         f"{dict(trainer.mesh.shape)} of {trainer.mesh.devices.size} {jax.devices()[0].platform} devices")
     B, T = cfg.train.batch_size, cfg.model.seq_len
+    loader = make_loader(cfg, batch_sharding(trainer.mesh), log=log)  # bad data fails before compiling
     start = time.perf_counter()
     tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=batch_sharding(trainer.mesh))
     step_fn = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile()  # from shapes alone
     log(f"agx: compiled the training step in {time.perf_counter() - start:.1f}s")
     state = trainer.init()
-    loader = make_loader(cfg, batch_sharding(trainer.mesh), log=log)
 
     workdir.mkdir(parents=True, exist_ok=True)
     flops_per_step = flops_per_token(cfg.model) * B * T
-    with open(workdir / "metrics.jsonl", "w") as metrics_file:
-        for step in range(cfg.train.steps):
-            batch = next(loader)
-            start = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            step_s = time.perf_counter() - start
-            record = {"step": step + 1, **metrics, "step_s": step_s, "tokens_per_s": B * T / step_s,
-                      "model_tflops_per_s_per_device": flops_per_step / step_s / trainer.mesh.devices.size / 1e12}
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                log(f"step {step + 1:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                    f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                    f"{step_s * 1e3:.0f} ms")
-    loader.close()
+    try:
+        with open(workdir / "metrics.jsonl", "w") as metrics_file:
+            for step in range(cfg.train.steps):
+                batch = next(loader)
+                start = time.perf_counter()
+                state, metrics = step_fn(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step_s = time.perf_counter() - start
+                record = {"step": step + 1, **metrics, "step_s": step_s, "tokens_per_s": B * T / step_s,
+                          "model_tflops_per_s_per_device": flops_per_step / step_s / trainer.mesh.devices.size / 1e12}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                    log(f"step {step + 1:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                        f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+                        f"{step_s * 1e3:.0f} ms")
+    finally:
+        loader.close()
     return state
