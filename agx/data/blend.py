@@ -29,20 +29,18 @@ class Source:
     corpus: str
 
 
-def _weight(text: str, where: str) -> float:
+def _source(weight: str, prefix: str, corpus: str | None, where: str) -> Source:
+    """One checked entry: a positive number and a prefix whose .bin and .idx exist."""
     try:
-        weight = float(text)
+        value = float(weight)
     except ValueError:
-        raise UserError(f"{where}: weight {text!r} is not a number") from None
-    if not weight > 0 or math.isinf(weight):
-        raise UserError(f"{where}: weight {text} must be positive")
-    return weight
-
-
-def _check_prefix(prefix: str, where: str) -> None:
-    missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
+        raise UserError(f"{where}: weight {weight!r} is not a number") from None
+    if not value > 0 or math.isinf(value):
+        raise UserError(f"{where}: weight {weight} must be positive")
+    missing = [prefix + s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
     if missing:
-        raise UserError(f"{where}: dataset {prefix} is missing {' and '.join(prefix + s for s in missing)}")
+        raise UserError(f"{where}: dataset {prefix} is missing {' and '.join(missing)}")
+    return Source(value, prefix, corpus or Path(prefix).name)
 
 
 def read_data_file_list(path: Path) -> list[Source]:
@@ -57,8 +55,7 @@ def read_data_file_list(path: Path) -> list[Source]:
         if len(fields) not in (2, 3):
             raise UserError(f"{where}: expected 'weight prefix [corpus]', got {line.strip()!r}")
         prefix = fields[1] if Path(fields[1]).is_absolute() else str(path.parent / fields[1])
-        _check_prefix(prefix, where)
-        sources.append(Source(_weight(fields[0], where), prefix, fields[2] if len(fields) == 3 else Path(prefix).name))
+        sources.append(_source(fields[0], prefix, fields[2] if len(fields) == 3 else None, where))
     if not sources:
         raise UserError(f"{path}: the data-file list names no datasets")
     return sources
@@ -70,15 +67,10 @@ def parse_sources(paths: str) -> list[Source]:
     if len(fields) == 1 and Path(fields[0]).is_file() and not Path(fields[0] + ".idx").is_file():
         return read_data_file_list(Path(fields[0]))
     if len(fields) == 1:
-        _check_prefix(fields[0], "data.paths")
-        return [Source(1.0, fields[0], Path(fields[0]).name)]
+        return [_source("1", fields[0], None, "data.paths")]
     if len(fields) % 2:
         raise UserError(f"data.paths: expected 'weight prefix' pairs, got {len(fields)} fields")
-    sources = []
-    for weight, prefix in zip(fields[::2], fields[1::2]):
-        _check_prefix(prefix, "data.paths")
-        sources.append(Source(_weight(weight, "data.paths"), prefix, Path(prefix).name))
-    return sources
+    return [_source(weight, prefix, None, "data.paths") for weight, prefix in zip(fields[::2], fields[1::2])]
 
 
 def blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,17 +84,16 @@ def blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
     count` before the step) drifts further, up to 1.76 samples with skewed weights, so agx does not
     copy its order. Two heaps make this O(size · log D): a thousand datasets cost no more than three.
     """
-    weights = np.asarray(weights, np.float64)
-    D = len(weights)
+    w = np.asarray(weights, np.float64).tolist()
+    D = len(w)
     slack = 1.0 - 1.0 / (2 * D - 2) if D > 1 else 1.0
     counts = [0] * D
     dataset_index = np.empty(size, np.int16 if D < np.iinfo(np.int16).max else np.int32)
     sample_index = np.empty(size, np.int64)
     eps = 1e-9
-    waiting = [((1 - slack) / w, d) for d, w in enumerate(weights.tolist())]  # (release step, dataset)
+    waiting = [((1 - slack) / w_d, d) for d, w_d in enumerate(w)]  # (release step, dataset)
     heapq.heapify(waiting)
     ready: list[tuple[float, int]] = []  # (deadline step, dataset)
-    w = weights.tolist()
     for n in range(1, size + 1):
         while waiting and waiting[0][0] <= n + eps:
             _, d = heapq.heappop(waiting)

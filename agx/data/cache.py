@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from typing import BinaryIO
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,12 @@ def key_of(description: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def save_atomic(path: Path, array: np.ndarray) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Calls write(file) on a temporary file, then renames it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        np.save(f, array)
+        write(f)
     os.replace(tmp, path)
 
 
@@ -50,9 +52,7 @@ def cached_arrays(directory: Path, description: dict, names: tuple[str, ...],
     if not all(p.is_file() for p in paths):
         arrays = build()
         for path, array in zip(paths, arrays):
-            save_atomic(path, array)
-        description_path = directory / f"{key}-description.json"
-        tmp = description_path.with_name(f".{description_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(description, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, description_path)
+            write_atomic(path, lambda f: np.save(f, array))
+        text = json.dumps(description, indent=1, sort_keys=True, default=str)
+        write_atomic(directory / f"{key}-description.json", lambda f: f.write(text.encode()))
     return tuple(np.load(p, mmap_mode="r") for p in paths)

@@ -33,8 +33,8 @@ def parse_split(split: str) -> list[float]:
 
 
 def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
-    """Megatron's document ranges for train, valid and test: rounded cumulative bounds, with the
-    rounding error taken off so that the last one ends at num_documents."""
+    """Megatron's document ranges for train, valid and test: rounded cumulative bounds, all but the
+    first shifted by the rounding error so that the last one ends at num_documents."""
     bounds = [0]
     for w in parse_split(split):
         bounds.append(bounds[-1] + int(round(w * num_documents)))
