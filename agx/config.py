@@ -66,6 +66,10 @@ class TrainConfig:
     microbatches: int = 1  # gradient accumulation steps inside one training step
     seed: int = 0
     log_every: int = 1
+    max_bad_steps: int = 10  # non-finite loss or grad norm this many steps in a row stops the run
+    profile_steps: list[int] | None = None  # [first, last]: a JAX profiler trace of those steps
+    peak_tflops_per_device: float | None = None  # MFU's denominator; None: agx.training.metrics.PEAK_TFLOPS
+    fault_nan_steps: list[int] | None = None  # fault drill: these steps' loss is made NaN (tests the skip path)
 
 
 @dataclass
@@ -96,6 +100,25 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Orbax checkpoints under WORKDIR/checkpoints; the run resumes from the newest complete one."""
+
+    every: int = 100  # save every this many steps, and at the end and on SIGTERM/SIGUSR1
+    keep: int = 3  # the newest this many are kept
+    keep_period: int | None = None  # also keep every step divisible by this
+    async_save: bool = True  # write in the background while training goes on
+    resume: bool = True  # false: start fresh; existing checkpoints are moved aside, not deleted
+    restore_step: int | None = None  # resume from this step instead of the newest
+    force: bool = False  # restore even if the checkpoints are another experiment's
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # 0: never; otherwise every this many steps and at the last step
+    batches: int = 4  # validation batches (of train.batch_size), the same ones each time
+
+
+@dataclass
 class Config:
     name: str = "unnamed"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -103,6 +126,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
         m, t = self.model, self.train
@@ -119,6 +144,15 @@ class Config:
                             ("model.scan_unroll", m.scan_unroll)]:
             if value < 1:
                 raise UserError(f"{name}={value} must be at least 1")
+        c = self.checkpoint
+        for name, value in [("checkpoint.every", c.every), ("checkpoint.keep", c.keep),
+                            ("train.max_bad_steps", t.max_bad_steps), ("eval.batches", self.eval.batches)]:
+            if value < 1:
+                raise UserError(f"{name}={value} must be at least 1")
+        if self.eval.every < 0:
+            raise UserError(f"eval.every={self.eval.every} must be 0 (never) or positive")
+        if t.profile_steps is not None and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
+            raise UserError(f"train.profile_steps={t.profile_steps} must be [first, last] with 1 <= first <= last")
         if self.data.workers < 0 or self.data.prefetch < 1:
             raise UserError("data.workers must be at least 0 and data.prefetch at least 1")
         if t.batch_size % t.microbatches:
@@ -130,12 +164,17 @@ class Config:
 
 
 def _coerce(text: str, hint, key: str):
-    """Parses `text` as the annotated type of a config field."""
+    """Parses `text` as the annotated type of a config field; lists are written [a,b,...]."""
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if type(None) in args and text.lower() in ("none", "null"):
             return None
         hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if not (text.startswith("[") and text.endswith("]")):
+            raise UserError(f"--set {key}={text}: expected a list such as [1,2]")
+        return [_coerce(part.strip(), item, key) for part in text[1:-1].split(",") if part.strip()]
     try:
         if hint is bool:
             if text.lower() in ("true", "1", "yes", "on"):

@@ -1,5 +1,9 @@
-"""The one exception type for user mistakes: the CLI prints its message on one line and exits 2."""
+"""The two ways a run ends early on purpose: the CLI prints the message on one line, no traceback."""
 
 
 class UserError(Exception):
-    pass
+    """Bad input (config, data, workdir): exit 2."""
+
+
+class RunError(Exception):
+    """The run cannot go on (non-finite steps, a failed save); what is on disk is intact: exit 1."""

@@ -7,10 +7,11 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from agx.config import Config, load_experiment
-from agx.errors import UserError
+from agx.errors import RunError, UserError
 from agx.runtime import choose_platform
 
 
@@ -51,11 +52,13 @@ def _print_config(cfg: Config) -> None:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python -m agx.train", description=__doc__)
     parser.add_argument("--experiment", required=True, help="name in experiments/ or path to a .py file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by dotted path, e.g. train.steps=100 (repeatable)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where metrics go (default: runs/EXPERIMENT)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="checkpoints, metrics, logs (default: runs/EXPERIMENT); a second run resumes there")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan; build nothing")
     args = parser.parse_args(argv)
     choose_platform()
@@ -67,11 +70,14 @@ def main(argv=None) -> int:
             return 0
         from agx.training.loop import train
 
-        train(cfg, args.workdir or Path("runs") / cfg.name)
+        train(cfg, args.workdir or Path("runs") / cfg.name, started)
         return 0
     except UserError as e:
         print(f"agx: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"agx: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

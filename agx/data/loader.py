@@ -47,24 +47,40 @@ class LoadRows:
 
 
 class BatchLoader:
-    """Iterates global batches [batch_size, seq_len + 1] as jax.Arrays with `sharding`."""
+    """Iterates global batches [batch_size, seq_len + 1] as jax.Arrays with `sharding`, from batch
+    `start` on. Grain's iterator state is only meaningful to a loader with the same `layout()`."""
 
     def __init__(self, samples, batch_size: int, num_batches: int, sharding, seq_len: int,
-                 workers: int = 0, prefetch: int = 4):
+                 workers: int = 0, prefetch: int = 4, start: int = 0):
         self.global_shape = (batch_size, seq_len + 1)
         self.sharding = sharding
         self.rows = device_rows(sharding, self.global_shape, sharding.addressable_devices)
-        dataset = grain.MapDataset.range(num_batches).map(LoadRows(samples, batch_size, self.rows))
-        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2,
-                                                            prefetch_buffer_size=prefetch))
-        if workers:
+        self.load = LoadRows(samples, batch_size, self.rows)
+        self.num_batches, self.workers, self.prefetch = num_batches, workers, prefetch
+        self.iterator = None
+        self.restart_at(start)
+
+    def restart_at(self, start: int) -> None:
+        """Starts over at batch `start` (new workers, new Grain iterator)."""
+        self.close()
+        self.start = start
+        dataset = grain.MapDataset.range(start, self.num_batches).map(self.load)
+        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1 if self.workers else 2,
+                                                            prefetch_buffer_size=self.prefetch))
+        if self.workers:
             from absl import flags
 
             if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; agx has none on the command line
                 flags.FLAGS.mark_as_parsed()
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                                       per_worker_buffer_size=prefetch))
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                                       per_worker_buffer_size=self.prefetch))
         self.iterator = iter(dataset)
+
+    def layout(self) -> dict:
+        """What Grain's iterator state depends on: the first batch, the workers and the processes."""
+        import jax
+
+        return {"start": self.start, "workers": self.workers, "processes": jax.process_count()}
 
     def next_local(self) -> np.ndarray:
         """This process's rows of the next batch, on the host."""
@@ -94,3 +110,4 @@ class BatchLoader:
         close = getattr(self.iterator, "close", None)
         if close is not None:
             close()
+        self.iterator = None

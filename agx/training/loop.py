@@ -1,8 +1,8 @@
-"""The training loop: build everything from the config, run the steps, report each one."""
+"""The training loop: build everything from the config, resume from the newest checkpoint, run the
+steps, report each one, evaluate and save when due, and stop cleanly on a signal or on faults."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +12,17 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from agx.checkpoint import Checkpoints
 from agx.config import Config
 from agx.data.pipeline import make_loader
-from agx.errors import UserError
+from agx.errors import RunError, UserError
 from agx.models.configs import flops_per_token
 from agx.parallel.mesh import build_mesh
+from agx.training.evaluate import Evaluator
+from agx.training.metrics import MetricsWriter, peak_tflops_per_device
 from agx.training.optimizer import lr_schedule, make_optimizer
+from agx.training.preemption import StopRequest
+from agx.training.profile import Profile
 from agx.training.state import StatePlan, TrainState, init_state, plan_state
 from agx.training.step import batch_sharding, make_train_step
 
@@ -54,36 +59,92 @@ class Trainer:
         return jax.device_put(tokens, batch_sharding(self.mesh))
 
 
-def train(cfg: Config, workdir: Path, log=print) -> TrainState:
-    trainer = Trainer.build(cfg)
-    log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh "
-        f"{dict(trainer.mesh.shape)} of {trainer.mesh.devices.size} {jax.devices()[0].platform} devices")
-    B, T = cfg.train.batch_size, cfg.model.seq_len
-    loader = make_loader(cfg, batch_sharding(trainer.mesh), log=log)  # bad data fails before compiling
-    start = time.perf_counter()
-    tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=batch_sharding(trainer.mesh))
-    step_fn = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile()  # from shapes alone
-    log(f"agx: compiled the training step in {time.perf_counter() - start:.1f}s")
-    state = trainer.init()
-
+def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainState:
+    """Trains to cfg.train.steps in `workdir`, resuming from its newest checkpoint; `started` is the
+    process's start (time.perf_counter) for the time-to-first-step figure."""
+    started = started or time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    flops_per_step = flops_per_token(cfg.model) * B * T
+    writer = MetricsWriter(workdir, cfg.train.log_every)
+    log = writer.log
+    loader = checkpoints = None
+    stop = StopRequest().install()  # from here on a stop signal waits for the end of a step
     try:
-        with open(workdir / "metrics.jsonl", "w") as metrics_file:
-            for step in range(cfg.train.steps):
+        trainer = Trainer.build(cfg)
+        mesh, B, T = trainer.mesh, cfg.train.batch_size, cfg.model.seq_len
+        device = mesh.devices.flat[0]
+        log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh {dict(mesh.shape)} of "
+            f"{mesh.devices.size} {device.platform} devices ({device.device_kind})")
+        # Before the loader's workers start: on a CPU the peak is measured, and they would share its cores.
+        peak, peak_source = peak_tflops_per_device(device, cfg.model.dtype, cfg.train.peak_tflops_per_device)
+        log(f"agx: MFU against {peak:.4g} TFLOP/s per device ({peak_source})")
+        loader = make_loader(cfg, batch_sharding(mesh), log=log)  # bad data fails before compiling
+        timer = time.perf_counter()
+        checkpoints = Checkpoints(workdir, cfg, log)  # a foreign or unusable workdir fails before compiling
+        state = checkpoints.restore(trainer.plan.target, loader)
+        resumed = state is not None
+        state = state if resumed else trainer.init()
+        restore_s = time.perf_counter() - timer
+        first_step = int(state.step)
+
+        if first_step >= cfg.train.steps:
+            log(f"agx: already at step {first_step} of train.steps={cfg.train.steps}; nothing to do")
+            return state
+
+        evaluator = Evaluator(cfg, trainer.plan, mesh, log) if cfg.eval.every else None
+        timer = time.perf_counter()
+        tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=batch_sharding(mesh))
+        step_fn = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile()  # from shapes alone
+        compile_s = time.perf_counter() - timer
+        log(f"agx: compiled the training step in {compile_s:.1f}s")
+
+        writer.start(first_step, cfg.train.steps)
+        flops_per_step = flops_per_token(cfg.model) * B * T
+        bad_in_a_row = 0
+        with Profile(cfg.train.profile_steps, workdir / "profile", log) as profile:
+            for step in range(first_step + 1, cfg.train.steps + 1):
+                profile.before(step)
                 batch = next(loader)
-                start = time.perf_counter()
+                timer = time.perf_counter()
                 state, metrics = step_fn(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                step_s = time.perf_counter() - start
-                record = {"step": step + 1, **metrics, "step_s": step_s, "tokens_per_s": B * T / step_s,
-                          "model_tflops_per_s_per_device": flops_per_step / step_s / trainer.mesh.devices.size / 1e12}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                    log(f"step {step + 1:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                        f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                        f"{step_s * 1e3:.0f} ms")
+                metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                step_s = time.perf_counter() - timer
+                profile.after(step)
+                tflops = flops_per_step / step_s / mesh.devices.size / 1e12
+                record = {"step": step, **metrics, "step_s": step_s, "tokens_per_s": B * T / step_s,
+                          "tokens_per_s_per_device": B * T / step_s / mesh.devices.size,
+                          "model_tflops_per_s_per_device": tflops, "mfu": tflops / peak}
+                if step == first_step + 1:
+                    writer.event("startup", step=step, compile_s=compile_s, first_step_s=step_s,
+                                 **{"restore_s" if resumed else "init_s": restore_s},
+                                 time_to_first_step_s=time.perf_counter() - started)
+                if metrics["skipped"]:
+                    bad_in_a_row += 1
+                    log(f"agx: step {step}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} is not "
+                        f"finite; update skipped ({int(metrics['bad_steps'])} so far)")
+                else:
+                    bad_in_a_row = 0
+                if evaluator and evaluator.due(step) and not bad_in_a_row:
+                    record.update(evaluator(state.params))
+                writer.step(record)
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    checkpoints.wait()
+                    raise RunError(f"{bad_in_a_row} steps in a row up to step {step} had a non-finite loss or "
+                                   f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); stopping. "
+                                   f"Checkpoints {checkpoints.manager.all_steps()} are intact")
+                if not bad_in_a_row:  # the newest checkpoint is always a good step
+                    checkpoints.save(step, state, loader, force=step == cfg.train.steps or bool(stop.signal_name))
+                if stop.signal_name:
+                    checkpoints.wait()
+                    writer.event("stopped", step=step, signal=stop.signal_name)
+                    log(f"agx: {stop.signal_name} at step {step}: newest checkpoint is step "
+                        f"{checkpoints.manager.latest_step()}; exiting")
+                    break
+        checkpoints.wait()
+        return state
     finally:
-        loader.close()
-    return state
+        stop.uninstall()
+        if checkpoints is not None:
+            checkpoints.close()
+        if loader is not None:
+            loader.close()
+        writer.close()

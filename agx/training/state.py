@@ -23,7 +23,8 @@ from agx.parallel.zero import check_divisible, replicated, zero_layouts
 
 
 class TrainState(struct.PyTreeNode):
-    step: jax.Array
+    step: jax.Array  # steps taken, skipped ones included: the data position and the rng
+    bad_steps: jax.Array  # steps skipped for a non-finite loss or gradient norm
     params: Any
     opt_state: Any
 
@@ -33,6 +34,12 @@ class StatePlan:
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # NamedShardings, per ZeRO stage
     grad_shardings: Any  # NamedShardings for a params-shaped gradient tree
+
+    @property
+    def target(self) -> TrainState:
+        """ShapeDtypeStructs that carry their shardings: what a checkpoint restores into."""
+        return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      self.abstract, self.shardings)
 
     @property
     def num_params(self) -> int:
@@ -46,7 +53,8 @@ def _init_fn(cfg: Config, tx: optax.GradientTransformation):
     def init(rng):
         tokens_1xT = jnp.zeros((1, cfg.model.seq_len), jnp.int32)
         params = model.init(rng, tokens_1xT)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), bad_steps=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params))
 
     return init
 
@@ -55,7 +63,8 @@ def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> Sta
     boxed = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(0))
     logical = nn.get_partition_spec(boxed)
     layouts = zero_layouts(mesh, cfg.mesh)
-    shardings = TrainState(step=replicated(mesh), params=layouts.params.tree_shardings(logical.params),
+    shardings = TrainState(step=replicated(mesh), bad_steps=replicated(mesh),
+                           params=layouts.params.tree_shardings(logical.params),
                            opt_state=layouts.opt_state.tree_shardings(logical.opt_state))
     abstract = nn.meta.unbox(boxed)
     check_divisible(abstract.params, shardings.params, "parameter")

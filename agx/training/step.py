@@ -1,5 +1,6 @@
 """One training step: forward, backward with gradient accumulation, clipping, AdamW. One jitted
-function with explicit in/out shardings and the old state donated."""
+function with explicit in/out shardings and the old state donated. A step whose loss or gradient
+norm is not finite changes nothing but the step counters (Megatron's skipped iteration)."""
 
 from __future__ import annotations
 
@@ -31,25 +32,45 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
 
 
-def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    plan: StatePlan, mesh: Mesh):
-    """Returns jitted (state, tokens_Bx(T+1)) -> (state, metrics); the state argument is donated."""
+def _loss_fn(cfg: Config, mesh: Mesh, train: bool):
+    """(params, tokens_Bx(T+1), rng) -> mean next-token loss; dropout only when training."""
     model = GPT(cfg.model, zero_layouts(mesh, cfg.mesh).params)
-    M = cfg.train.microbatches
-    dropout = cfg.model.dropout > 0
-    constrain_grads = lambda g: jax.lax.with_sharding_constraint(g, plan.grad_shardings)
+    dropout = train and cfg.model.dropout > 0
 
     def loss_fn(params, tokens_BxT1, rng):
         logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1], deterministic=not dropout,
                                    rngs={"dropout": rng} if dropout else None)
         return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:], cfg.model.vocab_size)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    return loss_fn
+
+
+def make_eval_step(cfg: Config, plan: StatePlan, mesh: Mesh):
+    """Returns jitted (params, tokens_Bx(T+1)) -> mean loss."""
+    loss_fn = _loss_fn(cfg, mesh, train=False)
+    return jax.jit(lambda params, tokens_BxT1: loss_fn(params, tokens_BxT1, None),
+                   in_shardings=(plan.shardings.params, batch_sharding(mesh)), out_shardings=replicated(mesh))
+
+
+def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    plan: StatePlan, mesh: Mesh):
+    """Returns jitted (state, tokens_Bx(T+1)) -> (state, metrics); the state argument is donated."""
+    M = cfg.train.microbatches
+    constrain_grads = lambda g: jax.lax.with_sharding_constraint(g, plan.grad_shardings)
+    loss_fn = _loss_fn(cfg, mesh, train=True)
+
+    def step_loss(params, tokens_BxT1, rng, step):
+        loss = loss_fn(params, tokens_BxT1, rng)
+        if cfg.train.fault_nan_steps:  # the fault drill: these steps' loss, and so their gradients, are NaN
+            loss = loss * jnp.where(jnp.isin(step + 1, jnp.array(cfg.train.fault_nan_steps)), jnp.nan, 1.0)
+        return loss
+
+    grad_fn = jax.value_and_grad(step_loss)
 
     def step(state: TrainState, tokens_BxT1):
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
         if M == 1:
-            loss, grads = grad_fn(state.params, tokens_BxT1, rng)
+            loss, grads = grad_fn(state.params, tokens_BxT1, rng, state.step)
             grads = constrain_grads(grads)
         else:
             # Micro-batch m takes rows m, m+M, ...: each device's rows split evenly, no reshuffle.
@@ -61,7 +82,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
             def accumulate(carry, xs):
                 loss_sum, grad_sum = carry
                 m, tokens_bxT1 = xs
-                loss, grads = grad_fn(state.params, tokens_bxT1, jax.random.fold_in(rng, m))
+                loss, grads = grad_fn(state.params, tokens_bxT1, jax.random.fold_in(rng, m), state.step)
                 return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, constrain_grads(grads))), None
 
             zeros = constrain_grads(jax.tree_util.tree_map(jnp.zeros_like, state.params))
@@ -70,9 +91,15 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
             loss, grads = loss / M, jax.tree_util.tree_map(lambda g: g / M, grads)
         grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                               opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+        new_state = TrainState(
+            step=state.step + 1, bad_steps=state.bad_steps + (~finite).astype(jnp.int32),
+            params=jax.tree_util.tree_map(keep_if_bad, optax.apply_updates(state.params, updates), state.params),
+            opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state, state.opt_state))
+        # The optimizer's own count stops on skipped steps, so its schedule runs bad_steps behind.
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.bad_steps),
+                           "skipped": ~finite, "bad_steps": new_state.bad_steps}
 
     return jax.jit(step, in_shardings=(plan.shardings, batch_sharding(mesh)),
                    out_shardings=(plan.shardings, replicated(mesh)), donate_argnums=0)

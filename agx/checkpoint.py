@@ -1,0 +1,150 @@
+"""Orbax checkpoints under WORKDIR/checkpoints/STEP, each with four items:
+
+  state   the TrainState (step, bad_steps, params, opt_state), as Orbax's standard PyTree;
+  data    the Grain iterator's state (one file per process), so the data resumes at the next batch;
+  loader  what that state depends on: the loader's first batch, its workers and processes (JSON);
+  config  the resolved config, as JSON.
+
+A Grain state is only usable by a loader of the same workers and processes; when those change, the
+loader restarts at the checkpoint's step instead, which is the same batch (batch s is samples
+[s·B, (s+1)·B) whatever the layout).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a save cut
+short is never listed as a step. Restoring takes the target shardings of the run that restores,
+so a checkpoint loads directly onto another mesh or device count. Nothing is deleted by agx:
+checkpoints it will not use (unreadable, newer than a chosen step, or replaced by a fresh start)
+are moved to WORKDIR/set_aside/.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from agx.config import Config
+from agx.errors import RunError, UserError
+
+# The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
+SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple")
+
+
+class Checkpoints:
+    def __init__(self, workdir: Path, cfg: Config, log=print):
+        self.cfg, self.log = cfg, log
+        self.workdir = workdir.absolute()
+        self.directory = self.workdir / "checkpoints"
+        c = cfg.checkpoint
+        if not c.resume and _steps_on_disk(self.directory):
+            self._set_aside([self.directory], "fresh-start")
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            save_interval_steps=c.every, max_to_keep=c.keep, keep_period=c.keep_period,
+            enable_async_checkpointing=c.async_save, cleanup_tmp_directories=True, create=True))
+
+    def restore(self, target, loader):
+        """The newest readable checkpoint's state (restored into `target`'s shardings), with `loader`
+        moved to its data position; None when there is none."""
+        if not self.cfg.checkpoint.resume:
+            return None
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        wanted = self.cfg.checkpoint.restore_step
+        if wanted is not None:
+            if wanted not in steps:
+                raise UserError(f"checkpoint.restore_step={wanted}: {self.directory} holds steps "
+                                f"{sorted(steps) or 'none'}")
+            self._set_aside([self.directory / str(s) for s in steps if s > wanted], f"after-step-{wanted}")
+            steps = [wanted]
+        for step in steps:
+            try:
+                saved = self.manager.restore(step, args=ocp.args.Composite(
+                    config=ocp.args.JsonRestore(), loader=ocp.args.JsonRestore()))
+                self._check_same_experiment(saved.config, step)
+                same_layout = {**saved.loader, "start": loader.start} == loader.layout()
+                if same_layout:
+                    loader.restart_at(saved.loader["start"])
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target),
+                        data=grain.checkpoint.CheckpointRestore(loader.iterator)))
+                else:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target)))
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
+                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                self.log(f"agx: warning: checkpoint step {step} is unreadable ({reason}); trying the one before")
+                self._set_aside([self.directory / str(step)], f"unreadable-step-{step}")
+                continue
+            if not same_layout:
+                self.log(f"agx: the loader's layout changed ({saved.loader} then, {loader.layout()} now): "
+                         f"it restarts at batch {step} instead of restoring Grain's state")
+                loader.restart_at(step)
+            self.log(f"agx: resumed from checkpoint step {step} in {self.directory}")
+            return restored.state
+        return None
+
+    def _check_same_experiment(self, saved: dict, step: int) -> None:
+        mine, theirs = self.cfg.model, saved["model"]
+        differs = [f"model.{f}: {theirs[f]} there, {getattr(mine, f)} here" for f in SHAPE_FIELDS
+                   if theirs[f] != getattr(mine, f)]
+        if differs:  # cannot be forced: the arrays would not fit
+            raise UserError(f"{self.directory}/{step} holds a different model ({'; '.join(differs)}); "
+                            "use another workdir or --set checkpoint.resume=false")
+        if saved["name"] != self.cfg.name and not self.cfg.checkpoint.force:
+            raise UserError(f"{self.directory} holds checkpoints of experiment '{saved['name']}', not "
+                            f"'{self.cfg.name}'; use another workdir, or --set checkpoint.force=true to "
+                            "continue from them")
+
+    def save(self, step: int, state, loader, force: bool = False) -> bool:
+        """Starts a save when `step` is a multiple of checkpoint.every (or `force`); returns at once
+        when saving asynchronously."""
+        if step % self.cfg.checkpoint.every and not force:
+            return False
+        try:
+            return self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(loader.iterator),
+                loader=ocp.args.JsonSave(loader.layout()),
+                config=ocp.args.JsonSave(self.cfg.to_dict())))
+        except Exception as e:  # noqa: BLE001 - raised here are the failures of the previous async save too
+            raise self._save_failed(e) from e
+
+    def wait(self) -> None:
+        """Blocks until the saves in flight are on disk."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e) from e
+
+    def _save_failed(self, error: Exception) -> RunError:
+        complete = self.manager.all_steps(read=True)
+        return RunError(f"a checkpoint save failed ({str(error).strip().splitlines()[0][:300]}); the complete "
+                        f"checkpoints {sorted(complete) or '(none)'} in {self.directory} are intact")
+
+    def close(self) -> None:
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - a failed save was already reported by wait()
+            pass
+
+    def _set_aside(self, paths: list[Path], why: str) -> None:
+        paths = [p for p in paths if p.exists()]
+        if not paths or jax.process_index() != 0:
+            return
+        destination = self.workdir / "set_aside" / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
+        destination.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            shutil.move(str(path), str(destination / path.name))
+        self.log(f"agx: moved {', '.join(p.name for p in paths)} to {destination}")
+        if hasattr(self, "manager"):
+            self.manager.reload()
+
+
+def _steps_on_disk(directory: Path) -> list[int]:
+    return [int(p.name) for p in directory.glob("*") if p.name.isdigit()] if directory.is_dir() else []

@@ -1,0 +1,145 @@
+"""What a run reports and where: model FLOP/s and MFU against a per-device peak, and one writer
+that sends each record to metrics.jsonl, TensorBoard and the console (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak TFLOP/s per JAX device by compute dtype, from the vendors' data sheets. An Aurora
+# tile (ZE_FLAT_DEVICE_HIERARCHY=FLAT) is half a Max 1550: 128 Xe cores × 8 XMX engines × 512 bf16
+# FLOP/clock × 1.6 GHz = 838.9 per GPU; float32 runs on the vector engines (52.4 per GPU). NVIDIA
+# float32 is the TF32 tensor-core figure, which is what XLA's default matmul precision uses there.
+PEAK_TFLOPS = {
+    "Max 1550": {"bfloat16": 419.4, "float16": 419.4, "float32": 26.2},
+    "H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},  # SXM
+    "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0},
+}
+
+
+def measured_matmul_tflops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+    """The median throughput of one square matmul on the first device: the CPU's practical peak."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / sorted(times)[repeats // 2] / 1e12
+
+
+def peak_tflops_per_device(device, dtype: str, override: float | None) -> tuple[float, str]:
+    """(peak, where it came from). CPU devices share the host's cores, so each gets its share of
+    the measured matmul rate."""
+    if override:
+        return override, "train.peak_tflops_per_device"
+    for kind, peaks in PEAK_TFLOPS.items():
+        if kind in device.device_kind:
+            return peaks[dtype], f"{kind} data sheet"
+    if device.platform == "cpu":
+        local = jax.local_device_count()
+        return measured_matmul_tflops(dtype) / local, f"measured CPU matmul / {local} devices"
+    return math.nan, f"unknown device kind {device.device_kind!r}: set train.peak_tflops_per_device"
+
+
+class MetricsWriter:
+    """Writes records to WORKDIR/metrics.jsonl and WORKDIR/tensorboard, and log lines to the console
+    and WORKDIR/train.log. On other processes than 0 it writes nothing."""
+
+    def __init__(self, workdir: Path, log_every: int):
+        self.enabled = jax.process_index() == 0
+        self.workdir, self.log_every = workdir, log_every
+        self.started = False
+        if self.enabled:
+            self.log_file = open(workdir / "train.log", "a")
+
+    def start(self, first_step: int, total_steps: int) -> None:
+        """Opens the step outputs once the step to start from is known."""
+        self.total_steps, self.started = total_steps, self.enabled
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self.jsonl_path = self.workdir / "metrics.jsonl"
+        _keep_records_up_to(self.jsonl_path, first_step)  # a resumed run replaces what came after
+        self.jsonl = open(self.jsonl_path, "a")
+        # purge_step: TensorBoard drops the events a killed run wrote after the step resumed from.
+        self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=first_step + 1)
+        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
+                        disable=None, file=sys.stderr)
+
+    def log(self, line: str) -> None:
+        if self.enabled:
+            if self.started:
+                self.bar.write(line, file=sys.stdout)
+            else:
+                print(line, flush=True)
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
+
+    def event(self, name: str, **fields) -> None:
+        """A record that is not a step's: start-up timings, a skipped checkpoint, a stop."""
+        if self.started:
+            self.jsonl.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
+            self.jsonl.flush()
+            for key, value in fields.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{name}/{key}", value, fields.get("step", 0))
+
+    def step(self, record: dict) -> None:
+        if not self.started:
+            return
+        step = record["step"]
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step":
+                group = "eval" if key.startswith("eval_") else "train"
+                self.tensorboard.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, step)
+        if "loss" in record:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            if step % self.log_every == 0 or step == self.total_steps:
+                self.log(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                         f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+                         f"{record['model_tflops_per_s_per_device']:.3g} TFLOP/s/device | "
+                         f"MFU {record['mfu']:.1%} | {record['step_s'] * 1e3:.0f} ms")
+        if "eval_loss" in record:
+            self.log(f"eval {step:6d} | loss {record['eval_loss']:.4f} | perplexity {record['eval_perplexity']:.2f}")
+
+    def close(self) -> None:
+        if self.started:
+            self.bar.close()
+            self.tensorboard.close()
+            self.jsonl.close()
+        if self.enabled:
+            self.log_file.close()
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrites metrics.jsonl (atomically) without the step records after `step`, and without a
+    line cut short by a killed process."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "event" in record or record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
