@@ -19,6 +19,7 @@ are moved to WORKDIR/set_aside/.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -40,9 +41,12 @@ class Checkpoints:
         self.workdir = workdir.absolute()
         self.directory = self.workdir / "checkpoints"
         c = cfg.checkpoint
-        if not c.resume and _steps_on_disk(self.directory):
-            self._set_aside([self.directory], "fresh-start")
-        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+        if not c.resume and _steps_on_disk(self.directory):  # the old run's metrics go with its checkpoints
+            self._set_aside([self.directory, self.workdir / "metrics.jsonl", self.workdir / "tensorboard"],
+                            "fresh-start")
+        absl_logger = logging.getLogger("absl")
+        absl_logger.setLevel(logging.WARNING)  # Orbax logs every save at INFO
+        absl_logger.addFilter(OrbaxErrorsToFile(self.workdir / "train.log"))
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             save_interval_steps=c.every, max_to_keep=c.keep, keep_period=c.keep_period,
             enable_async_checkpointing=c.async_save, cleanup_tmp_directories=True, create=True))
@@ -58,7 +62,10 @@ class Checkpoints:
             if wanted not in steps:
                 raise UserError(f"checkpoint.restore_step={wanted}: {self.directory} holds steps "
                                 f"{sorted(steps) or 'none'}")
-            self._set_aside([self.directory / str(s) for s in steps if s > wanted], f"after-step-{wanted}")
+            destination = self._set_aside([self.directory / str(s) for s in steps if s > wanted],
+                                          f"after-step-{wanted}")
+            if destination and (self.workdir / "metrics.jsonl").exists():  # to be cut back to `wanted`
+                shutil.copy2(self.workdir / "metrics.jsonl", destination / "metrics.jsonl")
             steps = [wanted]
         for step in steps:
             try:
@@ -77,8 +84,7 @@ class Checkpoints:
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
-                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                self.log(f"agx: warning: checkpoint step {step} is unreadable ({reason}); trying the one before")
+                self.log(f"agx: warning: checkpoint step {step} is unreadable ({_reason(e)}); trying the one before")
                 self._set_aside([self.directory / str(step)], f"unreadable-step-{step}")
                 continue
             if not same_layout:
@@ -123,9 +129,13 @@ class Checkpoints:
             raise self._save_failed(e) from e
 
     def _save_failed(self, error: Exception) -> RunError:
-        complete = self.manager.all_steps(read=True)
-        return RunError(f"a checkpoint save failed ({str(error).strip().splitlines()[0][:300]}); the complete "
-                        f"checkpoints {sorted(complete) or '(none)'} in {self.directory} are intact")
+        """The failed save is over; its partial files are removed (they may be what filled the disk)."""
+        for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        self.manager.reload()
+        complete = sorted(self.manager.all_steps())
+        return RunError(f"a checkpoint save failed ({_reason(error)}; details in {self.workdir / 'train.log'}); "
+                        f"the complete checkpoints {complete or '(none)'} in {self.directory} are intact")
 
     def close(self) -> None:
         try:
@@ -133,10 +143,11 @@ class Checkpoints:
         except Exception:  # noqa: BLE001 - a failed save was already reported by wait()
             pass
 
-    def _set_aside(self, paths: list[Path], why: str) -> None:
+    def _set_aside(self, paths: list[Path], why: str) -> Path | None:
+        """Moves `paths` into a new folder of WORKDIR/set_aside and returns it (None: nothing moved)."""
         paths = [p for p in paths if p.exists()]
         if not paths or jax.process_index() != 0:
-            return
+            return None
         destination = self.workdir / "set_aside" / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
         destination.mkdir(parents=True, exist_ok=True)
         for path in paths:
@@ -144,6 +155,36 @@ class Checkpoints:
         self.log(f"agx: moved {', '.join(p.name for p in paths)} to {destination}")
         if hasattr(self, "manager"):
             self.manager.reload()
+        return destination
+
+
+class OrbaxErrorsToFile(logging.Filter):
+    """Orbax logs a failed background save with its traceback; agx reports it in one line and keeps
+    the traceback in train.log."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        try:
+            with open(self.path, "a") as f:
+                f.write(logging.Formatter().format(record) + "\n")
+        except OSError:  # the disk that failed the save may be full
+            pass
+        return False
+
+
+def _reason(error: Exception) -> str:
+    """One short line: the OS's own words where there are some (TensorStore puts them before
+    [os_error_code=N]), else the error's first line."""
+    text = str(error).strip()
+    os_error = re.search(r"([^:\[\]]+?)\s*\[os_error_code='?(\d+)", text)
+    if os_error:
+        return f"{os_error.group(1).strip()}, errno {os_error.group(2)}"
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _steps_on_disk(directory: Path) -> list[int]:

@@ -1,6 +1,8 @@
 """8 simulated CPU devices for every test, set before jax is first imported."""
 
 import os
+import subprocess
+import sys
 import tempfile
 
 # Backend optimisation off: the tests compile ~40 programs and check numbers, not speed.
@@ -49,3 +51,14 @@ def run_steps(cfg: Config, corpus, devices, steps: int = 3):
         state, metrics = trainer.step_fn(state, trainer.put_batch(batch(corpus, step, cfg.train.batch_size)))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(state.params)
+
+
+# As a user runs it: no JAX_PLATFORMS, so agx.train makes its own backend choice.
+CLI_ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def agx_train(*args, env=CLI_ENV, timeout=300, **popen):
+    """Runs `python -m agx.train ARGS` to the end; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "agx.train", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, **popen)

@@ -1,20 +1,9 @@
 """`python -m agx.train` as a user runs it: real processes, real output."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-# As a user runs it: no JAX_PLATFORMS, so agx.train makes its own backend choice.
-ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
-       "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-
-
-def agx_train(*args, env=ENV, timeout=300):
-    return subprocess.run([sys.executable, "-m", "agx.train", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+from conftest import CLI_ENV, agx_train
 
 
 def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
@@ -55,7 +44,7 @@ def test_bad_mesh_fails_before_training_starts(tmp_path):
 
 
 def test_default_experiment_loss_falls_within_50_steps(tmp_path):
-    env = {k: v for k, v in ENV.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    env = {k: v for k, v in CLI_ENV.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
     result = agx_train("--experiment", "gpt3_tiny", "--set", "train.steps=50", "--workdir", str(tmp_path), env=env)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -141,6 +141,10 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
                     break
         checkpoints.wait()
         return state
+    except RunError:
+        if checkpoints is not None:
+            checkpoints.wait()  # a failed save (a full disk, say) explains more than what failed after it
+        raise
     finally:
         stop.uninstall()
         if checkpoints is not None:

@@ -3,6 +3,7 @@ that sends each record to metrics.jsonl, TensorBoard and the console (process 0 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from agx.errors import RunError
 
 # Dense peak TFLOP/s per JAX device by compute dtype, from the vendors' data sheets. An Aurora
 # tile (ZE_FLAT_DEVICE_HIERARCHY=FLAT) is half a Max 1550: 128 Xe cores × 8 XMX engines × 512 bf16
@@ -79,18 +82,31 @@ class MetricsWriter:
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
                         disable=None, file=sys.stderr)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:
+            raise RunError(f"cannot write the run's logs and metrics in {self.workdir} ({e.strerror or e})") from e
+
     def log(self, line: str) -> None:
         if self.enabled:
-            if self.started:
-                self.bar.write(line, file=sys.stdout)
-            else:
-                print(line, flush=True)
-            self.log_file.write(line + "\n")
-            self.log_file.flush()
+            with self._writing():
+                self._log(line)
+
+    def _log(self, line: str) -> None:
+        if self.started:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
 
     def event(self, name: str, **fields) -> None:
-        """A record that is not a step's: start-up timings, a skipped checkpoint, a stop."""
-        if self.started:
+        """A record that is not a step's: start-up timings, a stop on a signal."""
+        if not self.started:
+            return
+        with self._writing():
             self.jsonl.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
             self.jsonl.flush()
             for key, value in fields.items():
@@ -98,8 +114,11 @@ class MetricsWriter:
                     self.tensorboard.add_scalar(f"{name}/{key}", value, fields.get("step", 0))
 
     def step(self, record: dict) -> None:
-        if not self.started:
-            return
+        if self.started:
+            with self._writing():
+                self._step(record)
+
+    def _step(self, record: dict) -> None:
         step = record["step"]
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -111,20 +130,22 @@ class MetricsWriter:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if step % self.log_every == 0 or step == self.total_steps:
-                self.log(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                self._log(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                          f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
                          f"{record['model_tflops_per_s_per_device']:.3g} TFLOP/s/device | "
                          f"MFU {record['mfu']:.1%} | {record['step_s'] * 1e3:.0f} ms")
         if "eval_loss" in record:
-            self.log(f"eval {step:6d} | loss {record['eval_loss']:.4f} | perplexity {record['eval_perplexity']:.2f}")
+            self._log(f"eval {step:6d} | loss {record['eval_loss']:.4f} | perplexity {record['eval_perplexity']:.2f}")
 
     def close(self) -> None:
-        if self.started:
-            self.bar.close()
-            self.tensorboard.close()
-            self.jsonl.close()
-        if self.enabled:
-            self.log_file.close()
+        """Best effort: on a full disk the last lines may not land, and the error that ended the run
+        is the one to report."""
+        closers = [self.bar.close, self.tensorboard.close, self.jsonl.close] if self.started else []
+        for close in closers + ([self.log_file.close] if self.enabled else []):
+            try:
+                close()
+            except OSError:
+                pass
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:
