@@ -44,9 +44,9 @@ class Checkpoints:
         if not c.resume and _steps_on_disk(self.directory):  # the old run's metrics go with its checkpoints
             self._set_aside([self.directory, self.workdir / "metrics.jsonl", self.workdir / "tensorboard"],
                             "fresh-start")
-        absl_logger = logging.getLogger("absl")
-        absl_logger.setLevel(logging.WARNING)  # Orbax logs every save at INFO
-        absl_logger.addFilter(OrbaxErrorsToFile(self.workdir / "train.log"))
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+        for name in ("absl", "asyncio"):  # asyncio: the write tasks Orbax abandons after a failure
+            logging.getLogger(name).addFilter(OrbaxErrorsToFile(self.workdir / "train.log"))
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             save_interval_steps=c.every, max_to_keep=c.keep, keep_period=c.keep_period,
             enable_async_checkpointing=c.async_save, cleanup_tmp_directories=True, create=True))
@@ -167,7 +167,7 @@ class OrbaxErrorsToFile(logging.Filter):
         self.path = path
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname + record.getMessage():
             return True
         try:
             with open(self.path, "a") as f:
