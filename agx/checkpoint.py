@@ -24,10 +24,10 @@ import shutil
 import time
 from pathlib import Path
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
+from agx.compat import grain
 from agx.config import Config
 from agx.errors import RunError, UserError
 

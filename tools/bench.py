@@ -3,8 +3,9 @@
     python tools/bench.py [--experiment bench_cpu] [--set key=value ...] [--steps 10] [--warmup 3]
                           [--peer ../shared/peers/torch_gpt_step.py --rounds 5]
 
-MFU is model FLOPs per second (PaLM's 6N + 12·L·H·Q·T per token) over a peak: on CPU the XLA matmul
-throughput measured in the same run, on GPUs the vendor's dense peak for the compute dtype. With
+MFU is model FLOPs per second (PaLM's 6N + 12·L·H·Q·T per token) over the trainer's peak
+(agx.training.metrics): on CPU the XLA matmul throughput measured in the same run, on GPUs the
+vendor's dense peak for the compute dtype. With
 --peer, agx and the PyTorch peer run interleaved, `--rounds` times each, and the medians are compared.
 """
 
@@ -24,42 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agx.config import load_experiment  # noqa: E402
 from agx.errors import UserError  # noqa: E402
 from agx.runtime import choose_platform  # noqa: E402
-
-# Dense peak FLOP/s per JAX device, by device-kind substring and compute dtype.
-VENDOR_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},  # SXM
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
-    "Max 1550": {"bfloat16": 419e12, "float16": 419e12, "float32": 26e12},  # one tile (FLAT mode)
-}
-
-
-def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
-    """XLA's own fp32 matmul throughput on this device: the CPU roofline for MFU."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
-
-
-def peak_flops_per_s(dtype: str) -> tuple[float, str]:
-    import jax
-
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return matmul_flops_per_s(), "measured XLA fp32 matmul (2048²)"
-    for kind, peaks in VENDOR_PEAKS.items():
-        if kind in device.device_kind:
-            return peaks[dtype], f"vendor peak, {kind} {dtype}"
-    raise UserError(f"no peak FLOP/s known for {device.device_kind!r}; add it to VENDOR_PEAKS")
-
 
 def time_agx_steps(trainer, state, batch, steps: int):
     times = []
@@ -98,6 +63,7 @@ def main(argv=None) -> int:
         from agx.data.pipeline import make_loader
         from agx.models.configs import flops_per_token
         from agx.training.loop import Trainer
+        from agx.training.metrics import peak_tflops_per_device
         from agx.training.step import batch_sharding
 
         trainer = Trainer.build(cfg)
@@ -110,7 +76,7 @@ def main(argv=None) -> int:
             agx_step_s.append(step_s)
             if args.peer:
                 peer_tokens_per_s.append(run_peer(args.peer, cfg, args.steps))
-        peak, peak_source = peak_flops_per_s(cfg.model.dtype)
+        peak, peak_source = peak_tflops_per_device(jax.devices()[0], cfg.model.dtype, cfg.train.peak_tflops_per_device)
     except UserError as e:
         print(f"agx: error: {e}", file=sys.stderr)
         return 2
@@ -120,7 +86,7 @@ def main(argv=None) -> int:
     tflops_per_device = flops_per_token(cfg.model) * tokens / step_s / devices / 1e12
     result = {"experiment": cfg.name, "device": jax.devices()[0].device_kind, "devices": devices,
               "tokens_per_s": tokens / step_s, "step_s": step_s, "model_tflops_per_s": tflops_per_device,
-              "peak_tflops_per_s": peak / 1e12, "peak": peak_source, "mfu": tflops_per_device * 1e12 / peak,
+              "peak_tflops_per_s": peak, "peak": peak_source, "mfu": tflops_per_device / peak,
               "rounds": args.rounds, "steps_per_round": args.steps}
     if args.peer:
         peer = statistics.median(peer_tokens_per_s)

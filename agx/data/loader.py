@@ -10,18 +10,10 @@ args on `.iterator`) resumes at exactly the next batch.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 
-
-def _drop_profiler_notice(record: logging.LogRecord) -> bool:
-    """Grain's optional profiler does not load with jaxlib 0.5 (the xpu stack) and says so at import."""
-    return "jax profiler" not in record.getMessage() and "worker profiling" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_drop_profiler_notice)
-import grain  # noqa: E402
+from agx.compat import grain
 
 
 def device_rows(sharding, global_shape: tuple[int, ...], devices) -> np.ndarray:

@@ -1,0 +1,15 @@
+"""Where the two dependency stacks differ (jax 0.5.0 for Intel's plugin, and the newest): import
+from here what needs smoothing over. Keep it tiny."""
+
+import logging
+
+
+def _drop_grain_profiler_notice(record: logging.LogRecord) -> bool:
+    """Grain's optional profiler does not load with jaxlib 0.5 (the xpu stack) and says so at import."""
+    return "jax profiler" not in record.getMessage() and "worker profiling" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_drop_grain_profiler_notice)
+import grain  # noqa: E402
+
+__all__ = ["grain"]
