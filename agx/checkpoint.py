@@ -48,7 +48,7 @@ class Checkpoints:
         for name in ("absl", "asyncio"):  # asyncio: the write tasks Orbax abandons after a failure
             logging.getLogger(name).addFilter(OrbaxErrorsToFile(self.workdir / "train.log"))
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            save_interval_steps=c.every, max_to_keep=c.keep, keep_period=c.keep_period,
+            max_to_keep=c.keep, keep_period=c.keep_period,
             enable_async_checkpointing=c.async_save, cleanup_tmp_directories=True, create=True))
 
     def restore(self, target, loader):
@@ -129,9 +129,7 @@ class Checkpoints:
             raise self._save_failed(e) from e
 
     def _save_failed(self, error: Exception) -> RunError:
-        """The failed save is over; its partial files are removed (they may be what filled the disk)."""
-        for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        self._remove_partial_saves()  # they may be what filled the disk
         self.manager.reload()
         complete = sorted(self.manager.all_steps())
         return RunError(f"a checkpoint save failed ({_reason(error)}; details in {self.workdir / 'train.log'}); "
@@ -142,6 +140,13 @@ class Checkpoints:
             self.manager.close()
         except Exception:  # noqa: BLE001 - a failed save was already reported by wait()
             pass
+        self._remove_partial_saves()  # now that no save is in flight, a temporary directory is a failed one
+
+    def _remove_partial_saves(self) -> None:
+        """Best effort: after a failure Orbax's abandoned writes may still be finishing."""
+        if jax.process_index() == 0:
+            for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     def _set_aside(self, paths: list[Path], why: str) -> Path | None:
         """Moves `paths` into a new folder of WORKDIR/set_aside and returns it (None: nothing moved)."""
