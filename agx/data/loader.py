@@ -75,8 +75,9 @@ class BatchLoader:
         return {"start": self.start, "workers": self.workers, "processes": jax.process_count()}
 
     def next_local(self) -> np.ndarray:
-        """This process's rows of the next batch, on the host."""
-        return next(self.iterator)
+        """This process's rows of the next batch, on the host. Worker processes hand batches over in
+        shared memory, freed when the array is dropped: a plain copy frees it now, not at exit."""
+        return np.array(next(self.iterator))
 
     def __iter__(self):
         return self
