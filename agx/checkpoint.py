@@ -33,6 +33,7 @@ from agx.errors import RunError, UserError
 
 # The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple")
+TRASH = "deleting"  # under checkpoints/: steps past checkpoint.keep, emptied at start and at close
 
 
 class Checkpoints:
@@ -47,8 +48,11 @@ class Checkpoints:
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
         for name in ("absl", "asyncio"):  # asyncio: the write tasks Orbax abandons after a failure
             logging.getLogger(name).addFilter(OrbaxErrorsToFile(self.workdir / "train.log"))
+        self._empty_trash()
+        # Old steps are renamed into TRASH first (atomic), then deleted: a kill mid-delete must not
+        # leave a half-deleted step that still lists as complete.
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=c.keep, keep_period=c.keep_period,
+            max_to_keep=c.keep, keep_period=c.keep_period, todelete_subdir=TRASH,
             enable_async_checkpointing=c.async_save, cleanup_tmp_directories=True, create=True))
 
     def restore(self, target, loader):
@@ -141,6 +145,11 @@ class Checkpoints:
         except Exception:  # noqa: BLE001 - a failed save was already reported by wait()
             pass
         self._remove_partial_saves()  # now that no save is in flight, a temporary directory is a failed one
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        if jax.process_index() == 0:
+            shutil.rmtree(self.directory / TRASH, ignore_errors=True)
 
     def _remove_partial_saves(self) -> None:
         """Best effort: after a failure Orbax's abandoned writes may still be finishing."""
