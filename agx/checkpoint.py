@@ -33,6 +33,9 @@ from agx.errors import RunError, UserError
 
 # The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple")
+# Arrays are stored in chunks of at most this size (Orbax splits the largest dimensions first), so
+# that export and sampling can read a checkpoint piece by piece, never a whole stacked weight at once.
+CHUNK_BYTES = 16 << 20
 TRASH = "deleting"  # under checkpoints/: steps past checkpoint.keep, emptied at start and at close
 
 
@@ -73,12 +76,12 @@ class Checkpoints:
             steps = [wanted]
         for step in steps:
             try:
-                saved = self.manager.restore(step, args=ocp.args.Composite(
-                    config=ocp.args.JsonRestore(), loader=ocp.args.JsonRestore()))
+                saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
                 self._check_same_experiment(saved.config, step)
-                same_layout = {**saved.loader, "start": loader.start} == loader.layout()
+                saved_layout = self._saved_loader_layout(step)
+                same_layout = saved_layout is not None and {**saved_layout, "start": loader.start} == loader.layout()
                 if same_layout:
-                    loader.restart_at(saved.loader["start"])
+                    loader.restart_at(saved_layout["start"])
                     restored = self.manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target),
                         data=grain.checkpoint.CheckpointRestore(loader.iterator)))
@@ -91,13 +94,23 @@ class Checkpoints:
                 self.log(f"agx: warning: checkpoint step {step} is unreadable ({_reason(e)}); trying the one before")
                 self._set_aside([self.directory / str(step)], f"unreadable-step-{step}")
                 continue
-            if not same_layout:
-                self.log(f"agx: the loader's layout changed ({saved.loader} then, {loader.layout()} now): "
+            if saved_layout is None:
+                self.log(f"agx: checkpoint step {step} holds no data position (imported weights): the data "
+                         f"starts at batch {step}")
+                loader.restart_at(step)
+            elif not same_layout:
+                self.log(f"agx: the loader's layout changed ({saved_layout} then, {loader.layout()} now): "
                          f"it restarts at batch {step} instead of restoring Grain's state")
                 loader.restart_at(step)
             self.log(f"agx: resumed from checkpoint step {step} in {self.directory}")
             return restored.state
         return None
+
+    def _saved_loader_layout(self, step: int) -> dict | None:
+        """The loader layout saved with `step`; None for a checkpoint without a data position."""
+        if not (self.directory / str(step) / "loader").is_dir():
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(loader=ocp.args.JsonRestore())).loader
 
     def _check_same_experiment(self, saved: dict, step: int) -> None:
         mine, theirs = self.cfg.model, saved["model"]
@@ -111,17 +124,18 @@ class Checkpoints:
                             f"'{self.cfg.name}'; use another workdir, or --set checkpoint.force=true to "
                             "continue from them")
 
-    def save(self, step: int, state, loader, force: bool = False) -> bool:
+    def save(self, step: int, state, loader=None, force: bool = False) -> bool:
         """Starts a save when `step` is a multiple of checkpoint.every (or `force`); returns at once
-        when saving asynchronously."""
+        when saving asynchronously. Without a loader (imported weights) no data position is saved."""
         if step % self.cfg.checkpoint.every and not force:
             return False
+        items = dict(state=ocp.args.StandardSave(state, save_args=chunked(state)),
+                     config=ocp.args.JsonSave(self.cfg.to_dict()))
+        if loader is not None:
+            items.update(data=grain.checkpoint.CheckpointSave(loader.iterator),
+                         loader=ocp.args.JsonSave(loader.layout()))
         try:
-            return self.manager.save(step, force=True, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(loader.iterator),
-                loader=ocp.args.JsonSave(loader.layout()),
-                config=ocp.args.JsonSave(self.cfg.to_dict())))
+            return self.manager.save(step, force=True, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - raised here are the failures of the previous async save too
             raise self._save_failed(e) from e
 
@@ -170,6 +184,11 @@ class Checkpoints:
         if hasattr(self, "manager"):
             self.manager.reload()
         return destination
+
+
+def chunked(tree):
+    """Orbax save arguments that store every array in chunks of at most CHUNK_BYTES."""
+    return jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
 
 
 class OrbaxErrorsToFile(logging.Filter):

@@ -162,6 +162,17 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> Config:
+        """The inverse of to_dict (a saved config); fields this version does not know are ignored."""
+        sections = {}
+        for f in dataclasses.fields(cls):
+            if f.name != "name":  # every other field is a section
+                section = f.default_factory
+                known = {g.name for g in dataclasses.fields(section)}
+                sections[f.name] = section(**{k: v for k, v in saved.get(f.name, {}).items() if k in known})
+        return cls(name=saved.get("name", "unnamed"), **sections).validate()
+
 
 def _coerce(text: str, hint, key: str):
     """Parses `text` as the annotated type of a config field; lists are written [a,b,...]."""

@@ -1,8 +1,10 @@
 """GPT-3 (Brown et al. 2020) in Flax Linen, partitioned through logical axis names.
 
 Pre-LayerNorm blocks, causal multi-head attention, GELU(tanh) MLP of 4·d_model, learned positions,
-LM head tied to the embedding. Layers are stacked with nn.scan so that depth costs no compile time.
-Shape suffixes: B batch, T sequence, D d_model, H heads, Q head dim, F d_ff, V padded vocab.
+LM head tied to the embedding. Layers are stacked and run by lax.scan so that depth costs no compile time.
+Sampling runs the same blocks over a key/value cache.
+Shape suffixes: B batch, T sequence, D d_model, H heads, Q head dim, F d_ff, V padded vocab, L layers,
+S cached positions.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ class Block(nn.Module):
         return nn.Dropout(self.cfg.dropout)(x, deterministic=self.deterministic) if self.cfg.dropout else x
 
     @nn.compact
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD, cache=None, start_B=None):
+        """cache: this layer's (keys, values) [B, H, S, Q] when sampling, with start_B the position of
+        x's first token in each sequence; the updated cache is then returned beside the output."""
         cfg = self.cfg
         H, Q, dtype = cfg.num_heads, cfg.head_dim, cfg.dtype
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
@@ -66,14 +70,24 @@ class Block(nn.Module):
         # Heads-major layout for the two attention matmuls: measured 2x faster on CPU than BxTxHxQ.
         q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ = jnp.transpose(qkv_BxTx3xHxQ, (2, 0, 3, 1, 4))
         T = x_BxTxD.shape[1]
-        causal_bias_TxT = jnp.where(jnp.tril(jnp.ones((T, T), dtype=bool)), 0.0, -1e30).astype(jnp.float32)
-        scores_BxHxTxT = jnp.einsum("bhtq,bhsq->bhts", q_BxHxTxQ * (1 / math.sqrt(Q)), k_BxHxTxQ,
-                                    preferred_element_type=jnp.float32) + causal_bias_TxT
-        # Softmax with the normalisation applied after the PV matmul, to [.., Q] instead of [.., T].
-        max_BxHxTx1 = jax.lax.stop_gradient(jnp.max(scores_BxHxTxT, axis=-1, keepdims=True))
-        unnormalized_BxHxTxT = jnp.exp(scores_BxHxTxT - max_BxHxTx1)
-        sum_BxHxTx1 = jnp.sum(unnormalized_BxHxTxT, axis=-1, keepdims=True)
-        ctx_BxHxTxQ = jnp.einsum("bhts,bhsq->bhtq", self._dropout(unnormalized_BxHxTxT.astype(dtype)), v_BxHxTxQ,
+        if cache is None:  # training: the keys are this sequence's own, under a causal mask
+            k_BxHxSxQ, v_BxHxSxQ = k_BxHxTxQ, v_BxHxTxQ
+            allowed = jnp.tril(jnp.ones((T, T), dtype=bool))
+        else:  # sampling: write this block's keys at its positions, attend to everything up to them
+            k_BxHxSxQ, v_BxHxSxQ = (_write_at(c, new, start_B) for c, new in zip(cache, (k_BxHxTxQ, v_BxHxTxQ)))
+            k_BxHxSxQ, v_BxHxSxQ = (self._constrain(c, ("batch", "heads", "cache_length", "kv"))
+                                    for c in (k_BxHxSxQ, v_BxHxSxQ))
+            S = k_BxHxSxQ.shape[2]
+            query_pos_BxT = start_B[:, None] + jnp.arange(T)
+            allowed = (jnp.arange(S) <= query_pos_BxT[:, :, None])[:, None]  # B x 1 x T x S
+        mask_bias = jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
+        scores_BxHxTxS = jnp.einsum("bhtq,bhsq->bhts", q_BxHxTxQ * (1 / math.sqrt(Q)), k_BxHxSxQ,
+                                    preferred_element_type=jnp.float32) + mask_bias
+        # Softmax with the normalisation applied after the PV matmul, to [.., Q] instead of [.., S].
+        max_BxHxTx1 = jax.lax.stop_gradient(jnp.max(scores_BxHxTxS, axis=-1, keepdims=True))
+        unnormalized_BxHxTxS = jnp.exp(scores_BxHxTxS - max_BxHxTx1)
+        sum_BxHxTx1 = jnp.sum(unnormalized_BxHxTxS, axis=-1, keepdims=True)
+        ctx_BxHxTxQ = jnp.einsum("bhts,bhsq->bhtq", self._dropout(unnormalized_BxHxTxS.astype(dtype)), v_BxHxSxQ,
                                  preferred_element_type=jnp.float32) / sum_BxHxTx1
         ctx_BxTxHxQ = jnp.transpose(ctx_BxHxTxQ.astype(dtype), (0, 2, 1, 3))
         ctx_BxTxHxQ = self._constrain(ctx_BxTxHxQ, ("batch", "length", "heads", "kv"))
@@ -89,14 +103,21 @@ class Block(nn.Module):
         h_BxTxF = nn.gelu(self._constrain(h_BxTxF, ("batch", "length", "mlp")), approximate=True)
         mlp_BxTxD = nn.Dense(cfg.d_model, name="out", **dense, kernel_init=_init(out_std, ("mlp", "embed")),
                              bias_init=_zeros(("embed",)))(h_BxTxF)
-        return self._constrain(x_BxTxD + self._dropout(mlp_BxTxD), ("batch", "act_length", "act_embed"))
+        x_BxTxD = self._constrain(x_BxTxD + self._dropout(mlp_BxTxD), ("batch", "act_length", "act_embed"))
+        return x_BxTxD if cache is None else (x_BxTxD, (k_BxHxSxQ, v_BxHxSxQ))
+
+
+def _write_at(cache_BxHxSxQ, new_BxHxTxQ, start_B):
+    """Each sequence's new entries written into its cache from its own start position."""
+    write = lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, s, 0))
+    return jax.vmap(write)(cache_BxHxSxQ, new_BxHxTxQ, start_B)
 
 
 class GPT(nn.Module):
     cfg: ModelConfig
     layout: Layout | None = None  # None: no sharding constraints (single device, abstract shapes)
 
-    def _layers(self, x_BxTxD, deterministic: bool):
+    def _layers(self, x_BxTxD, deterministic: bool, cache=None, start_B=None):
         """The block stack: one set of weights with a leading 'layers' axis, run by lax.scan.
 
         A plain scan over stacked weights (rather than nn.scan) works the same on every Flax/JAX
@@ -114,6 +135,12 @@ class GPT(nn.Module):
 
         stack_LxW = self.param("layers", init_stack)
         block = Block(cfg, self.layout, not dropout)
+        if cache is not None:  # sampling: each layer reads and returns its slice of the stacked cache
+            def cached_layer(x_BxTxD, params_and_cache):
+                params, layer_cache = params_and_cache
+                return block.apply({"params": params}, x_BxTxD, layer_cache, start_B)
+
+            return jax.lax.scan(cached_layer, x_BxTxD, (stack_LxW, cache))
 
         def one_layer(x_BxTxD, params_and_rng):
             params, rng = params_and_rng
@@ -126,8 +153,12 @@ class GPT(nn.Module):
         return x_BxTxD
 
     @nn.compact
-    def __call__(self, tokens_BxT, deterministic: bool = True):
-        """Returns float32 logits over the padded vocabulary."""
+    def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None):
+        """Returns float32 logits over the padded vocabulary.
+
+        Sampling passes `cache`, the (keys, values) of every layer [L, B, H, S, Q], and `start_B`, each
+        sequence's position of tokens_BxT[:, 0]; it gets (logits, updated cache) back.
+        """
         cfg = self.cfg
         constrain = (lambda x, logical: x) if self.layout is None else self.layout.constrain
         T = tokens_BxT.shape[1]
@@ -137,15 +168,20 @@ class GPT(nn.Module):
         # Vocab-parallel lookup (each shard contributes its rows, summed), then split the sequence
         # if sequence parallel is on: without the first constraint XLA gathers the whole table.
         x_BxTxD = constrain(embed(tokens_BxT), ("batch", "length", "act_embed"))
-        x_BxTxD = constrain(x_BxTxD + pos_TxD[:T].astype(cfg.dtype), ("batch", "act_length", "act_embed"))
+        pos_BxTxD = pos_TxD[:T] if cache is None else jnp.take(pos_TxD, start_B[:, None] + jnp.arange(T), axis=0)
+        x_BxTxD = constrain(x_BxTxD + pos_BxTxD.astype(cfg.dtype), ("batch", "act_length", "act_embed"))
         if cfg.dropout:
             x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
 
-        x_BxTxD = self._layers(x_BxTxD, deterministic)
+        if cache is None:
+            x_BxTxD = self._layers(x_BxTxD, deterministic)
+        else:
+            x_BxTxD, cache = self._layers(x_BxTxD, deterministic, cache, start_B)
         x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
         # Tied, vocab-parallel LM head, as one 2-D matmul: XLA's CPU backend then computes the
         # weight gradient without a transposed copy of the [B·T, V] logit gradient.
         B = x_BxTxD.shape[0]
         logits_BTxV = embed.attend(x_BxTxD.reshape(B * T, cfg.d_model)).astype(jnp.float32)
         logits_BxTxV = logits_BTxV.reshape(B, T, cfg.padded_vocab)
-        return constrain(logits_BxTxV, ("batch", "length", "vocab"))
+        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "vocab"))
+        return logits_BxTxV if cache is None else (logits_BxTxV, cache)

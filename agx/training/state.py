@@ -59,6 +59,17 @@ def _init_fn(cfg: Config, tx: optax.GradientTransformation):
     return init
 
 
+def plan_params(cfg: Config, mesh: Mesh):
+    """(ShapeDtypeStructs, NamedShardings) of the parameters alone, for loading weights to sample
+    from or to export: the training layout of cfg.mesh on `mesh`."""
+    boxed = jax.eval_shape(lambda rng: GPT(cfg.model).init(rng, jnp.zeros((1, cfg.model.seq_len), jnp.int32)),
+                           jax.random.key(0))["params"]
+    shardings = zero_layouts(mesh, cfg.mesh).params.tree_shardings(nn.get_partition_spec(boxed))
+    abstract = nn.meta.unbox(boxed)
+    check_divisible(abstract, shardings, "parameter")
+    return abstract, shardings
+
+
 def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StatePlan:
     boxed = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(0))
     logical = nn.get_partition_spec(boxed)

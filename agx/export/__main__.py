@@ -1,0 +1,145 @@
+"""Export and import of agx checkpoints.
+
+  python -m agx.export --checkpoint WORKDIR_OR_STEP_DIR --format {orbax,hf} --output DIR [--dtype bf16|fp32]
+  python -m agx.export --from-hf HF_DIR --experiment NAME [--set KEY=VALUE ...] --output WORKDIR
+
+`orbax`: the parameters alone (no optimizer state) in the chosen dtype, with config.json and the
+tokenizer beside them: what `agx.generate` and inference services load. `hf`: a Hugging Face GPT-2
+folder. `--from-hf`: a GPT-2 folder (safetensors only) made into step 0 of a training workdir, which
+`agx.train` then continues from. Outputs appear complete or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from agx.errors import RunError, UserError
+from agx.runtime import choose_platform
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([KMG]?)B?", text.strip().upper())
+    if not match:
+        raise UserError(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB")
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+
+
+def export(checkpoint: Path, fmt: str, output: Path, dtype: str, force: bool, max_shard_bytes: int) -> None:
+    import jax
+    import ml_dtypes
+    import numpy as np
+
+    from agx.config import MeshConfig
+    from agx.data.tokenizer import Tokenizer
+    from agx.export.hf_gpt2 import write_hf
+    from agx.export.saved import OrbaxParams, atomic_folder, load_params
+    from agx.parallel.mesh import build_mesh
+    from agx.training.state import plan_params
+
+    source = OrbaxParams(checkpoint)
+    cfg = source.cfg
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    tokenizer = source.tokenizer_file()
+    with atomic_folder(output, force) as tmp:
+        if fmt == "hf":
+            one_device = build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+            source.check_matches(plan_params(cfg, one_device)[0])
+            eod = Tokenizer(tokenizer, cfg.data.eod_token).eod if tokenizer else None
+            write_hf(source, cfg.model, tmp, np_dtype, tokenizer, eod, max_shard_bytes)
+        else:
+            import orbax.checkpoint as ocp
+
+            from agx.checkpoint import chunked
+
+            cfg.mesh = MeshConfig(data=-1, fsdp=1, tensor=1, zero_stage=3)  # spread over every device
+            abstract, shardings = plan_params(cfg, build_mesh(cfg.mesh))
+            source.check_matches(abstract)
+            tree = {"params": load_params(source, abstract, shardings, np_dtype)}
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+                checkpointer.save(tmp / "params", args=ocp.args.StandardSave(tree, save_args=chunked(tree)))
+            (tmp / "config.json").write_text(json.dumps({**cfg.to_dict(), "export": {
+                "dtype": dtype, "from": str(source.step_dir)}}, indent=2))
+            if tokenizer:
+                shutil.copy2(tokenizer, tmp / "tokenizer.json")
+    print(f"agx: exported {source.step_dir} as {fmt} ({dtype}) to {output}")
+
+
+def import_hf(folder: Path, experiment: str, overrides: list[str], output: Path, force: bool) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from agx.checkpoint import Checkpoints
+    from agx.config import load_experiment
+    from agx.export.hf_gpt2 import HFParams
+    from agx.export.saved import atomic_folder, flat, load_params
+    from agx.training.loop import Trainer
+    from agx.training.state import TrainState
+
+    source = HFParams(folder)
+    cfg = load_experiment(experiment, overrides)
+    differs = [f"--set model.{k}={v}" for k, v in source.model_shape.items() if getattr(cfg.model, k) != v]
+    if differs:
+        raise UserError(f"{folder} holds a GPT-2 of another shape than experiment '{cfg.name}'; add "
+                        f"{' '.join(differs)}")
+    trainer = Trainer.build(cfg)
+    plan = trainer.plan
+    source.bind(cfg.model, {name: a.shape for name, a in flat(plan.abstract.params).items()})
+    params = load_params(source, plan.abstract.params, plan.shardings.params, np.float32)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), plan.shardings.step)
+    state = TrainState(step=zero, bad_steps=zero, params=params,
+                       opt_state=jax.jit(trainer.tx.init, out_shardings=plan.shardings.opt_state)(params))
+    with atomic_folder(output, force) as tmp:
+        checkpoints = Checkpoints(tmp, cfg, log=lambda *_: None)
+        checkpoints.save(0, state, force=True)
+        checkpoints.wait()
+        checkpoints.close()
+        if (folder / "tokenizer.json").is_file():
+            shutil.copy2(folder / "tokenizer.json", tmp / "tokenizer.json")
+    command = ["python -m agx.train --experiment", experiment, *(f"--set {o}" for o in overrides), "--workdir", str(output)]
+    print(f"agx: imported {folder} as step 0 of {output}; continue training with\n  {' '.join(command)}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agx.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a training workdir (its newest step) or a step folder")
+    source.add_argument("--from-hf", type=Path, metavar="HF_DIR", help="import a local GPT-2 folder (safetensors)")
+    parser.add_argument("--format", choices=("orbax", "hf"), help="with --checkpoint: what to write")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="exported parameter dtype")
+    parser.add_argument("--max-shard-size", default="5GB", help="hf: largest safetensors file (default 5GB)")
+    parser.add_argument("--experiment", help="with --from-hf: the experiment the weights will train in")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --from-hf")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    args = parser.parse_args(argv)
+    choose_platform()
+    try:
+        if args.checkpoint:
+            if not args.format:
+                raise UserError("--checkpoint needs --format orbax or --format hf")
+            export(args.checkpoint, args.format, args.output, DTYPES[args.dtype], args.force,
+                   _size(args.max_shard_size))
+        else:
+            if not args.experiment:
+                raise UserError("--from-hf needs --experiment: the experiment the imported weights train in")
+            import_hf(args.from_hf, args.experiment, args.set, args.output, args.force)
+        return 0
+    except UserError as e:
+        print(f"agx: error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        print(f"agx: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
