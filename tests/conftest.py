@@ -62,3 +62,30 @@ def agx_train(*args, env=CLI_ENV, timeout=300, **popen):
     """Runs `python -m agx.train ARGS` to the end; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "agx.train", *args], capture_output=True, text=True, env=env,
                           timeout=timeout, **popen)
+
+
+FAST_XLA = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# The tiny model as a command line: gpt3_tiny cut down to tiny_config's shapes.
+TINY = ["--experiment", "gpt3_tiny"] + [arg for setting in [
+    "model.num_layers=2", "model.d_model=64", "model.seq_len=32", "model.scan_unroll=1", "train.batch_size=16",
+    "train.log_every=100", "eval.every=0"] for arg in ("--set", setting)]
+
+
+def env_for(devices: int) -> dict:
+    return {**CLI_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}{FAST_XLA}"}
+
+
+def sets(*settings: str) -> list[str]:
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A workdir of the tiny model trained 8 steps on fsdp=8 (sharded checkpoints at steps 4 and 8)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    result = agx_train(*TINY, "--workdir", str(workdir), *sets("mesh.data=1", "mesh.fsdp=8", "train.steps=8",
+                                                               "checkpoint.every=4", "optim.lr=3e-3",
+                                                               "optim.warmup_steps=2"),
+                       env=env_for(8))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir

@@ -13,21 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import CLI_ENV, agx_train
-
-FAST_XLA = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-TINY = ["--experiment", "gpt3_tiny"] + [arg for setting in [
-    "model.num_layers=2", "model.d_model=64", "model.seq_len=32", "model.scan_unroll=1", "train.batch_size=16",
-    "train.log_every=100", "eval.every=0"] for arg in ("--set", setting)]
-
-
-def env_for(devices: int) -> dict:
-    return {**CLI_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}{FAST_XLA}"}
-
-
-def sets(*settings: str) -> list[str]:
-    return [arg for setting in settings for arg in ("--set", setting)]
-
+from conftest import TINY, agx_train, env_for, sets
 
 def train(workdir, *settings, devices=8, expect=0):
     result = agx_train(*TINY, "--workdir", str(workdir), *sets(*settings), env=env_for(devices))

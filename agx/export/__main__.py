@@ -12,6 +12,7 @@ folder. `--from-hf`: a GPT-2 folder (safetensors only) made into step 0 of a tra
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import re
 import shutil
@@ -31,7 +32,18 @@ def _size(text: str) -> int:
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
 
 
+def _return_freed_buffers_to_the_os() -> None:
+    """glibc raises its mmap threshold after the first large free, then keeps freed chunk buffers in
+    its arenas: streaming many equal chunks would then grow the heap far past one chunk. A fixed
+    threshold (mallopt M_MMAP_THRESHOLD) keeps every large buffer a mapping, unmapped when freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def export(checkpoint: Path, fmt: str, output: Path, dtype: str, force: bool, max_shard_bytes: int) -> None:
+    _return_freed_buffers_to_the_os()
     import jax
     import ml_dtypes
     import numpy as np

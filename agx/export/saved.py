@@ -48,18 +48,17 @@ class OrbaxParams:
                             "and config/, or an export holding params/ and config.json)")
         self.step_dir = path
         self.cfg = Config.from_dict(json.loads(config_file.read_text()))
-        self.shapes = self._saved_shapes()
         self._open = {}
+        self.shapes = {name: tuple(self._store(name).shape) for name in self._saved_names()}
 
-    def _saved_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Parameter name -> shape, from Orbax's tree metadata (keys are tuples written as text)."""
+    def _saved_names(self) -> list[str]:
+        """The parameters' names, from Orbax's tree metadata (its keys are tuples written as text)."""
         try:
             tree = json.loads((self.arrays / "_METADATA").read_text())["tree_metadata"]
-            keys = {ast.literal_eval(k): v for k, v in tree.items()}
+            keys = [ast.literal_eval(k) for k in tree]
         except (OSError, ValueError, KeyError, SyntaxError) as e:
             raise UserError(f"{self.arrays}: unreadable Orbax metadata ({e})") from None
-        return {".".join(k[1:]): tuple(v["value_metadata"].get("write_shape") or ())
-                for k, v in keys.items() if k and k[0] == "params"}
+        return [".".join(map(str, k[1:])) for k in keys if k and k[0] == "params"]
 
     def check_matches(self, abstract_params) -> None:
         """Refuses a checkpoint whose parameters are not those of the model its config describes."""
@@ -69,7 +68,7 @@ class OrbaxParams:
             raise UserError(f"{self.step_dir}: not a checkpoint of agx's GPT (missing {missing[:3] or 'nothing'}, "
                             f"unexpected {unexpected[:3] or 'nothing'})")
         for name, shape in expected.items():
-            if self.shapes[name] and self.shapes[name] != shape:  # write_shape is absent in some Orbax versions
+            if self.shapes[name] != shape:
                 raise UserError(f"{self.step_dir}: parameter {name} has shape {self.shapes[name]}, but its "
                                 f"config describes {shape}")
 

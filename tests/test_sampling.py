@@ -1,0 +1,125 @@
+"""KV-cache sampling: greedy decode equals recomputing the whole sequence, sharded sampling equals
+one device, top-k/top-p keep exactly the tokens they should, and `agx.generate` as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from conftest import env_for
+
+from agx.config import MeshConfig
+from agx.export.saved import OrbaxParams, load_params
+from agx.generate import main as generate_main
+from agx.models.gpt import GPT
+from agx.parallel.mesh import build_mesh
+from agx.sampling import Sampler, SamplingOptions, choose_tokens
+from agx.training.state import plan_params
+
+# Different lengths, so the batch is right-padded and each sequence decodes from its own position.
+PROMPTS = [[5, 17, 300, 41], [9], [1000, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42, 43]]
+
+
+def sample(trained, mesh_cfg: MeshConfig, devices, opts: SamplingOptions, prompts=PROMPTS):
+    source = OrbaxParams(trained)
+    cfg = source.cfg
+    cfg.mesh = mesh_cfg
+    mesh = build_mesh(cfg.mesh, devices)
+    abstract, shardings = plan_params(cfg, mesh)
+    params = load_params(source, abstract, shardings)
+    sampler = Sampler(cfg, mesh, shardings, len(prompts), max(map(len, prompts)), opts, eod=None)
+    return [t.tolist() for t in sampler(params, [np.array(p) for p in prompts])], params, cfg
+
+
+@pytest.fixture(scope="module")
+def lively(trained, tmp_path_factory):
+    """A params export of the tiny model freshly initialised with std 0.1: its greedy choices vary with
+    the context (8 steps of training leave a model that repeats one token)."""
+    import orbax.checkpoint as ocp
+
+    cfg = OrbaxParams(trained).cfg
+    cfg.model.init_std = 0.1
+    boxed = GPT(cfg.model).init(jax.random.key(1), jnp.zeros((1, cfg.model.seq_len), jnp.int32))["params"]
+    params = nn.meta.unbox(boxed)
+    folder = tmp_path_factory.mktemp("lively")
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        checkpointer.save((folder / "params").absolute(), args=ocp.args.StandardSave({"params": params}))
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return folder
+
+
+def test_greedy_kv_cache_decode_equals_recomputing_the_whole_sequence(lively):
+    opts = SamplingOptions(max_new_tokens=12, temperature=0)
+    cached, params, cfg = sample(lively, MeshConfig(data=1), jax.devices()[:1], opts)
+    model = GPT(cfg.model)
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    for prompt, new in zip(PROMPTS, cached):
+        sequence = list(prompt)
+        for _ in range(opts.max_new_tokens):  # the whole sequence again for every token
+            logits = forward(jnp.asarray([sequence]))[0, -1, : cfg.model.vocab_size]
+            sequence.append(int(jnp.argmax(logits)))
+        assert new == sequence[len(prompt):]
+    assert len({tuple(t) for t in cached}) == len(PROMPTS) and len(set(sum(cached, []))) > 6  # not one repeated token
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=1, tensor=8), MeshConfig(data=1, fsdp=4, tensor=2, zero_stage=3)])
+def test_sampling_sharded_over_8_devices_equals_one_device(lively, mesh):
+    for opts in [SamplingOptions(max_new_tokens=10, temperature=0),
+                 SamplingOptions(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=3)]:
+        one, _, _ = sample(lively, MeshConfig(data=1), jax.devices()[:1], opts)
+        sharded, params, _ = sample(lively, mesh, jax.devices(), opts)
+        assert sharded == one
+    qkv = params["layers"]["qkv"]["kernel"]
+    assert qkv.sharding.shard_shape(qkv.shape) != qkv.shape  # the weights really were split
+
+
+def test_temperature_zero_is_deterministic_and_the_seed_drives_sampling(lively):
+    one = jax.devices()[:1]
+    greedy = [sample(lively, MeshConfig(data=1), one, SamplingOptions(8, temperature=0, seed=s))[0] for s in (0, 1)]
+    assert greedy[0] == greedy[1]
+    hot = [sample(lively, MeshConfig(data=1), one, SamplingOptions(8, temperature=1.5, seed=s))[0] for s in (0, 0, 1)]
+    assert hot[0] == hot[1] != hot[2]
+
+
+def test_top_k_and_top_p_keep_exactly_the_most_likely_tokens():
+    probs = np.array([0.05, 0.4, 0.25, 0.2, 0.1])
+    logits_1xV = jnp.log(jnp.asarray(probs, jnp.float32))[None]
+    rngs = jax.random.split(jax.random.key(0), 2000)
+
+    def drawn(**options):
+        opts = SamplingOptions(temperature=1.0, **options)
+        return set(np.asarray(jax.vmap(lambda r: choose_tokens(logits_1xV, r, 5, opts)[0])(rngs)).tolist())
+
+    order = list(np.argsort(-probs))
+    for k in (1, 2, 3):
+        assert drawn(top_k=k) == set(order[:k])
+    for p in (0.3, 0.6, 0.7, 0.9, 1.0):  # the smallest prefix of the ranking whose mass reaches p
+        mass = np.cumsum(probs[order])
+        assert drawn(top_p=p) == set(order[: int(np.searchsorted(mass, p - 1e-9)) + 1]), p
+    padded = jnp.concatenate([logits_1xV, jnp.full((1, 3), 10.0)], axis=1)  # vocabulary padding never wins
+    assert int(choose_tokens(padded, rngs[0], 5, SamplingOptions(temperature=0))[0]) == 1
+
+
+def test_generate_cli_samples_tensor_sharded_and_refuses_a_prompt_longer_than_the_context(trained, capsys):
+    result = subprocess.run([sys.executable, "-m", "agx.generate", "--checkpoint", str(trained), "--prompt", "def f(x):",
+                             "--prompt", "import os", "--temperature", "0", "--max-new-tokens", "6", "--ignore-eod",
+                             "--json", "--set", "mesh.data=1", "--set", "mesh.fsdp=1", "--set", "mesh.tensor=8"],
+                            capture_output=True, text=True, env=env_for(8), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in lines] == ["def f(x):", "import os"]
+    from agx.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(OrbaxParams(trained).tokenizer_file())
+    expected, _, _ = sample(trained, MeshConfig(data=1), jax.devices()[:1], SamplingOptions(6, temperature=0),
+                            [t.tolist() for t in tokenizer.encode(["def f(x):", "import os"])])
+    assert [r["tokens"] for r in lines] == expected
+    assert [r["completion"] for r in lines] == [tokenizer.decode(t) for t in expected]
+
+    code = generate_main(["--checkpoint", str(trained), "--prompt", "x = 1\n" * 40])  # > 32 tokens of context
+    err = capsys.readouterr().err
+    assert code == 2 and "longer than the model's context of 32" in err and "Traceback" not in err, err
