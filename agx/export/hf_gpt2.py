@@ -64,7 +64,7 @@ def hf_config(m: ModelConfig, dtype: str, eod: int | None) -> dict:
             "n_head": m.num_heads, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": m.init_std,
             "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
-            "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": dtype}
+            "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": dtype, "dtype": dtype}  # 4.x, 5.x names
 
 
 def write_hf(source, m: ModelConfig, output: Path, dtype, tokenizer: Path | None, eod: int | None,
