@@ -71,6 +71,15 @@ class Sampler:
         tokens = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
         self._generate = jax.jit(self._run, in_shardings=(param_shardings, tokens, self.batch_sharding, None),
                                  out_shardings=tokens)
+        self._compiled = None
+
+    def compile(self, abstract_params) -> Sampler:
+        """Compiles for these parameter shapes ahead of the first call (from shapes alone)."""
+        prompt_len = self.length - self.opts.max_new_tokens
+        self._compiled = self._generate.lower(
+            abstract_params, jax.ShapeDtypeStruct((self.batch, prompt_len), jnp.int32),
+            jax.ShapeDtypeStruct((self.batch,), jnp.int32), jax.random.key(0)).compile()
+        return self
 
     def _run(self, params, prompts_BxP, lengths_B, rng):
         m, opts = self.cfg.model, self.opts
@@ -109,7 +118,8 @@ class Sampler:
         tokens = np.zeros((self.batch, self.length - self.opts.max_new_tokens), np.int32)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = prompt
-        new = np.asarray(self._generate(params, tokens, lengths, jax.random.key(self.opts.seed)))
+        generate = self._compiled or self._generate
+        new = np.asarray(generate(params, tokens, lengths, jax.random.key(self.opts.seed)))
         out = []
         for row in new[: len(prompts)]:
             end = np.flatnonzero(row == self.eod) if self.eod is not None and self.opts.stop_at_eod else []

@@ -113,6 +113,8 @@ def write_hf(source, m: ModelConfig, output: Path, dtype, tokenizer: Path | None
         (output / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
     dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
     (output / "config.json").write_text(json.dumps(hf_config(m, dtype_name, eod), indent=2))
+    (output / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": eod, "eos_token_id": eod, "max_length": m.seq_len}, indent=2))
     if tokenizer is None:
         log("agx: warning: no tokenizer is known for this checkpoint (its data named none): "
             "the folder holds the model only")
