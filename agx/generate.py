@@ -1,7 +1,7 @@
 """`python -m agx.generate --checkpoint PATH --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
 [--temperature T] [--top-k K] [--top-p P] [--seed S] [--set mesh.tensor=8 ...] [--json]`
 
-PATH is a training workdir (its newest step), a step folder, or an `agx.export --format orbax`
+PATH is a training workdir (its newest step), a step folder, or a `python -m agx.export --format orbax`
 folder. The weights are placed straight onto the mesh (`--set mesh.*`, default the checkpoint's
 own), each device reading only its shard, and the prompts are sampled together as one batch.
 """
@@ -24,9 +24,9 @@ def generate(checkpoint: Path, prompts: list[str], opts, overrides: list[str], t
 
     from agx.config import apply_override
     from agx.data.tokenizer import Tokenizer
-    from agx.export.saved import OrbaxParams, load_params
+    from agx.interop.saved import OrbaxParams, load_params
     from agx.parallel.mesh import build_mesh
-    from agx.sampling import Sampler, check_prompts
+    from agx.models.sampling import Sampler, check_prompts
     from agx.training.state import plan_params
 
     source = OrbaxParams(checkpoint)
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     choose_platform()
     try:
-        from agx.sampling import SamplingOptions
+        from agx.models.sampling import SamplingOptions
 
         opts = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                not args.ignore_eod).check()

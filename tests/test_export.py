@@ -14,8 +14,8 @@ import pytest
 from conftest import TINY, agx_train, env_for, sets
 
 from agx.config import MeshConfig
-from agx.export.__main__ import main as export_main
-from agx.export.saved import OrbaxParams, flat, load_params
+from agx.export import main as export_main
+from agx.interop.saved import OrbaxParams, flat, load_params
 from agx.models.gpt import GPT
 from agx.parallel.mesh import build_mesh
 from agx.training.state import plan_params
@@ -76,6 +76,21 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(trained, tmp_path)
             mine = np.asarray(model.apply({"params": ours}, jnp.asarray([ids])))[0, :, :V]
             np.testing.assert_allclose(mine, theirs, atol=tolerance * np.abs(theirs).max(), rtol=0)
             assert (mine[-1].argmax() == theirs[-1].argmax())
+
+    # transformers' own greedy decoding of the export gives agx's greedy tokens
+    from agx.models.sampling import Sampler, SamplingOptions
+
+    mesh = build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    _, shardings = plan_params(cfg, mesh)
+    prompts = [ours_tok.encode([p])[0] for p in PROMPTS]
+    sampler = Sampler(cfg, mesh, shardings, len(prompts), max(map(len, prompts)),
+                      SamplingOptions(max_new_tokens=8, temperature=0, stop_at_eod=False), eod=None)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "fp32", torch_dtype=torch.float32).eval()
+    for prompt, ours in zip(prompts, sampler(params, prompts)):
+        ids = torch.tensor([prompt.tolist()])
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)[0, len(prompt):]
+        assert ours.tolist() == theirs.tolist()
 
 
 def test_export_import_export_is_exact_and_the_trainer_continues_the_import(trained, tmp_path):
@@ -155,8 +170,8 @@ def test_hf_export_memory_is_bounded_by_the_largest_tensor_not_the_model(trained
     measure = """
 import json, os, sys
 import jax, ml_dtypes, tensorstore, orbax.checkpoint
-import agx.export.hf_gpt2, agx.export.saved, agx.training.state
-from agx.export.__main__ import main
+import agx.interop.hf_gpt2, agx.interop.saved, agx.training.state
+from agx.export import main
 jax.devices()
 baseline = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 code = main(sys.argv[1:])

@@ -13,11 +13,11 @@ from flax import linen as nn
 from conftest import env_for
 
 from agx.config import MeshConfig
-from agx.export.saved import OrbaxParams, load_params
+from agx.interop.saved import OrbaxParams, load_params
 from agx.generate import main as generate_main
 from agx.models.gpt import GPT
 from agx.parallel.mesh import build_mesh
-from agx.sampling import Sampler, SamplingOptions, choose_tokens
+from agx.models.sampling import Sampler, SamplingOptions, choose_tokens
 from agx.training.state import plan_params
 
 # Different lengths, so the batch is right-padded and each sequence decodes from its own position.

@@ -17,7 +17,7 @@ import numpy as np
 
 from agx.config import ModelConfig
 from agx.errors import UserError
-from agx.export.safetensors import SafetensorsFile, SafetensorsWriter, sync_file
+from agx.interop.safetensors import SafetensorsFile, SafetensorsWriter, sync_file
 
 # agx name -> (GPT-2 name, how many leading agx axes form GPT-2's first axis; None: flattened to 1-D)
 TOP = {"wte.embedding": ("wte.weight", 1), "wpe": ("wpe.weight", 1),

@@ -50,8 +50,8 @@ def export(checkpoint: Path, fmt: str, output: Path, dtype: str, force: bool, ma
 
     from agx.config import MeshConfig
     from agx.data.tokenizer import Tokenizer
-    from agx.export.hf_gpt2 import write_hf
-    from agx.export.saved import OrbaxParams, atomic_folder, load_params
+    from agx.interop.hf_gpt2 import write_hf
+    from agx.interop.saved import OrbaxParams, atomic_folder, load_params
     from agx.parallel.mesh import build_mesh
     from agx.training.state import plan_params
 
@@ -90,8 +90,8 @@ def import_hf(folder: Path, experiment: str, overrides: list[str], output: Path,
 
     from agx.checkpoint import Checkpoints
     from agx.config import load_experiment
-    from agx.export.hf_gpt2 import HFParams
-    from agx.export.saved import atomic_folder, flat, load_params
+    from agx.interop.hf_gpt2 import HFParams
+    from agx.interop.saved import atomic_folder, flat, load_params
     from agx.training.loop import Trainer
     from agx.training.state import TrainState
 
