@@ -1,8 +1,8 @@
 """`python -m agx.generate --checkpoint PATH --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
 [--temperature T] [--top-k K] [--top-p P] [--seed S] [--set mesh.tensor=8 ...] [--json]`
 
-PATH is a training workdir (its newest step), a step folder, or a `python -m agx.export --format orbax`
-folder. The weights are placed straight onto the mesh (`--set mesh.*`, default the checkpoint's
+PATH is a training workdir (its newest step), a step folder, a `python -m agx.export --format orbax`
+folder, or a Hugging Face GPT-2 folder (safetensors). The weights are placed straight onto the mesh (`--set mesh.*`, default the checkpoint's
 own), each device reading only its shard, and the prompts are sampled together as one batch.
 """
 
@@ -29,7 +29,12 @@ def generate(checkpoint: Path, prompts: list[str], opts, overrides: list[str], t
     from agx.models.sampling import Sampler, check_prompts
     from agx.training.state import plan_params
 
-    source = OrbaxParams(checkpoint)
+    if (checkpoint / "config.json").is_file() and not (checkpoint / "params").is_dir():
+        from agx.interop.hf_gpt2 import HFParams
+
+        source = HFParams(checkpoint)
+    else:
+        source = OrbaxParams(checkpoint)
     cfg = source.cfg
     for assignment in overrides:
         apply_override(cfg, assignment)

@@ -123,3 +123,16 @@ def test_generate_cli_samples_tensor_sharded_and_refuses_a_prompt_longer_than_th
     code = generate_main(["--checkpoint", str(trained), "--prompt", "x = 1\n" * 40])  # > 32 tokens of context
     err = capsys.readouterr().err
     assert code == 2 and "longer than the model's context of 32" in err and "Traceback" not in err, err
+
+
+def test_generate_samples_a_hugging_face_export_as_it_samples_the_checkpoint(trained, tmp_path):
+    from agx.generate import generate
+
+    exported = subprocess.run([sys.executable, "-m", "agx.export", "--checkpoint", str(trained), "--format", "hf",
+                               "--output", str(tmp_path / "hf")], capture_output=True, text=True, env=env_for(1))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    opts = SamplingOptions(max_new_tokens=6, temperature=0.8, top_k=20, seed=5, stop_at_eod=False)
+    prompts = ["def f(x):", "import os"]
+    texts, tokens, _ = generate(trained, prompts, opts, ["mesh.data=-1", "mesh.fsdp=1"], None)
+    hf_texts, hf_tokens, _ = generate(tmp_path / "hf", prompts, opts, [], None)
+    assert [t.tolist() for t in hf_tokens] == [t.tolist() for t in tokens] and hf_texts == texts

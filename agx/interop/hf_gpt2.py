@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agx.config import ModelConfig
+from agx.config import Config, ModelConfig
 from agx.errors import UserError
 from agx.interop.safetensors import SafetensorsFile, SafetensorsWriter, sync_file
 
@@ -152,6 +152,17 @@ class HFParams:
             raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
         # GPT2Model checkpoints (OpenAI's) store 'h.0...'; GPT2LMHeadModel ones 'transformer.h.0...'
         self.stored = {name.removeprefix(PREFIX): (f, name) for name, f in stored.items()}
+        self.step_dir = folder
+        self.cfg = Config(name=f"hf-{folder.name}", model=ModelConfig(**self.model_shape))
+
+    def tokenizer_file(self) -> Path | None:
+        return self.folder / "tokenizer.json" if (self.folder / "tokenizer.json").is_file() else None
+
+    def check_matches(self, abstract_params) -> None:
+        """Binds the folder to the model `abstract_params` describes (as for an agx checkpoint)."""
+        from agx.interop.saved import flat
+
+        self.bind(self.cfg.model, {name: a.shape for name, a in flat(abstract_params).items()})
 
     def bind(self, m: ModelConfig, agx_shapes: dict[str, tuple[int, ...]]) -> None:
         """Sets the agx model the weights are read for, and checks that every tensor is there and fits."""
