@@ -46,7 +46,7 @@ class StatePlan:
         return sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params))
 
 
-def _init_fn(cfg: Config, tx: optax.GradientTransformation):
+def init_fn(cfg: Config, tx: optax.GradientTransformation):
     """Returns rng -> boxed TrainState (LogicallyPartitioned leaves carry the logical axis names)."""
     model = GPT(cfg.model)  # no layout: init needs no sharding constraints
 
@@ -71,7 +71,7 @@ def plan_params(cfg: Config, mesh: Mesh):
 
 
 def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StatePlan:
-    boxed = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(0))
+    boxed = jax.eval_shape(init_fn(cfg, tx), jax.random.key(0))
     logical = nn.get_partition_spec(boxed)
     layouts = zero_layouts(mesh, cfg.mesh)
     shardings = TrainState(step=replicated(mesh), bad_steps=replicated(mesh),
@@ -85,6 +85,6 @@ def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> Sta
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation, plan: StatePlan) -> TrainState:
-    init = _init_fn(cfg, tx)
+    init = init_fn(cfg, tx)
     return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=plan.shardings)(
         jax.random.key(cfg.train.seed))

@@ -1,0 +1,111 @@
+"""Per-device memory and collective traffic of a training step, from the shapes and the layout
+alone: what a reader can check by hand, next to what the compiler says (agx.planning.compiled).
+
+Memory: the parameter, gradient and optimizer-state shards are exact (the planned shardings of the
+real state). Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in
+Large Transformer Models", Table 2, in the compute dtype: per layer s·b·h·(34 + 5·a·s/h) bytes at
+16 bits, the 24 of the 34 in tensor-parallel regions divided by t (all 34 with sequence
+parallelism), the a·s² terms dropped by selective recompute, and only the layer input (2·s·b·h)
+kept by full recompute, which then holds one layer's activations at a time. Temporaries are the
+float32 logits and their gradient, and the weights of one layer gathered for FSDP/ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import linen as nn
+from jax.sharding import PartitionSpec
+
+from agx.config import Config
+from agx.errors import UserError
+from agx.parallel.mesh import logical_rules
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class StateShapes:
+    """The train state's shapes and logical axes, from one jax.eval_shape: nothing is allocated, and
+    every layout of the same model is then sized from these alone."""
+
+    def __init__(self, cfg: Config):
+        from agx.training.optimizer import make_optimizer
+        from agx.training.state import init_fn
+
+        boxed = jax.eval_shape(init_fn(cfg, make_optimizer(cfg)), jax.random.key(0))
+        self.logical, self.abstract = nn.get_partition_spec(boxed), nn.meta.unbox(boxed)
+        self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params))
+        self.layer_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params["layers"]))
+
+    def shard_bytes(self, part: str, sharded_over_data: bool, cfg: Config, mesh_shape: dict,
+                    itemsize: int | None = None) -> int:
+        """Bytes per device of `part` ('params' or 'opt_state') under the rules table; refuses a
+        layout that does not divide an array, as the trainer would."""
+        rules = logical_rules(sharded_over_data, cfg.mesh.sequence_parallel)
+        leaves = jax.tree_util.tree_leaves_with_path(getattr(self.abstract, part))
+        specs = jax.tree_util.tree_leaves(getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
+        total = 0
+        for (path, array), logical in zip(leaves, specs):
+            shard = list(array.shape)
+            for i, axes in enumerate(nn.logical_to_mesh_axes(tuple(logical), rules)):
+                names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+                size = math.prod(mesh_shape[n] for n in names)
+                if shard[i] % size:
+                    raise UserError(f"mesh axes {axes} of size {size} do not divide dimension {shard[i]} of "
+                                    f"{jax.tree_util.keystr(path)} {tuple(array.shape)}")
+                shard[i] //= size
+            total += math.prod(shard) * (itemsize or array.dtype.itemsize)
+        return total
+
+
+def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
+    """Bytes per device: params, grads, optimizer state, activations, temporaries, total."""
+    m, zero = cfg.model, cfg.mesh.zero_stage
+    t, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
+    b = cfg.train.batch_size // cfg.train.microbatches // dp  # sequences per device per micro-batch
+    s, h, a, L = m.seq_len, m.d_model, m.num_heads, m.num_layers
+    c = DTYPE_BYTES[m.dtype] / 2  # Korthikanti's figures are for 16-bit activations
+    sp = cfg.mesh.sequence_parallel
+    other, tp_part, scores = (10 / t if sp else 10), 24 / t, 5 * a * s / h / t
+    if m.remat == "none":
+        per_layer, transient = s * b * h * (other + tp_part + scores), 0
+    elif m.remat == "selective":
+        per_layer, transient = s * b * h * (other + tp_part), s * b * h * scores
+    else:  # full: only each layer's input is kept; one layer is rebuilt at a time in the backward
+        per_layer, transient = 2 * s * b * h / (t if sp else 1), s * b * h * (other + tp_part + scores)
+    logits = 2 * b * s * m.padded_vocab / t * 4  # float32 logits and their gradient
+    gathered = 0
+    if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):
+        gathered = 2 * shapes.layer_params / L / t * 4  # a layer's weights gathered, and the next one
+    result = {"params": shapes.shard_bytes("params", zero >= 3, cfg, mesh_shape),
+              "grads": shapes.shard_bytes("params", zero >= 2, cfg, mesh_shape, itemsize=4),
+              "opt_state": shapes.shard_bytes("opt_state", zero >= 1, cfg, mesh_shape),
+              "activations": int(c * (L * per_layer + transient)), "temporaries": int(logits + gathered)}
+    result["total"] = sum(result.values())
+    return result
+
+
+def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
+    """The least each device must send per step for this layout (ring algorithms), by purpose."""
+    m = cfg.model
+    d, f, t = mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
+    micro = cfg.train.microbatches
+    ring = lambda n: (n - 1) / n
+    weights, layer_weights = shapes.num_params / t * 4, shapes.layer_params / t * 4  # float32, per tensor rank
+    out = {}
+    gathered_over = f * (d if cfg.mesh.zero_stage == 3 else 1)
+    if gathered_over > 1:  # a layer's weights are gathered in the forward and again in the backward,
+        # every micro-batch; the rest (embeddings, final norm) once, and kept for the backward
+        out["weight all-gather"] = micro * (2 * layer_weights + (weights - layer_weights)) * ring(gathered_over)
+    if d * f > 1:  # gradients: reduce-scatter over the axes that shard them, all-reduce over the rest
+        scattered = f * (d if cfg.mesh.zero_stage >= 2 else 1)
+        replicated = d * f // scattered
+        out["gradient reduction"] = weights * ring(scattered) + 2 * weights / scattered * ring(replicated)
+        if cfg.mesh.zero_stage in (1, 2) and d > 1:  # updated shards gathered back over data
+            out["updated-weight all-gather"] = weights / f * ring(d)
+    if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head
+        b = cfg.train.batch_size // micro // (d * f)
+        activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]
+        out["tensor-parallel all-reduce"] = micro * (4 * m.num_layers + 2) * 2 * activation * ring(t)
+    return {k: int(v) for k, v in out.items()}

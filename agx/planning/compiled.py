@@ -1,0 +1,127 @@
+"""What XLA says about the real training step, compiled ahead of time from abstract shapes for a
+mesh of simulated devices: per-device memory, and the collectives in the partitioned program.
+
+Collective bytes are those a ring moves per device: an all-gather of an N-byte result or a
+reduce-scatter of an N-byte operand moves N·(n-1)/n, an all-reduce twice that, an all-to-all
+N·(n-1)/n, a collective-permute N. A collective inside a loop body counts once per iteration
+(XLA records each loop's trip count).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+
+from agx.config import Config
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+               "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (" + "|".join(KINDS) + r")(-start)?\(")
+_SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_CHILD = re.compile(r"(body|calls|to_apply|condition)=%?([\w.\-]+)")
+_TRIP = re.compile(r'known_trip_count[^0-9]*"n":"?(\d+)')
+
+
+@dataclass
+class CompiledStep:
+    devices: int
+    memory: dict  # bytes per device: arguments, outputs, aliased, temporaries, total
+    collectives: dict = field(default_factory=dict)  # kind -> {"count": ops run per step, "bytes": per device}
+    compile_s: float = 0.0
+    note: str = ""  # how the compiled layout relates to the one planned, when it is not the same
+
+    @property
+    def collective_bytes(self) -> int:
+        return sum(c["bytes"] for c in self.collectives.values())
+
+
+def compile_step(cfg: Config, devices=None) -> CompiledStep:
+    """AOT-compiles cfg's training step on `devices` (default: all) from ShapeDtypeStructs."""
+    from agx.training.loop import Trainer
+    from agx.training.step import batch_sharding
+
+    started = time.perf_counter()
+    trainer = Trainer.build(cfg, devices)
+    B, T = cfg.train.batch_size, cfg.model.seq_len
+    tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=batch_sharding(trainer.mesh))
+    compiled = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile()
+    m = compiled.memory_analysis()
+    memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+              "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+    memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
+    return CompiledStep(trainer.mesh.devices.size, memory, collectives_in(compiled.as_text(), trainer.mesh.devices.size),
+                        time.perf_counter() - started)
+
+
+def collectives_in(hlo: str, num_devices: int) -> dict:
+    """Per kind: how many collectives a step runs and the bytes each device moves for them."""
+    per_computation, children, current = {}, {}, None
+    for line in hlo.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and not line[:1].isspace():  # instructions are indented, computation headers not
+            current = header.group(1)
+            per_computation[current], children[current] = [], []
+            continue
+        if current is None:
+            continue
+        trip = _TRIP.search(line)
+        for role, child in _CHILD.findall(line):
+            children[current].append((child, int(trip.group(1)) if trip and role == "body" else 1))
+        op = _INSTRUCTION.match(line)
+        if op:
+            n = _group(line, num_devices)
+            per_computation[current].append((op.group(2), _payload(op.group(2), op.group(1), bool(op.group(3)), n), n))
+    called = {child for kids in children.values() for child, _ in kids}
+    runs = {name: 1 for name in per_computation if name not in called}  # ENTRY (and anything unreferenced)
+    pending = list(runs)
+    while pending:
+        name = pending.pop()
+        for child, trip in children.get(name, []):
+            if child in per_computation:
+                runs[child] = runs.get(child, 0) + runs[name] * trip
+                pending.append(child)
+    totals = {kind: {"count": 0, "bytes": 0} for kind in KINDS}
+    for name, ops in per_computation.items():
+        for kind, payload, n in ops:
+            factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(kind, (n - 1) / n)
+            totals[kind]["count"] += runs.get(name, 0)
+            totals[kind]["bytes"] += int(runs.get(name, 0) * payload * factor)
+    return {kind: t for kind, t in totals.items() if t["count"]}
+
+
+def _payload(kind: str, result_type: str, asynchronous: bool, group: int) -> int:
+    """Bytes of the gathered results (all-gather), of the operands (reduce-scatter), else of the data.
+    A combined collective has a tuple of results; an async start's tuple also holds its operands."""
+    sizes = [DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
+             for d, dims in _SHAPE.findall(result_type) if d != "u32"]  # u32: async context words
+    total = sum(sizes)
+    if asynchronous and kind == "all-gather":  # (operands, results): the results are n times larger
+        return total * group // (group + 1)
+    if asynchronous and kind == "collective-permute":
+        return total // 2
+    if kind == "reduce-scatter":
+        return total * group // (group + 1) * (group + 1) if asynchronous else total * group
+    return total
+
+
+def _group(line: str, num_devices: int) -> int:
+    """Devices in each replica group of the collective."""
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)  # mesh['a'=8,'b'=2] {'a'}
+    if mesh:
+        sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", mesh.group(2)))
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+    if iota:
+        return int(iota.group(2))
+    explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if explicit and explicit.group(1):
+        return len(explicit.group(1).split(","))
+    pairs = re.search(r"source_target_pairs=\{(.*?)\}\}?", line)
+    return 2 if pairs else num_devices

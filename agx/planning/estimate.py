@@ -1,0 +1,60 @@
+"""One layout, planned: memory both ways, collective traffic, whether it fits, and a step-time
+estimate from the system's peak and bandwidths.
+
+The estimate: compute at the system's peak (plus the recomputed forward under remat), tensor-parallel
+all-reduces on the critical path at intra-node bandwidth, and the data-parallel traffic (weight
+gathers, gradient reduction) overlapped with compute, at inter-node bandwidth once the job spans
+nodes. It is a ranking aid, not a prediction: real MFU is lower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agx.config import Config
+from agx.models.configs import flops_per_token
+from agx.planning import analytic
+from agx.planning.systems import System
+
+RECOMPUTE = {"none": 1.0, "selective": 1.03, "full": 4 / 3}  # extra forward work, as a factor on 6N
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    mesh: dict
+    devices: int
+    nodes: int
+    memory: dict  # analytic, bytes per device
+    collectives: dict  # analytic minimum, bytes per device per step
+    step_s: float
+    mfu: float
+    fits: bool
+    compiled: object = None  # agx.planning.compiled.CompiledStep once compiled
+
+    def row(self) -> dict:
+        c = self.cfg
+        row = {"nodes": self.nodes, "devices": self.devices, **{k: v for k, v in self.mesh.items()},
+               "zero": c.mesh.zero_stage, "remat": c.model.remat, "microbatches": c.train.microbatches,
+               "sequence_parallel": c.mesh.sequence_parallel,
+               "analytic_gib": round(self.memory["total"] / 2**30, 2),
+               "compiled_gib": round(self.compiled.memory["total"] / 2**30, 2) if self.compiled else "",
+               "step_s": round(self.step_s, 3), "mfu": round(self.mfu, 3), "fits": self.fits}
+        return row
+
+
+def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: System) -> Plan:
+    """Raises UserError when the layout does not divide the model."""
+    devices = shape["data"] * shape["fsdp"] * shape["tensor"]
+    memory = analytic.memory(cfg, shapes, shape)
+    collectives = analytic.collective_bytes(cfg, shapes, shape)
+    flops = flops_per_token(cfg.model) * cfg.train.batch_size * cfg.model.seq_len
+    compute_s = flops * RECOMPUTE[cfg.model.remat] / (devices * system.peak_tflops * 1e12)
+    nodes = max(1, -(-devices // system.devices_per_node))
+    tp_link = system.intra_node_gbs if shape["tensor"] <= system.devices_per_node else system.inter_node_gbs
+    dp_link = system.inter_node_gbs if nodes > 1 else system.intra_node_gbs
+    tp_s = collectives.get("tensor-parallel all-reduce", 0) / (tp_link * 1e9)
+    dp_s = sum(v for k, v in collectives.items() if k != "tensor-parallel all-reduce") / (dp_link * 1e9)
+    step_s = compute_s + tp_s + max(0.0, dp_s - compute_s)
+    mfu = flops / (devices * system.peak_tflops * 1e12 * step_s)
+    return Plan(cfg, shape, devices, nodes, memory, collectives, step_s, mfu, memory["total"] <= system.memory_bytes)

@@ -1,0 +1,163 @@
+"""Layouts for a system: one planned (analytic, then compiled), or searched over meshes, ZeRO stages,
+remat policies and micro-batches, for a node count or for the fewest nodes that fit."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+from agx.config import Config
+from agx.errors import UserError
+from agx.models.configs import param_count
+from agx.planning.systems import System
+
+ADAM_BYTES_PER_PARAM = 16  # fp32 weights, gradients and two moments: the floor for every layout
+
+
+def fewest_nodes_bound(cfg: Config, system: System) -> int:
+    """No layout fits on fewer nodes: the state alone needs 16 bytes a parameter."""
+    return max(1, math.ceil(ADAM_BYTES_PER_PARAM * param_count(cfg.model) / (system.memory_bytes * system.devices_per_node)))
+
+
+def compile_equivalent(cfg: Config, shape: dict):
+    """Compiles the layout on as many simulated devices; above the CPU backend's limit, the same layout
+    with `data` (and the batch) divided, when that keeps every per-device shard the same (ZeRO-0)."""
+    import jax
+
+    from agx.planning.compiled import compile_step
+
+    devices = math.prod(shape.values())
+    if devices <= jax.device_count():
+        return compile_step(_with_mesh(cfg, shape), jax.devices()[:devices])
+    k = math.ceil(devices / jax.device_count())
+    while k <= shape["data"] and shape["data"] % k:
+        k += 1
+    if cfg.mesh.zero_stage != 0 or k > shape["data"]:
+        return None  # no smaller layout has the same shards: say so, never pretend
+    small = _with_mesh(cfg, {**shape, "data": shape["data"] // k})
+    small.train.batch_size //= k
+    result = compile_step(small, jax.devices()[:devices // k])
+    result.note = f"; equivalent to {devices}: data={shape['data'] // k} instead of {shape['data']}, same per-device shards"
+    return result
+
+
+def _with_mesh(cfg: Config, shape: dict, **changes) -> Config:
+    out = copy.deepcopy(cfg)
+    out.mesh.data, out.mesh.fsdp, out.mesh.tensor = shape["data"], shape["fsdp"], shape["tensor"]
+    for key, value in changes.items():
+        section, field = key.split("__")
+        setattr(getattr(out, section), field, value)
+    return out
+
+
+def run_plan(cfg: Config, system: System, nodes: int, compile_: bool):
+    from agx.parallel.mesh import mesh_shape
+    from agx.planning.analytic import StateShapes
+    from agx.planning.estimate import plan_layout
+
+    shape = mesh_shape(cfg.mesh, nodes * system.devices_per_node)
+    plan = plan_layout(cfg, StateShapes(cfg), shape, system)
+    if compile_:
+        plan.compiled = compile_equivalent(cfg, shape)
+        if plan.compiled is None:
+            print(f"agx: not compiled: {plan.devices} devices exceed the CPU backend's simulated devices, and "
+                  "only ZeRO-0 layouts have a smaller equivalent; the analytic figures stand alone")
+    return plan
+
+
+def candidates(cfg: Config, devices: int, system: System):
+    """Every layout of `devices` worth trying: tensor within a node and dividing the heads."""
+    divisors = [n for n in range(1, devices + 1) if devices % n == 0]
+    for t in [n for n in divisors if n <= system.devices_per_node and cfg.model.num_heads % n == 0]:
+        for f in [n for n in divisors if (devices // t) % n == 0]:
+            d = devices // t // f
+            per_replica = cfg.train.batch_size // (d * f) if cfg.train.batch_size % (d * f) == 0 else 0
+            for zero in ((0, 1, 3) if d > 1 else (3,)):
+                for remat in ("none", "selective", "full"):
+                    for micro in [2**i for i in range(7) if per_replica and per_replica % 2**i == 0]:
+                        yield _with_mesh(cfg, {"data": d, "fsdp": f, "tensor": t}, mesh__zero_stage=zero,
+                                         model__remat=remat, train__microbatches=micro,
+                                         mesh__sequence_parallel=t > 1)
+
+
+def plans_for(cfg: Config, shapes, system: System, nodes: int) -> list:
+    from agx.planning.estimate import plan_layout
+
+    plans = []
+    for candidate in candidates(cfg, nodes * system.devices_per_node, system):
+        shape = {"data": candidate.mesh.data, "fsdp": candidate.mesh.fsdp, "tensor": candidate.mesh.tensor}
+        try:
+            plans.append(plan_layout(candidate, shapes, shape, system))
+        except UserError:  # this layout does not divide the model
+            continue
+    return sorted(plans, key=lambda p: (not p.fits, p.step_s))
+
+
+def run_search(cfg: Config, system: System, nodes: int | None, top: int, output: Path | None, compile_: bool) -> str:
+    from agx.planning.analytic import StateShapes
+
+    shapes = StateShapes(cfg)
+    bound = fewest_nodes_bound(cfg, system)
+    counts = [nodes] if nodes else range(bound, 4 * bound + 1)
+    curve, lines, chosen = [], [], None
+    for n in counts:
+        plans = plans_for(cfg, shapes, system, n)
+        if plans:
+            curve.append((n, min(p.memory["total"] for p in plans)))
+        fitting = [p for p in plans if p.fits]
+        if compile_:
+            for p in fitting[:top]:
+                p.compiled = compile_equivalent(p.cfg, p.mesh)
+                if p.compiled is not None:
+                    p.fits = p.compiled.memory["total"] <= system.memory_bytes
+            fitting = [p for p in fitting if p.fits]
+        if fitting or nodes:
+            chosen = (n, plans, fitting)
+            break
+    if chosen is None:
+        raise UserError(f"no layout of {cfg.name} fits on up to {counts[-1]} {system.name} nodes")
+    n, plans, fitting = chosen
+    lines.append(f"{cfg.name} on {system.name}: {len(plans)} layouts of {n} node(s) divide the model, {len(fitting)} fit"
+                 f" (the 16-bytes-a-parameter floor is {bound} nodes)")
+    header = ["nodes", "data", "fsdp", "tensor", "zero", "remat", "microbatches", "analytic_gib", "compiled_gib",
+              "step_s", "mfu"]
+    lines.append("  ".join(f"{h:>12}" for h in header))
+    for p in (fitting or plans)[:top]:
+        row = p.row()
+        lines.append("  ".join(f"{str(row[h]):>12}" for h in header))
+    if output:
+        output.mkdir(parents=True, exist_ok=True)
+        with open(output / "search.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(plans[0].row()))
+            writer.writeheader()
+            writer.writerows(p.row() for p in plans)
+        if not nodes:
+            pass
+        else:  # the curve around the asked node count
+            for m in sorted({max(1, nodes // 4), max(1, nodes // 2), 2 * nodes} - {nodes}):
+                others = plans_for(cfg, shapes, system, m)
+                if others:
+                    curve.append((m, min(p.memory["total"] for p in others)))
+        _plot(sorted(curve), system, cfg.name, output / "memory.png")
+        lines.append(f"wrote {output / 'search.csv'} and {output / 'memory.png'}")
+    return "\n".join(lines)
+
+
+def _plot(curve, system: System, name: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([n for n, _ in curve], [b / 2**30 for _, b in curve], "o-", label="least memory of any layout (analytic)")
+    ax.axhline(system.memory_gib, color="red", linestyle="--", label=f"{system.memory_gib:g} GiB per device")
+    ax.set_xlabel(f"{system.name} nodes")
+    ax.set_ylabel("memory per device (GiB)")
+    ax.set_title(f"{name} on {system.name}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
