@@ -34,7 +34,7 @@ class Plan:
 
     def row(self) -> dict:
         c = self.cfg
-        row = {"nodes": self.nodes, "devices": self.devices, **{k: v for k, v in self.mesh.items()},
+        row = {"nodes": self.nodes, "devices": self.devices, "per_node": self.devices // self.nodes, **{k: v for k, v in self.mesh.items()},
                "zero": c.mesh.zero_stage, "remat": c.model.remat, "microbatches": c.train.microbatches,
                "sequence_parallel": c.mesh.sequence_parallel,
                "analytic_gib": round(self.memory["total"] / 2**30, 2),
@@ -43,14 +43,16 @@ class Plan:
         return row
 
 
-def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: System) -> Plan:
-    """Raises UserError when the layout does not divide the model."""
+def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: System,
+                nodes: int | None = None) -> Plan:
+    """`nodes`: when the mesh leaves some of their devices idle. Raises UserError when the layout does
+    not divide the model."""
     devices = shape["data"] * shape["fsdp"] * shape["tensor"]
     memory = analytic.memory(cfg, shapes, shape)
     collectives = analytic.collective_bytes(cfg, shapes, shape)
     flops = flops_per_token(cfg.model) * cfg.train.batch_size * cfg.model.seq_len
     compute_s = flops * RECOMPUTE[cfg.model.remat] / (devices * system.peak_tflops * 1e12)
-    nodes = max(1, -(-devices // system.devices_per_node))
+    nodes = nodes or max(1, -(-devices // system.devices_per_node))
     tp_link = system.intra_node_gbs if shape["tensor"] <= system.devices_per_node else system.inter_node_gbs
     dp_link = system.inter_node_gbs if nodes > 1 else system.intra_node_gbs
     tp_s = collectives.get("tensor-parallel all-reduce", 0) / (tp_link * 1e9)

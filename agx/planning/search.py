@@ -14,6 +14,8 @@ from agx.models.configs import param_count
 from agx.planning.systems import System
 
 ADAM_BYTES_PER_PARAM = 16  # fp32 weights, gradients and two moments: the floor for every layout
+HEADROOM = 0.8  # compile only layouts whose analytic memory is within 80% of the device's
+MAX_COMPILES = 8  # per node count, in rank order, until --top of them are confirmed to fit
 
 
 def fewest_nodes_bound(cfg: Config, system: System) -> int:
@@ -57,8 +59,14 @@ def run_plan(cfg: Config, system: System, nodes: int, compile_: bool):
     from agx.planning.analytic import StateShapes
     from agx.planning.estimate import plan_layout
 
-    shape = mesh_shape(cfg.mesh, nodes * system.devices_per_node)
-    plan = plan_layout(cfg, StateShapes(cfg), shape, system)
+    available = nodes * system.devices_per_node
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    devices = math.prod(sizes) if -1 not in sizes else available  # a full mesh may leave devices idle
+    if devices > available or devices % nodes:
+        raise UserError(f"mesh data={sizes[0]},fsdp={sizes[1]},tensor={sizes[2]} does not spread evenly over "
+                        f"{nodes} {system.name} node(s) of {system.devices_per_node} devices")
+    shape = mesh_shape(cfg.mesh, devices)
+    plan = plan_layout(cfg, StateShapes(cfg), shape, system, nodes)
     if compile_:
         plan.compiled = compile_equivalent(cfg, shape)
         if plan.compiled is None:
@@ -83,16 +91,22 @@ def candidates(cfg: Config, devices: int, system: System):
 
 
 def plans_for(cfg: Config, shapes, system: System, nodes: int) -> list:
+    """Every layout on `nodes` that divides the model, fitting ones first, each group fastest first.
+    Besides all of each node's devices, the largest power of two of them is tried: a model whose
+    dimensions have no factor the node's device count has (3, on Aurora's 12 tiles) may only shard
+    evenly over fewer."""
     from agx.planning.estimate import plan_layout
 
     plans = []
-    for candidate in candidates(cfg, nodes * system.devices_per_node, system):
-        shape = {"data": candidate.mesh.data, "fsdp": candidate.mesh.fsdp, "tensor": candidate.mesh.tensor}
-        try:
-            plans.append(plan_layout(candidate, shapes, shape, system))
-        except UserError:  # this layout does not divide the model
-            continue
-    return sorted(plans, key=lambda p: (not p.fits, p.step_s))
+    per_node = {system.devices_per_node, 2 ** int(math.log2(system.devices_per_node))}
+    for used in sorted(per_node, reverse=True):
+        for candidate in candidates(cfg, nodes * used, system):
+            shape = {"data": candidate.mesh.data, "fsdp": candidate.mesh.fsdp, "tensor": candidate.mesh.tensor}
+            try:
+                plans.append(plan_layout(candidate, shapes, shape, system, nodes))
+            except UserError:  # this layout does not divide the model
+                continue
+    return sorted(plans, key=lambda p: (not p.fits, p.step_s if p.fits else p.memory["total"]))
 
 
 def run_search(cfg: Config, system: System, nodes: int | None, top: int, output: Path | None, compile_: bool) -> str:
@@ -107,24 +121,29 @@ def run_search(cfg: Config, system: System, nodes: int | None, top: int, output:
         if plans:
             curve.append((n, min(p.memory["total"] for p in plans)))
         fitting = [p for p in plans if p.fits]
-        if compile_:
-            for p in fitting[:top]:
+        if compile_:  # confirm in rank order; the analytic figure runs below XLA's, so keep headroom
+            confirmed = []
+            for p in [p for p in fitting if p.memory["total"] <= HEADROOM * system.memory_bytes][:MAX_COMPILES]:
                 p.compiled = compile_equivalent(p.cfg, p.mesh)
-                if p.compiled is not None:
-                    p.fits = p.compiled.memory["total"] <= system.memory_bytes
-            fitting = [p for p in fitting if p.fits]
+                p.fits = p.compiled is not None and p.compiled.memory["total"] <= system.memory_bytes
+                if p.fits:
+                    confirmed.append(p)
+                if len(confirmed) == top:
+                    break
+            fitting = confirmed
         if fitting or nodes:
             chosen = (n, plans, fitting)
             break
     if chosen is None:
         raise UserError(f"no layout of {cfg.name} fits on up to {counts[-1]} {system.name} nodes")
     n, plans, fitting = chosen
-    lines.append(f"{cfg.name} on {system.name}: {len(plans)} layouts of {n} node(s) divide the model, {len(fitting)} fit"
-                 f" (the 16-bytes-a-parameter floor is {bound} nodes)")
-    header = ["nodes", "data", "fsdp", "tensor", "zero", "remat", "microbatches", "analytic_gib", "compiled_gib",
+    how = "confirmed by compiling" if compile_ else "by the analytic figure"
+    lines.append(f"{cfg.name} on {system.name}: {len(plans)} layouts of {n} node(s) divide the model and the batch; "
+                 f"{len(fitting)} shown fit, {how} (the 16-bytes-a-parameter floor is {bound} nodes)")
+    header = ["nodes", "per_node", "data", "fsdp", "tensor", "zero", "remat", "microbatches", "analytic_gib", "compiled_gib",
               "step_s", "mfu"]
     lines.append("  ".join(f"{h:>12}" for h in header))
-    for p in (fitting or plans)[:top]:
+    for p in (fitting or plans)[:top]:  # none fit: the least memory first
         row = p.row()
         lines.append("  ".join(f"{str(row[h]):>12}" for h in header))
     if output:
@@ -133,9 +152,7 @@ def run_search(cfg: Config, system: System, nodes: int | None, top: int, output:
             writer = csv.DictWriter(f, fieldnames=list(plans[0].row()))
             writer.writeheader()
             writer.writerows(p.row() for p in plans)
-        if not nodes:
-            pass
-        else:  # the curve around the asked node count
+        if nodes:  # the curve around the asked node count
             for m in sorted({max(1, nodes // 4), max(1, nodes // 2), 2 * nodes} - {nodes}):
                 others = plans_for(cfg, shapes, system, m)
                 if others:
