@@ -18,6 +18,7 @@ from pathlib import Path
 from agx.config import load_experiment
 from agx.errors import UserError
 from agx.planning.systems import load_system
+from agx.runtime import silence_plugin_failure
 
 # XLA's CPU client packs the process index into device ids with 2048 (1 << 11) ids per process in
 # newer releases (1 << 17 in jaxlib 0.5): a 2049th simulated device reads as another process and the
@@ -30,6 +31,7 @@ def _simulate(devices: int) -> None:
     if "jax" in sys.modules:
         raise RuntimeError("agx.plan must set up its simulated devices before jax is imported")
     os.environ["JAX_PLATFORMS"] = "cpu"
+    silence_plugin_failure()
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={min(devices, MAX_SIMULATED_DEVICES)}")
 

@@ -43,5 +43,11 @@ def choose_platform() -> None:
     if error:
         print(f"agx: Intel XPU plugin cannot load ({error}); running on CPU", file=sys.stderr)
         os.environ["JAX_PLATFORMS"] = "cpu"
-        for name in ("jax._src.xla_bridge", XPU_PLUGIN):
-            logging.getLogger(name).addFilter(_drop_plugin_chatter)
+        silence_plugin_failure()
+
+
+def silence_plugin_failure() -> None:
+    """For runs pinned to the CPU (the planner's simulated devices): the plugin's failure to load is
+    no news there."""
+    for name in ("jax._src.xla_bridge", XPU_PLUGIN):
+        logging.getLogger(name).addFilter(_drop_plugin_chatter)

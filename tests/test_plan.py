@@ -9,7 +9,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 from conftest import CLI_ENV
 
@@ -78,7 +77,7 @@ def test_planned_state_memory_is_what_a_real_run_allocates(mesh):
 
 
 SIZES = ["gpt3_small", "gpt3_medium", "gpt3_large", "gpt3_xl", "gpt3_2_7b", "gpt3_6_7b", "gpt3_13b", "gpt3_175b"]
-MARGIN = 0.30  # analytic within 30% of XLA's CPU analysis (CPU temporaries run 15-25% above it)
+MARGIN = 0.25  # analytic within 25% of XLA's CPU analysis (measured: 0.83-0.93 of it)
 
 
 @pytest.mark.parametrize("name", SIZES)
@@ -137,13 +136,16 @@ def test_more_devices_than_the_cpu_backend_simulates_compile_an_equivalent_layou
     assert "compiled on 1200 devices; equivalent to 2400: data=1200 instead of 2400" in result.stdout
 
 
+def one_error(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("agx: error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
 def test_bad_layouts_and_system_files_get_one_line(tmp_path):
-    result = plan_cli("--experiment", "gpt3_small", "--system", "h100x8", "--set", "mesh.data=1",
-                      "--set", "mesh.tensor=8")
-    assert result.returncode == 2 and result.stderr.startswith("agx: error: ") and "Traceback" not in result.stderr
-    assert "do not divide" in result.stderr
+    assert "do not divide" in one_error(plan_cli("--experiment", "gpt3_small", "--system", "h100x8",
+                                                 "--set", "mesh.data=1", "--set", "mesh.tensor=8"))
     system = tmp_path / "mine.json"
     system.write_text(json.dumps({"devices_per_node": 4, "memory_gib": 80}))
-    result = plan_cli("--experiment", "gpt3_small", "--system", str(system))
-    assert result.returncode == 2 and "missing system fields peak_tflops, intra_node_gbs, inter_node_gbs" in result.stderr
-    assert "Traceback" not in result.stderr
+    line = one_error(plan_cli("--experiment", "gpt3_small", "--system", str(system)))
+    assert "missing system fields peak_tflops, intra_node_gbs, inter_node_gbs" in line

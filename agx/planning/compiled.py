@@ -37,10 +37,6 @@ class CompiledStep:
     compile_s: float = 0.0
     note: str = ""  # how the compiled layout relates to the one planned, when it is not the same
 
-    @property
-    def collective_bytes(self) -> int:
-        return sum(c["bytes"] for c in self.collectives.values())
-
 
 def compile_step(cfg: Config, devices=None) -> CompiledStep:
     """AOT-compiles cfg's training step on `devices` (default: all) from ShapeDtypeStructs."""
