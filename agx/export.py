@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from agx.errors import RunError, UserError
+from agx.errors import RunError, UserError, cli_exit
 from agx.runtime import choose_platform
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -145,12 +145,8 @@ def main(argv=None) -> int:
                 raise UserError("--from-hf needs --experiment: the experiment the imported weights train in")
             import_hf(args.from_hf, args.experiment, args.set, args.output, args.force)
         return 0
-    except UserError as e:
-        print(f"agx: error: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f"agx: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, RunError) as e:
+        return cli_exit(e)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from agx.errors import RunError, UserError
+from agx.errors import RunError, UserError, cli_exit
 from agx.runtime import choose_platform
 
 
@@ -80,12 +80,8 @@ def main(argv=None) -> int:
         opts = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                not args.ignore_eod).check()
         texts, tokens, times = generate(args.checkpoint, args.prompt, opts, args.set, args.tokenizer)
-    except UserError as e:
-        print(f"agx: error: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f"agx: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, RunError) as e:
+        return cli_exit(e)
     for prompt, text, ids in zip(args.prompt, texts, tokens):
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text, "tokens": ids.tolist()}))

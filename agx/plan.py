@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from agx.config import load_experiment
-from agx.errors import UserError
+from agx.errors import UserError, cli_exit
 from agx.planning.systems import load_system
 from agx.runtime import silence_plugin_failure
 
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
             print(report(run_plan(cfg, system, args.nodes or 1, not args.no_compile), system))
         return 0
     except UserError as e:
-        print(f"agx: error: {e}", file=sys.stderr)
-        return 2
+        return cli_exit(e)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from agx.config import Config, load_experiment
-from agx.errors import RunError, UserError
+from agx.errors import RunError, UserError, cli_exit
 from agx.runtime import choose_platform
 
 
@@ -72,12 +72,8 @@ def main(argv=None) -> int:
 
         train(cfg, args.workdir or Path("runs") / cfg.name, started)
         return 0
-    except UserError as e:
-        print(f"agx: error: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f"agx: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, RunError) as e:
+        return cli_exit(e)
 
 
 if __name__ == "__main__":

@@ -111,8 +111,7 @@ def write_hf(source, m: ModelConfig, output: Path, dtype, tokenizer: Path | None
         total = sum(math.prod(shape) * dtype.itemsize for _, _, _, shape in tmap.tensors.values())
         index_json = {"metadata": {"total_size": total}, "weight_map": {hf: w.path.name for hf, w in writers.items()}}
         (output / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
-    dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
-    (output / "config.json").write_text(json.dumps(hf_config(m, dtype_name, eod), indent=2))
+    (output / "config.json").write_text(json.dumps(hf_config(m, dtype.name, eod), indent=2))
     (output / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": eod, "eos_token_id": eod, "max_length": m.seq_len}, indent=2))
     if tokenizer is None:
