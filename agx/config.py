@@ -18,6 +18,7 @@ from agx.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "selective")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PLATFORMS = ("auto", "xpu", "cuda", "cpu")
 
 
 @dataclass
@@ -119,6 +120,18 @@ class EvalConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """Backend and processes. Process settings left None come from the launcher's environment
+    (agx.launch, PALS/PMI, OpenMPI, SLURM); see agx/runtime/launchers.py."""
+
+    platform: str = "auto"  # one of PLATFORMS; auto takes an accelerator when one is there
+    coordinator: str | None = None  # host:port of process 0's coordinator
+    num_processes: int | None = None
+    process_id: int | None = None
+    init_timeout_s: int = 300  # how long processes wait for each other at start
+
+
+@dataclass
 class Config:
     name: str = "unnamed"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,6 +141,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> Config:
         m, t = self.model, self.train
@@ -155,6 +169,11 @@ class Config:
             raise UserError(f"train.profile_steps={t.profile_steps} must be [first, last] with 1 <= first <= last")
         if self.data.workers < 0 or self.data.prefetch < 1:
             raise UserError("data.workers must be at least 0 and data.prefetch at least 1")
+        r = self.runtime
+        if r.platform not in PLATFORMS:
+            raise UserError(f"runtime.platform={r.platform!r} is not one of {', '.join(PLATFORMS)}")
+        if r.init_timeout_s < 1:
+            raise UserError(f"runtime.init_timeout_s={r.init_timeout_s} must be at least 1")
         if t.batch_size % t.microbatches:
             raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.microbatches={t.microbatches}")
         return self

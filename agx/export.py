@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="exported parameter dtype")
     parser.add_argument("--max-shard-size", default="5GB", help="hf: largest safetensors file (default 5GB)")
     parser.add_argument("--experiment", help="with --from-hf: the experiment the weights will train in")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --from-hf")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="with --from-hf")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
     args = parser.parse_args(argv)
     choose_platform()

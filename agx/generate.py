@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json, if the checkpoint names none")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="e.g. mesh.tensor=8 or model.dtype=bfloat16")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
     args = parser.parse_args(argv)

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--system", default="cpu", help="aurora, polaris, h100x8, cpu, or a JSON file")
     parser.add_argument("--nodes", type=int, help="default: 1, or with --search the fewest that fit")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--search", action="store_true", help="search layouts that fit")
     parser.add_argument("--top", type=int, default=3, help="with --search: layouts compiled and shown")
     parser.add_argument("--output", type=Path, help="with --search: write search.csv and memory.png here")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from agx.config import Config, load_experiment
 from agx.errors import RunError, UserError, cli_exit
-from agx.runtime import choose_platform
+from agx import runtime
 
 
 def dry_run(cfg: Config) -> dict:
@@ -55,19 +55,20 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python -m agx.train", description=__doc__)
     parser.add_argument("--experiment", required=True, help="name in experiments/ or path to a .py file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted path, e.g. train.steps=100 (repeatable)")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config field by dotted path, e.g. train.steps=100 (several may follow one --set)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="checkpoints, metrics, logs (default: runs/EXPERIMENT); a second run resumes there")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan; build nothing")
     args = parser.parse_args(argv)
-    choose_platform()
     try:
         cfg = load_experiment(args.experiment, args.set)
         if args.dry_run:
+            runtime.choose_platform(cfg.runtime.platform)
             _print_config(cfg)
             print(json.dumps(dry_run(cfg)))
             return 0
+        runtime.start(cfg.runtime)
         from agx.training.loop import train
 
         train(cfg, args.workdir or Path("runs") / cfg.name, started)

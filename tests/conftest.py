@@ -1,9 +1,11 @@
 """8 simulated CPU devices for every test, set before jax is first imported."""
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 
 # Backend optimisation off: the tests compile ~40 programs and check numbers, not speed.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -89,3 +91,48 @@ def trained(tmp_path_factory):
                        env=env_for(8))
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
+
+
+# --- reading a run's results ----------------------------------------------------------------------
+
+def records(workdir) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "event" not in r]
+    assert len({r["step"] for r in steps}) == len(steps), "a step is recorded twice"
+    return {r["step"]: r for r in steps}
+
+
+def events(workdir, name) -> list[dict]:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r.get("event") == name]
+
+
+def saved_steps(workdir) -> list[int]:
+    """The steps as a plain Orbax user lists them."""
+    import orbax.checkpoint as ocp
+
+    return list(ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+                                      options=ocp.CheckpointManagerOptions(read_only=True)).all_steps())
+
+
+def one_error_line(result, library_noise=False) -> str:
+    """The one `agx: error:` line on stderr. library_noise: TensorStore prints its own tracebacks for
+    the writes it abandons on a full disk (not agx's to silence)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("agx: error: ")]
+    assert len(errors) == 1, result.stderr
+    assert library_noise or "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def steps_recorded(workdir) -> int:
+    path = workdir / "metrics.jsonl"
+    return sum('"step"' in line and '"event"' not in line for line in path.read_text().splitlines()) \
+        if path.exists() else 0

@@ -2,7 +2,6 @@
 disk, Grain worker processes): exact resume, reshard on restore, eval, metrics, TensorBoard, the
 profiler, and what happens on SIGTERM, kill -9, non-finite steps and bad workdirs."""
 
-import json
 import math
 import os
 import shutil
@@ -13,41 +12,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TINY, agx_train, env_for, sets
+from conftest import (TINY, agx_train, env_for, events, one_error_line, records, saved_steps, sets, steps_recorded,
+                      wait_for)
+
 
 def train(workdir, *settings, devices=8, expect=0):
     result = agx_train(*TINY, "--workdir", str(workdir), *sets(*settings), env=env_for(devices))
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def records(workdir) -> dict[int, dict]:
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in lines if "event" not in r]
-    assert len({r["step"] for r in steps}) == len(steps), "a step is recorded twice"
-    return {r["step"]: r for r in steps}
-
-
-def events(workdir, name) -> list[dict]:
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r.get("event") == name]
-
-
-def saved_steps(workdir) -> list[int]:
-    """The steps as a plain Orbax user lists them."""
-    import orbax.checkpoint as ocp
-
-    return list(ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                      options=ocp.CheckpointManagerOptions(read_only=True)).all_steps())
-
-
-def one_error_line(result, library_noise=False) -> str:
-    """The one `agx: error:` line on stderr. library_noise: TensorStore prints its own tracebacks for
-    the writes it abandons on a full disk (not agx's to silence)."""
-    errors = [line for line in result.stderr.splitlines() if line.startswith("agx: error: ")]
-    assert len(errors) == 1, result.stderr
-    assert library_noise or "Traceback" not in result.stderr, result.stderr
-    return errors[0]
 
 
 # --- exact resume -----------------------------------------------------------------------------------
@@ -207,20 +179,6 @@ def start_training(workdir, *settings):
     return subprocess.Popen([sys.executable, "-m", "agx.train", *TINY, "--workdir", str(workdir), *sets(*settings)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(8),
                             start_new_session=True)
-
-
-def wait_for(condition, process, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
-def steps_recorded(workdir) -> int:
-    path = workdir / "metrics.jsonl"
-    return sum('"step"' in line and '"event"' not in line for line in path.read_text().splitlines()) \
-        if path.exists() else 0
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero_with_a_profile(tmp_path):

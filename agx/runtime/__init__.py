@@ -1,0 +1,78 @@
+"""The runtime, started before anything touches a JAX backend: which platform, which processes,
+and which of the node's devices this process drives.
+
+`start` reads the launcher's environment (agx/runtime/launchers.py), checks in with the other
+processes (agx/runtime/rendezvous.py), then calls `jax.distributed.initialize`. On CPUs the
+processes' collectives go through gloo; each process's device count comes from
+AGX_DEVICES_PER_PROCESS. On GPUs with several processes per node, each process takes
+AGX_DEVICES_PER_PROCESS devices (default 1) by its local rank, unless CUDA_VISIBLE_DEVICES or
+ZE_AFFINITY_MASK already chose.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from agx.config import RuntimeConfig
+from agx.errors import RunError, UserError
+from agx.runtime.launchers import Processes, discover
+from agx.runtime.platform import choose_platform, silence_plugin_failure, started_platform
+from agx.runtime.rendezvous import bind_address, rendezvous
+
+__all__ = ["Processes", "choose_platform", "silence_plugin_failure", "start"]
+
+
+def start(cfg: RuntimeConfig, env=os.environ) -> Processes:
+    """Chooses the platform and joins the job; returns this process's place in it."""
+    processes = discover(cfg, env)
+    choose_platform(cfg.platform)
+    per_process = _devices_per_process(env)
+    if per_process:
+        _set_cpu_device_count(per_process, env)  # read by the CPU backend only
+    if processes.num_processes > 1:
+        _join(cfg, processes, per_process, env)
+    platform = started_platform(cfg.platform)
+    if processes.process_id == 0:
+        import jax
+
+        took = f"; auto took {platform}" if cfg.platform == "auto" else ""
+        jobs = f"{processes.num_processes} processes ({processes.launcher}), " if processes.num_processes > 1 else ""
+        print(f"agx: runtime: {jobs}{jax.device_count()} {platform} devices{took}", file=sys.stderr)
+    return processes
+
+
+def _join(cfg: RuntimeConfig, processes: Processes, per_process: int | None, env) -> None:
+    rendezvous(processes, cfg.init_timeout_s)
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    local_device_ids = None
+    if processes.local_size > 1 and not env.get("CUDA_VISIBLE_DEVICES") and not env.get("ZE_AFFINITY_MASK"):
+        first = processes.local_rank * (per_process or 1)
+        local_device_ids = list(range(first, first + (per_process or 1)))  # ignored on CPUs
+    try:
+        jax.distributed.initialize(processes.coordinator, processes.num_processes, processes.process_id,
+                                   local_device_ids=local_device_ids,
+                                   initialization_timeout=cfg.init_timeout_s,
+                                   coordinator_bind_address=bind_address(processes))
+    except Exception as e:  # noqa: BLE001 - JAX's reasons vary by version; the first line says it
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{processes}: jax.distributed.initialize failed ({reason})") from None
+    if jax.process_count() != processes.num_processes:
+        raise UserError(f"{processes}: JAX's coordinator started {jax.process_count()} processes")
+
+
+def _devices_per_process(env) -> int | None:
+    text = env.get("AGX_DEVICES_PER_PROCESS", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"AGX_DEVICES_PER_PROCESS={text!r} must be a positive integer")
+    return int(text)
+
+
+def _set_cpu_device_count(count: int, env) -> None:
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).split()
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])

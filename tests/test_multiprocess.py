@@ -1,0 +1,238 @@
+"""Training across processes on this machine (127.0.0.1 only), as a user launches it: with
+`python -m agx.launch` and with OpenMPI's `mpiexec`. Two processes of 4 CPU devices give the losses of
+one process of 8; checkpoints move between process counts; a dying process stops the job; bad
+coordinator settings fail in bounded time with one line."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, agx_train, env_for, one_error_line, records, sets
+
+# data=2 × fsdp=4: the process boundary splits the data axis, so every step all-reduces across it.
+MESH = ("mesh.data=2", "mesh.fsdp=4", "checkpoint.every=5", "eval.every=5", "eval.batches=2")
+LAUNCH = [sys.executable, "-m", "agx.launch", "--nproc", "2", "--devices-per-process", "4", "--"]
+TRAIN = [sys.executable, "-m", "agx.train", *TINY]
+MPIEXEC = shutil.which("mpiexec")
+
+
+def run(command, workdir, *settings, env=None, timeout=300):
+    result = subprocess.run([*command, "--workdir", str(workdir), *sets(*MESH, *settings)], capture_output=True,
+                            text=True, env=env or env_for(8), timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def assert_same_steps(run_records, reference, steps):
+    for step in steps:
+        for key in ("loss", "grad_norm", "lr"):
+            np.testing.assert_allclose(run_records[step][key], reference[step][key], rtol=1e-5,
+                                       err_msg=f"step {step} {key}")
+        if "eval_loss" in reference[step]:
+            np.testing.assert_allclose(run_records[step]["eval_loss"], reference[step]["eval_loss"], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process with 8 devices, 15 steps: what every multi-process run must reproduce."""
+    workdir = tmp_path_factory.mktemp("one-process")
+    run(TRAIN, workdir, "train.steps=15")
+    return records(workdir)
+
+
+def test_two_launched_processes_match_one_and_their_checkpoint_resumes_in_one(reference, tmp_path):
+    launched = run(LAUNCH + TRAIN, tmp_path, "train.steps=10")
+    assert "[0] agx: runtime: 2 processes (AGX_* variables), 8 cpu devices" in launched.stdout
+    assert_same_steps(records(tmp_path), reference, range(1, 11))
+    step = tmp_path / "checkpoints" / "10"  # each process wrote its own shards and its own data position
+    assert (step / "state" / "ocdbt.process_0").is_dir() and (step / "state" / "ocdbt.process_1").is_dir()
+    assert sorted(p.name for p in (step / "data").glob("process_*")) == ["process_0-of-2.json",
+                                                                         "process_1-of-2.json"]
+
+    resumed = run(TRAIN, tmp_path, "train.steps=15")
+    assert "resumed from checkpoint step 10" in resumed.stdout
+    assert "restarts at batch 10" in resumed.stdout  # 2 processes' Grain states do not apply to 1
+    assert_same_steps(records(tmp_path), reference, range(11, 16))
+
+
+@pytest.mark.skipif(MPIEXEC is None and not os.environ.get("AGX_REQUIRE_MPI"), reason="no mpiexec here")
+def test_mpiexec_runs_two_processes_from_a_one_process_checkpoint(reference, tmp_path):
+    assert MPIEXEC, "AGX_REQUIRE_MPI is set but mpiexec is missing"
+    run(TRAIN, tmp_path, "train.steps=5")
+    env = {**env_for(8), "AGX_DEVICES_PER_PROCESS": "4"}
+    mpi = run([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", "AGX_DEVICES_PER_PROCESS",
+               *TRAIN], tmp_path, "train.steps=10", env=env)
+    assert "agx: runtime: 2 processes (OpenMPI), 8 cpu devices" in mpi.stdout + mpi.stderr
+    assert "resumed from checkpoint step 5" in mpi.stdout
+    assert_same_steps(records(tmp_path), reference, range(6, 11))
+
+
+def job_processes(coordinator: str) -> dict[int, str]:
+    """pid -> AGX_PROCESS_ID of every live process (trainers and their loader workers) of one job."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError):
+            continue
+        if environ.get("AGX_COORDINATOR") == coordinator and state != "Z":
+            found[int(proc.name)] = environ["AGX_PROCESS_ID"]
+    return found
+
+
+def test_a_killed_process_stops_the_whole_job_within_seconds(tmp_path):
+    launcher = subprocess.Popen([*LAUNCH, *TRAIN, "--workdir", str(tmp_path),
+                                 *sets(*MESH, "train.steps=100000", "checkpoint.every=100000", "train.log_every=1")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(8))
+    for line in launcher.stdout:  # until both processes are in the training loop
+        if line.startswith("[0] step      2"):
+            break
+    else:
+        pytest.fail(launcher.stderr.read())
+    children = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    coordinator = Path(f"/proc/{children[0]}/environ").read_text().split("AGX_COORDINATOR=")[1].split("\0")[0]
+    victim = next(pid for pid, rank in job_processes(coordinator).items() if rank == "1" and pid in children)
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=60)
+    stopped_in = time.monotonic() - killed
+    assert launcher.returncode == 128 + signal.SIGKILL, stderr
+    assert "agx.launch: process 1 was killed by SIGKILL; stopping process 0" in stderr
+    assert stopped_in < 15, f"the launcher took {stopped_in:.1f}s to stop the job"
+    assert job_processes(coordinator) == {}, "processes of the job outlived the launcher"
+
+
+def free_port() -> int:
+    from agx.launch import free_port
+
+    return free_port()
+
+
+def agx_process(rank: int, count: int, coordinator: str, timeout_s: int = 5):
+    env = {**env_for(4), "AGX_COORDINATOR": coordinator, "AGX_NUM_PROCESSES": str(count),
+           "AGX_PROCESS_ID": str(rank)}
+    return subprocess.Popen([*TRAIN, *sets(f"runtime.init_timeout_s={timeout_s}")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finished(process, timeout=60):
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_a_wrong_coordinator_port_fails_in_bounded_time_with_one_line():
+    coordinator = f"127.0.0.1:{free_port()}"  # nobody listens there
+    started = time.monotonic()
+    result = finished(agx_process(1, 2, coordinator))
+    assert time.monotonic() - started < 40
+    assert result.returncode == 2
+    assert one_error_line(result) == (f"agx: error: process 1 of 2 (AGX_* variables): could not reach the "
+                                      f"coordinator {coordinator} within 5s; is process 0 running, with the same "
+                                      "coordinator address and port?")
+
+
+def test_processes_that_disagree_on_the_count_fail_in_bounded_time_with_one_line():
+    coordinator = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    first, second = agx_process(0, 2, coordinator), agx_process(1, 3, coordinator)
+    results = [finished(first), finished(second)]
+    assert time.monotonic() - started < 40
+    for rank, result in enumerate(results):
+        assert result.returncode == 2
+        assert one_error_line(result) == (f"agx: error: process {rank} of {2 + rank} (AGX_* variables): the "
+                                          "processes disagree: process 1 expects 3 processes, process 0 expects 2")
+
+
+def test_process_zero_alone_says_who_is_missing():
+    result = finished(agx_process(0, 3, f"127.0.0.1:{free_port()}", timeout_s=2))
+    assert result.returncode == 2
+    assert "processes 1, 2 did not reach the coordinator" in one_error_line(result)
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"AGX_NUM_PROCESSES": "2", "AGX_PROCESS_ID": "2", "AGX_COORDINATOR": "127.0.0.1:1234"},
+     "AGX_* variables: process id 2 is outside 0..1"),
+    ({"AGX_NUM_PROCESSES": "2", "AGX_PROCESS_ID": "1", "AGX_COORDINATOR": "127.0.0.1"},
+     "coordinator address '127.0.0.1' is not host:port with a port in 1..65535"),
+    ({"AGX_NUM_PROCESSES": "two"}, "AGX_NUM_PROCESSES='two' is not an integer"),
+    ({"AGX_NUM_PROCESSES": "2", "AGX_PROCESS_ID": "1"},
+     "process 1 of 2 (AGX_* variables): no coordinator address; set AGX_COORDINATOR=host:port"),
+])
+def test_bad_process_settings_are_one_line(env, error):
+    result = agx_train(*TINY, env={**env_for(4), **env}, timeout=60)
+    assert result.returncode == 2
+    assert error in one_error_line(result)
+
+
+def test_a_platform_that_cannot_start_is_one_line():
+    import importlib.metadata
+
+    try:
+        plugin = bool(importlib.metadata.version("intel-extension-for-openxla"))  # the xpu stack's
+    except importlib.metadata.PackageNotFoundError:
+        plugin = False
+    result = agx_train(*TINY, *sets("runtime.platform=xpu"), timeout=60)
+    assert result.returncode == 2
+    assert one_error_line(result).startswith(
+        "agx: error: runtime.platform=xpu: the Intel XPU plugin " + ("cannot load (" if plugin else "is not installed"))
+    result = agx_train(*TINY, *sets("runtime.platform=cuda"), timeout=60)
+    assert result.returncode == 2
+    assert one_error_line(result) == ("agx: error: runtime.platform=cuda: JAX's CUDA plugin is not installed "
+                                      "(pip install 'jax[cuda12]')")
+
+
+# --- process discovery from each launcher's variables ------------------------------------------------
+
+def discovered(env, **settings):
+    from agx.config import RuntimeConfig
+    from agx.runtime.launchers import discover
+
+    p = discover(RuntimeConfig(**settings), env)
+    return p.launcher, p.num_processes, p.process_id, p.local_rank, p.local_size, p.coordinator
+
+
+def test_aurora_mpiexec_under_pbs_takes_the_coordinator_from_the_node_file(tmp_path):
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("x4102c5s0b0n0.hostmgmt.cm.aurora.alcf.anl.gov\nx4102c5s1b0n0.hostmgmt.cm.aurora.alcf.anl.gov\n")
+    env = {"PALS_RANKID": "13", "PALS_LOCAL_RANKID": "1", "PALS_LOCAL_SIZE": "12", "PMI_RANK": "13",
+           "PMI_SIZE": "24", "PBS_NODEFILE": str(nodefile), "PBS_JOBID": "1234567.aurora-pbs-0001"}
+    port = 20000 + 1234567 % 40000
+    assert discovered(env) == ("Cray PALS", 24, 13, 1, 12, f"x4102c5s0b0n0.hostmgmt.cm.aurora.alcf.anl.gov:{port}")
+    assert discovered({**env, "AGX_COORDINATOR_PORT": "4321"})[-1].endswith(":4321")
+    assert discovered({**env, "AGX_COORDINATOR": "10.0.0.1:99"})[-1] == "10.0.0.1:99"
+
+
+def test_hydra_pmi_openmpi_and_slurm_on_one_node_use_the_loopback_address():
+    assert discovered({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4",
+                       "AGX_COORDINATOR_PORT": "5000"}) == ("PMI", 4, 1, 1, 4, "127.0.0.1:5000")
+    assert discovered({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+                       "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_MCA_ess_base_jobid": "7"}) == \
+        ("OpenMPI", 4, 3, 3, 4, f"127.0.0.1:{20000 + 7}")
+    assert discovered({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "99", "SLURM_JOB_NODELIST": "gpu3"}) == \
+        ("SLURM", 2, 0, 0, 2, f"127.0.0.1:{20000 + 99}")
+
+
+def test_slurm_across_nodes_takes_the_first_host_of_the_node_list():
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "12", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+           "SLURM_TASKS_PER_NODE": "4(x2),4", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "nid[0012-0013,0020],x1"}
+    assert discovered(env) == ("SLURM", 12, 9, 1, 4, f"nid0012:{20000 + 5}")
+
+
+def test_settings_override_the_launcher_and_a_multi_node_job_without_a_host_is_refused():
+    from agx.errors import UserError
+
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+    with pytest.raises(UserError, match=r"process 1 of 8 \(OpenMPI\): no coordinator address"):
+        discovered(env)
+    assert discovered(env, coordinator="node0:7000")[-1] == "node0:7000"
+    assert discovered({}) == ("single", 1, 0, 0, 1, None)
+    assert discovered({}, num_processes=2, process_id=1, coordinator="127.0.0.1:7") == \
+        ("runtime settings", 2, 1, 0, 1, "127.0.0.1:7")
