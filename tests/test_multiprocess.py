@@ -87,26 +87,56 @@ def job_processes(coordinator: str) -> dict[int, str]:
     return found
 
 
-def test_a_killed_process_stops_the_whole_job_within_seconds(tmp_path):
-    launcher = subprocess.Popen([*LAUNCH, *TRAIN, "--workdir", str(tmp_path),
-                                 *sets(*MESH, "train.steps=100000", "checkpoint.every=100000", "train.log_every=1")],
+def start_launched(workdir, *settings):
+    """agx.launch running 2 training processes, once both are in the training loop."""
+    launcher = subprocess.Popen([*LAUNCH, *TRAIN, "--workdir", str(workdir),
+                                 *sets(*MESH, "train.log_every=1", *settings)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(8))
-    for line in launcher.stdout:  # until both processes are in the training loop
+    for line in launcher.stdout:
         if line.startswith("[0] step      2"):
-            break
-    else:
-        pytest.fail(launcher.stderr.read())
-    children = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
-    coordinator = Path(f"/proc/{children[0]}/environ").read_text().split("AGX_COORDINATOR=")[1].split("\0")[0]
-    victim = next(pid for pid, rank in job_processes(coordinator).items() if rank == "1" and pid in children)
+            return launcher
+    pytest.fail(launcher.stderr.read())
+
+
+def launched_ranks(launcher) -> tuple[dict[str, int], str]:
+    """{AGX_PROCESS_ID: pid} of the launcher's children, and the job's coordinator address."""
+    ranks, coordinator = {}, None
+    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                       if "=" in item)
+        ranks[environ["AGX_PROCESS_ID"]], coordinator = int(pid), environ["AGX_COORDINATOR"]
+    return ranks, coordinator
+
+
+def test_a_killed_process_stops_the_whole_job_within_seconds(tmp_path):
+    launcher = start_launched(tmp_path, "train.steps=100000", "checkpoint.every=100000")
+    ranks, coordinator = launched_ranks(launcher)
     killed = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
+    os.kill(ranks["1"], signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=60)
     stopped_in = time.monotonic() - killed
     assert launcher.returncode == 128 + signal.SIGKILL, stderr
     assert "agx.launch: process 1 was killed by SIGKILL; stopping process 0" in stderr
     assert stopped_in < 15, f"the launcher took {stopped_in:.1f}s to stop the job"
     assert job_processes(coordinator) == {}, "processes of the job outlived the launcher"
+
+
+@pytest.mark.parametrize("signalled", ["launcher", "process 1 alone"])
+def test_a_stop_signal_stops_every_process_after_the_same_step_with_one_checkpoint(tmp_path, signalled):
+    launcher = start_launched(tmp_path, "train.steps=100000", "checkpoint.every=100000")
+    ranks, _ = launched_ranks(launcher)
+    if signalled == "launcher":
+        launcher.send_signal(signal.SIGTERM)  # as PBS or SLURM signal the job's launcher
+    else:
+        os.kill(ranks["1"], signal.SIGUSR1)  # the other process never hears of it but from process 1
+    stdout, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    last = max(records(tmp_path))
+    stopped = [line for line in stdout.splitlines() if "newest checkpoint is step" in line]
+    assert stopped == [f"[0] agx: {'SIGTERM' if signalled == 'launcher' else 'SIGUSR1'} at step {last}: newest "
+                       f"checkpoint is step {last}; exiting"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / str(last) / "data").glob("process_*")) == \
+        ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 def free_port() -> int:

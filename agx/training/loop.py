@@ -131,12 +131,13 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
                     raise RunError(f"{bad_in_a_row} steps in a row up to step {step} had a non-finite loss or "
                                    f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); stopping. "
                                    f"Checkpoints {checkpoints.manager.all_steps()} are intact")
+                stop_signal = stop.agreed()
                 if not bad_in_a_row:  # the newest checkpoint is always a good step
-                    checkpoints.save(step, state, loader, force=step == cfg.train.steps or bool(stop.signal_name))
-                if stop.signal_name:
+                    checkpoints.save(step, state, loader, force=step == cfg.train.steps or bool(stop_signal))
+                if stop_signal:
                     checkpoints.wait()
-                    writer.event("stopped", step=step, signal=stop.signal_name)
-                    log(f"agx: {stop.signal_name} at step {step}: newest checkpoint is step "
+                    writer.event("stopped", step=step, signal=stop_signal)
+                    log(f"agx: {stop_signal} at step {step}: newest checkpoint is step "
                         f"{checkpoints.manager.latest_step()}; exiting")
                     break
         checkpoints.wait()
