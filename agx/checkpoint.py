@@ -45,7 +45,9 @@ class Checkpoints:
         self.workdir = workdir.absolute()
         self.directory = self.workdir / "checkpoints"
         c = cfg.checkpoint
-        if not c.resume and _steps_on_disk(self.directory):  # the old run's metrics go with its checkpoints
+        stale = not c.resume and _steps_on_disk(self.directory)
+        _all_processes_here("looked at the workdir")  # before process 0 moves anything
+        if stale:  # the old run's metrics go with its checkpoints
             self._set_aside([self.directory, self.workdir / "metrics.jsonl", self.workdir / "tensorboard"],
                             "fresh-start")
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
@@ -172,18 +174,28 @@ class Checkpoints:
                 shutil.rmtree(partial, ignore_errors=True)
 
     def _set_aside(self, paths: list[Path], why: str) -> Path | None:
-        """Moves `paths` into a new folder of WORKDIR/set_aside and returns it (None: nothing moved)."""
-        paths = [p for p in paths if p.exists()]
-        if not paths or jax.process_index() != 0:
-            return None
-        destination = self.workdir / "set_aside" / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
-        destination.mkdir(parents=True, exist_ok=True)
-        for path in paths:
-            shutil.move(str(path), str(destination / path.name))
-        self.log(f"agx: moved {', '.join(p.name for p in paths)} to {destination}")
+        """Moves `paths` into a new folder of WORKDIR/set_aside and returns it (None: nothing moved).
+        Every process calls it; process 0 moves, and the others wait until it has."""
+        destination = None
+        paths = [p for p in paths if p.exists()] if jax.process_index() == 0 else []
+        if paths:
+            destination = self.workdir / "set_aside" / f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
+            destination.mkdir(parents=True, exist_ok=True)
+            for path in paths:
+                shutil.move(str(path), str(destination / path.name))
+            self.log(f"agx: moved {', '.join(p.name for p in paths)} to {destination}")
+        _all_processes_here(f"set aside {why}")
         if hasattr(self, "manager"):
             self.manager.reload()
         return destination
+
+
+def _all_processes_here(name: str) -> None:
+    """A barrier across processes (none in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"agx: {name}")
 
 
 def chunked(tree):

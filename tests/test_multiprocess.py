@@ -61,6 +61,16 @@ def test_two_launched_processes_match_one_and_their_checkpoint_resumes_in_one(re
     assert_same_steps(records(tmp_path), reference, range(11, 16))
 
 
+def test_a_fresh_start_in_two_processes_sets_the_old_run_aside_once(reference, tmp_path):
+    old = tmp_path / "old"
+    run(TRAIN, old, "train.steps=2")
+    run(LAUNCH + TRAIN, old, "train.steps=2", "checkpoint.resume=false")
+    (aside,) = (old / "set_aside").iterdir()  # one move, by process 0, before either process looked again
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "metrics.jsonl", "tensorboard"]
+    assert_same_steps(records(old), reference, [1, 2])
+    assert_same_steps(records(aside), reference, [1, 2])
+
+
 @pytest.mark.skipif(MPIEXEC is None and not os.environ.get("AGX_REQUIRE_MPI"), reason="no mpiexec here")
 def test_mpiexec_runs_two_processes_from_a_one_process_checkpoint(reference, tmp_path):
     assert MPIEXEC, "AGX_REQUIRE_MPI is set but mpiexec is missing"
@@ -266,3 +276,20 @@ def test_settings_override_the_launcher_and_a_multi_node_job_without_a_host_is_r
     assert discovered({}) == ("single", 1, 0, 0, 1, None)
     assert discovered({}, num_processes=2, process_id=1, coordinator="127.0.0.1:7") == \
         ("runtime settings", 2, 1, 0, 1, "127.0.0.1:7")
+
+
+def test_tensor_groups_that_straddle_hosts_are_found():
+    from types import SimpleNamespace
+
+    from agx.parallel.mesh import tensor_groups_across_hosts
+
+    # Two Aurora nodes, one tile per process, ranks placed node by node (as mpiexec --ppn 12 does).
+    devices = np.array([SimpleNamespace(process_index=rank) for rank in range(24)], dtype=object)
+    hosts = ["x1"] * 12 + ["x2"] * 12
+
+    def mesh(fsdp, tensor):
+        return SimpleNamespace(devices=devices.reshape(1, fsdp, tensor), shape={"data": 1, "fsdp": fsdp, "tensor": tensor})
+
+    assert tensor_groups_across_hosts(mesh(3, 8), hosts) == [{"x1", "x2"}]  # ranks 8-15
+    assert tensor_groups_across_hosts(mesh(2, 12), hosts) == []
+    assert tensor_groups_across_hosts(mesh(4, 6), hosts) == []

@@ -50,6 +50,14 @@ def build_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(mesh_utils.create_device_mesh(tuple(shape.values()), devices=np.asarray(devices).ravel()), AXES)
 
 
+def tensor_groups_across_hosts(mesh: Mesh, host_of_process) -> list[set[str]]:
+    """The hosts of each `tensor` group that spans more than one: every layer's tensor-parallel
+    all-reduces would cross the network there. `host_of_process[i]` names process i's host."""
+    groups = np.moveaxis(mesh.devices, AXES.index("tensor"), -1).reshape(-1, mesh.shape["tensor"])
+    hosts = [{host_of_process[device.process_index] for device in group} for group in groups]
+    return [h for h in hosts if len(h) > 1]
+
+
 def logical_rules(shard_over_data: bool, sequence_parallel: bool) -> tuple:
     """Logical axis -> mesh axes. Weights use 'embed'; activations use 'act_embed' and 'act_length'.
 

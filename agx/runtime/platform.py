@@ -65,6 +65,7 @@ def choose_platform(platform: str = "auto") -> None:
         if error:
             raise UserError(f"runtime.platform=xpu: the Intel XPU plugin cannot load ({error}); "
                             "load the oneAPI runtime first (on Aurora: module load frameworks)")
+        os.environ.setdefault("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")  # each tile a device (Aurora: 12 a node)
     else:
         silence_plugin_failure()
     if platform == "cuda" and not _cuda_plugin_installed():

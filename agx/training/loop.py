@@ -17,7 +17,8 @@ from agx.config import Config
 from agx.data.pipeline import make_loader
 from agx.errors import RunError, UserError
 from agx.models.configs import flops_per_token
-from agx.parallel.mesh import build_mesh
+from agx.parallel.mesh import build_mesh, tensor_groups_across_hosts
+from agx.runtime import process_hosts
 from agx.training.evaluate import Evaluator
 from agx.training.metrics import MetricsWriter, peak_tflops_per_device
 from agx.training.optimizer import lr_schedule, make_optimizer
@@ -74,6 +75,11 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
         device = mesh.devices.flat[0]
         log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh {dict(mesh.shape)} of "
             f"{mesh.devices.size} {device.platform} devices ({device.device_kind})")
+        spread = tensor_groups_across_hosts(mesh, process_hosts()) if jax.process_count() > 1 else []
+        if spread:
+            log(f"agx: warning: {len(spread)} of the {mesh.devices.size // mesh.shape['tensor']} tensor-parallel "
+                f"groups span hosts ({', '.join(sorted(spread[0]))}, ...): their all-reduces cross the network; "
+                "make mesh.tensor divide the devices per host")
         # Before the loader's workers start: on a CPU the peak is measured, and they would share its cores.
         peak, peak_source = peak_tflops_per_device(device, cfg.model.dtype, cfg.train.peak_tflops_per_device)
         log(f"agx: MFU against {peak:.4g} TFLOP/s per device ({peak_source})")
