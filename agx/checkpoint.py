@@ -19,6 +19,7 @@ are moved to WORKDIR/set_aside/.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import time
@@ -223,12 +224,12 @@ class OrbaxErrorsToFile(logging.Filter):
 
 
 def _reason(error: Exception) -> str:
-    """One short line: the OS's own words where there are some (TensorStore puts them before
-    [os_error_code=N]), else the error's first line."""
+    """One short line: for an OS error (TensorStore writes [os_error_code=N], its own words before
+    it vary and are sometimes empty), the OS's words for N; else the error's first line."""
     text = str(error).strip()
-    os_error = re.search(r"([^:\[\]]+?)\s*\[os_error_code='?(\d+)", text)
+    os_error = re.search(r"os_error_code='?(\d+)", text)
     if os_error:
-        return f"{os_error.group(1).strip()}, errno {os_error.group(2)}"
+        return f"{os.strerror(int(os_error.group(1)))}, errno {os_error.group(1)}"
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
