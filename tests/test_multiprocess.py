@@ -264,6 +264,8 @@ def test_slurm_across_nodes_takes_the_first_host_of_the_node_list():
     env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "12", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
            "SLURM_TASKS_PER_NODE": "4(x2),4", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "nid[0012-0013,0020],x1"}
     assert discovered(env) == ("SLURM", 12, 9, 1, 4, f"nid0012:{20000 + 5}")
+    assert discovered({**env, "SLURM_STEP_NUM_TASKS": "10", "SLURM_STEP_TASKS_PER_NODE": "2(x5)",
+                       "SLURM_STEP_NODELIST": "nid[0020-0024]"}) == ("SLURM", 10, 9, 1, 2, f"nid0020:{20000 + 5}")
 
 
 def test_settings_override_the_launcher_and_a_multi_node_job_without_a_host_is_refused():

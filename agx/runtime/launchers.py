@@ -155,7 +155,8 @@ def _from_openmpi(env):
 
 
 def _from_slurm(env):
-    rank, size = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+    # An srun step's own count first: a batch script's SLURM_NTASKS counts the whole allocation.
+    rank, size = _int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
     if rank is None or size is None:
         return None
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
