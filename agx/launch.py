@@ -137,7 +137,10 @@ def main(argv=None) -> int:
     def forward(signum, _frame):  # first signal: pass it on; second: stop everything now
         nonlocal stops
         stops += 1
-        job.signal_all(signum) if stops == 1 else job.kill()
+        if stops == 1:
+            job.signal_all(signum)
+        else:
+            job.kill()
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, forward)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from conftest import TINY, agx_train, env_for, one_error_line, records, sets
 
+from agx.launch import free_port
+
 # data=2 × fsdp=4: the process boundary splits the data axis, so every step all-reduces across it.
 MESH = ("mesh.data=2", "mesh.fsdp=4", "checkpoint.every=5", "eval.every=5", "eval.batches=2")
 LAUNCH = [sys.executable, "-m", "agx.launch", "--nproc", "2", "--devices-per-process", "4", "--"]
@@ -83,12 +85,17 @@ def test_mpiexec_runs_two_processes_from_a_one_process_checkpoint(reference, tmp
     assert_same_steps(records(tmp_path), reference, range(6, 11))
 
 
+def environ_of(pid) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/environ").read_text()
+    return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
+
+
 def job_processes(coordinator: str) -> dict[int, str]:
     """pid -> AGX_PROCESS_ID of every live process (trainers and their loader workers) of one job."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
-            environ = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            environ = environ_of(proc.name)
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, ValueError):
             continue
@@ -112,8 +119,7 @@ def launched_ranks(launcher) -> tuple[dict[str, int], str]:
     """{AGX_PROCESS_ID: pid} of the launcher's children, and the job's coordinator address."""
     ranks, coordinator = {}, None
     for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
-        environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
-                       if "=" in item)
+        environ = environ_of(pid)
         ranks[environ["AGX_PROCESS_ID"]], coordinator = int(pid), environ["AGX_COORDINATOR"]
     return ranks, coordinator
 
@@ -147,12 +153,6 @@ def test_a_stop_signal_stops_every_process_after_the_same_step_with_one_checkpoi
                        f"checkpoint is step {last}; exiting"]
     assert sorted(p.name for p in (tmp_path / "checkpoints" / str(last) / "data").glob("process_*")) == \
         ["process_0-of-2.json", "process_1-of-2.json"]
-
-
-def free_port() -> int:
-    from agx.launch import free_port
-
-    return free_port()
 
 
 def agx_process(rank: int, count: int, coordinator: str, timeout_s: int = 5):
