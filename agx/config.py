@@ -33,6 +33,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters, softmax and loss stay in float32
     remat: str = "none"  # activation checkpointing policy, one of REMAT_POLICIES
     scan_unroll: int = 1  # layers per iteration of the layer loop; 1 keeps compile time flat in depth
+    pipeline_repeats: int = 1  # R: chunks of layers per pipeline stage; R > 1 is the circular (interleaved) schedule
     init_std: float = 0.02
 
     @property
@@ -53,6 +54,7 @@ class MeshConfig:
     """Device mesh axes; -1 takes the devices left over. `fsdp` always shards params, grads and
     optimizer state (ZeRO-3 on that axis); `zero_stage` says what is also sharded over `data`."""
 
+    pipeline: int = 1  # pipeline stages; the layer stack is split over this axis
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
@@ -65,6 +67,7 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 32  # global sequences per step
     microbatches: int = 1  # gradient accumulation steps inside one training step
+    pipeline_microbatches: int | None = None  # M per accumulation step when mesh.pipeline > 1; None: mesh.pipeline
     seed: int = 0
     log_every: int = 1
     max_bad_steps: int = 10  # non-finite loss or grad norm this many steps in a row stops the run
@@ -155,7 +158,8 @@ class Config:
             raise UserError(f"mesh.zero_stage={self.mesh.zero_stage} must be 0, 1, 2 or 3")
         for name, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size),
                             ("train.microbatches", t.microbatches), ("model.seq_len", m.seq_len),
-                            ("model.scan_unroll", m.scan_unroll)]:
+                            ("model.scan_unroll", m.scan_unroll), ("model.pipeline_repeats", m.pipeline_repeats),
+                            ("train.pipeline_microbatches", 1 if t.pipeline_microbatches is None else t.pipeline_microbatches)]:
             if value < 1:
                 raise UserError(f"{name}={value} must be at least 1")
         c = self.checkpoint

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from agx.config import ModelConfig
+from agx.parallel import pipeline
 from agx.parallel.mesh import Layout
+from agx.parallel.pipeline import Schedule
 
 # Activation checkpointing (model.remat, named in agx.config.REMAT_POLICIES): which intermediates
 # of a layer the backward pass may keep.
@@ -116,12 +118,15 @@ def _write_at(cache_BxHxSxQ, new_BxHxTxQ, start_B):
 class GPT(nn.Module):
     cfg: ModelConfig
     layout: Layout | None = None  # None: no sharding constraints (single device, abstract shapes)
+    pipeline: Schedule | None = None  # None: the layers run in one loop on every device
+    bubble_value: float = 0.0  # what the pipeline's idle stages start from (a test sets NaN)
 
     def _layers(self, x_BxTxD, deterministic: bool, cache=None, start_B=None):
         """The block stack: one set of weights with a leading 'layers' axis, run by lax.scan.
 
         A plain scan over stacked weights (rather than nn.scan) works the same on every Flax/JAX
-        pair we support, and leaves the stack as one array per weight for later pipelining.
+        pair we support, and leaves the stack as one array per weight, which the pipeline splits
+        into stages.
         """
         cfg, L = self.cfg, self.cfg.num_layers
         dropout = bool(cfg.dropout) and not deterministic
@@ -148,9 +153,21 @@ class GPT(nn.Module):
 
         if cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=CHECKPOINT_POLICIES[cfg.remat], prevent_cse=False)
-        rngs_L = jax.random.split(self.make_rng("dropout"), L) if dropout else jnp.zeros((L,))
-        x_BxTxD, _ = jax.lax.scan(one_layer, x_BxTxD, (stack_LxW, rngs_L), unroll=cfg.scan_unroll)
-        return x_BxTxD
+
+        def run_layers(stack_lxW, x_BxTxD, rng):
+            layers = jax.tree_util.tree_leaves(stack_lxW)[0].shape[0]
+            rngs_l = jax.random.split(rng, layers) if dropout else jnp.zeros((layers,))
+            return jax.lax.scan(one_layer, x_BxTxD, (stack_lxW, rngs_l), unroll=cfg.scan_unroll)[0]
+
+        rng = self.make_rng("dropout") if dropout else None
+        if self.pipeline is None:
+            return run_layers(stack_LxW, x_BxTxD, rng)
+        logical_W = nn.get_partition_spec(jax.eval_shape(init_stack, jax.random.key(0)))
+        return pipeline.run(run_layers, stack_LxW, logical_W, x_BxTxD, self.pipeline, self._constrain, rng,
+                            bubble_value=self.bubble_value)
+
+    def _constrain(self, x, logical):
+        return x if self.layout is None else self.layout.constrain(x, logical)
 
     @nn.compact
     def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None):
@@ -160,7 +177,7 @@ class GPT(nn.Module):
         sequence's position of tokens_BxT[:, 0]; it gets (logits, updated cache) back.
         """
         cfg = self.cfg
-        constrain = (lambda x, logical: x) if self.layout is None else self.layout.constrain
+        constrain = self._constrain
         T = tokens_BxT.shape[1]
         embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32, name="wte",
                          embedding_init=_init(cfg.init_std, ("vocab", "embed")))

@@ -1,7 +1,8 @@
 """The device mesh and the table that maps logical array axes onto it.
 
 Model code names its axes ('embed', 'heads', 'batch', ...); this file alone decides where they live.
-Megatron's tensor parallelism is just rules here: 'heads' and 'mlp' on `tensor` make QKV and fc
+Pipeline stages are rules too: the stacked layers' leading axis ('layers') and the stage axis of the
+pipeline's activations ('stage') live on `pipeline`. Megatron's tensor parallelism is just rules here: 'heads' and 'mlp' on `tensor` make QKV and fc
 column-parallel and the attention output and second MLP matrix row-parallel; 'vocab' on `tensor`
 makes the embedding and the tied LM head vocab-parallel.
 """
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from agx.config import MeshConfig
 from agx.errors import UserError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("pipeline", "data", "fsdp", "tensor")  # outermost first: `tensor` on neighbouring devices
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 
 
@@ -65,6 +66,8 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool) -> tuple:
     """
     return (
         ("batch", BATCH_AXES),
+        ("layers", "pipeline"),
+        ("stage", "pipeline"),
         ("act_length", "tensor" if sequence_parallel else None),  # residual stream between blocks
         ("vocab", "tensor"),
         ("heads", "tensor"),

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from agx.config import Config
 from agx.models.gpt import GPT
 from agx.parallel.mesh import BATCH_AXES
+from agx.parallel.pipeline import plan_schedule
 from agx.parallel.zero import replicated, zero_layouts
 from agx.training.state import StatePlan, TrainState
 
@@ -32,9 +33,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
 
 
-def _loss_fn(cfg: Config, mesh: Mesh, train: bool):
-    """(params, tokens_Bx(T+1), rng) -> mean next-token loss; dropout only when training."""
-    model = GPT(cfg.model, zero_layouts(mesh, cfg.mesh).params)
+def loss_function(cfg: Config, mesh: Mesh, train: bool, bubble_value: float = 0.0):
+    """(params, tokens_Bx(T+1), rng) -> mean next-token loss; dropout only when training.
+    bubble_value: what idle pipeline stages start from (a test fills them with NaN)."""
+    model = GPT(cfg.model, zero_layouts(mesh, cfg.mesh).params, plan_schedule(cfg, dict(mesh.shape)), bubble_value)
     dropout = train and cfg.model.dropout > 0
 
     def loss_fn(params, tokens_BxT1, rng):
@@ -47,7 +49,7 @@ def _loss_fn(cfg: Config, mesh: Mesh, train: bool):
 
 def make_eval_step(cfg: Config, plan: StatePlan, mesh: Mesh):
     """Returns jitted (params, tokens_Bx(T+1)) -> mean loss."""
-    loss_fn = _loss_fn(cfg, mesh, train=False)
+    loss_fn = loss_function(cfg, mesh, train=False)
     return jax.jit(lambda params, tokens_BxT1: loss_fn(params, tokens_BxT1, None),
                    in_shardings=(plan.shardings.params, batch_sharding(mesh)), out_shardings=replicated(mesh))
 
@@ -57,7 +59,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
     """Returns jitted (state, tokens_Bx(T+1)) -> (state, metrics); the state argument is donated."""
     M = cfg.train.microbatches
     constrain_grads = lambda g: jax.lax.with_sharding_constraint(g, plan.grad_shardings)
-    loss_fn = _loss_fn(cfg, mesh, train=True)
+    loss_fn = loss_function(cfg, mesh, train=True)
 
     def step_loss(params, tokens_BxT1, rng, step):
         loss = loss_fn(params, tokens_BxT1, rng)

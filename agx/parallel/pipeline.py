@@ -1,0 +1,145 @@
+"""Pipeline parallelism over the `pipeline` mesh axis, in one SPMD program.
+
+The layer stack [L, ...] is viewed as [R, P, L/(R·P), ...], its stage axis on `pipeline`: stage s
+runs layers (r·P + s)·L/(R·P) onward in repeat r. Each iteration of one loop runs every stage at
+once on its current micro-batch (vmap over stages, spmd_axis_name='pipeline'), then rotates the
+stage outputs one stage onward, which XLA turns into collective-permutes. R = 1 is GPipe; with
+R > 1 (circular, Megatron's interleaved stages) a micro-batch leaving the last stage goes round to
+the first again, for its next repeat. The backward pass is autodiff through the loop.
+
+Micro-batches wait in an in/out buffer [P, M/P, ...] that rotates with the stages, so stage 0
+always reads and stage P-1 always writes its own shard: slot (p, k) holds micro-batch k·P + q with
+p = -q mod P, which is where stage 0 is when that micro-batch's turn comes, and where stage P-1 is
+when it comes out. Bubble iterations run on zeros and pass no gradient back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
+
+from agx.config import Config
+from agx.errors import UserError
+
+STAGE_INPUT = "pipeline_stage_input"
+# The backward pass keeps only each iteration's stage input and recomputes the stage from it.
+# (Plain jax.checkpoint of the iteration would keep its whole carry, the in/out buffer included.)
+SAVE_STAGE_INPUTS = jax.checkpoint_policies.save_only_these_names(STAGE_INPUT)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    stages: int  # P
+    microbatches: int  # M
+    repeats: int  # R
+
+    @property
+    def name(self) -> str:
+        return "gpipe" if self.repeats == 1 else "circular"
+
+    @property
+    def iterations(self) -> int:
+        return self.repeats * self.microbatches + self.stages - 1
+
+    @property
+    def bubble_fraction(self) -> float:
+        return (self.stages - 1) / self.iterations
+
+    def describe(self) -> dict:
+        return {"schedule": self.name, "stages": self.stages, "microbatches": self.microbatches,
+                "repeats": self.repeats, "bubble_fraction": round(self.bubble_fraction, 4)}
+
+
+def plan_schedule(cfg: Config, mesh_shape: dict) -> Schedule | None:
+    """The schedule of cfg on a mesh of `mesh_shape`, or None without pipeline stages. Refuses in one
+    line what the loop cannot run."""
+    P, R, L = mesh_shape["pipeline"], cfg.model.pipeline_repeats, cfg.model.num_layers
+    if P == 1:
+        return None
+    M = cfg.train.pipeline_microbatches or P
+    if L % (P * R):
+        raise UserError(f"model.num_layers={L} is not divisible by mesh.pipeline × model.pipeline_repeats = "
+                        f"{P}×{R}: every stage of every repeat needs the same number of layers")
+    if R > 1 and M < P:
+        raise UserError(f"train.pipeline_microbatches={M} is less than mesh.pipeline={P}: the circular schedule "
+                        "(model.pipeline_repeats > 1) needs at least one micro-batch per stage")
+    if M % P:
+        raise UserError(f"train.pipeline_microbatches={M} is not a multiple of mesh.pipeline={P}")
+    per_step = cfg.train.batch_size // cfg.train.microbatches
+    data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
+    if per_step % (M * data_parallel):
+        raise UserError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} = "
+                        f"{per_step} sequences do not split into {M} pipeline micro-batches divisible by "
+                        f"data×fsdp={data_parallel}")
+    return Schedule(P, M, R)
+
+
+def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, rng=None,
+        policy=SAVE_STAGE_INPUTS, bubble_value: float = 0.0):
+    """The layer stack applied to x_BxTxD by the pipeline; equal to stage_fn(stack_LxW, x_BxTxD, rng).
+
+    stage_fn(stack_lxW, x_bxTxD, rng) runs consecutive layers; logical_W holds each weight's logical
+    axes as a PartitionSpec (its first is 'layers'); constrain(x, logical) pins an array to the layout. rng (or None)
+    is folded per iteration and stage. policy: what the backward pass keeps of an iteration (None:
+plain remat, its inputs).
+    bubble_value fills the stages' inputs before their first micro-batch (a test sets NaN).
+    """
+    P, M, R = schedule.stages, schedule.microbatches, schedule.repeats
+    K = M // P
+    B, T, D = x_BxTxD.shape
+    b = B // M
+
+    def to_stages(w_LxW, logical):  # layer (r·P + s)·l + j at [r, s, j]
+        w_RxPxlxW = w_LxW.reshape(R, P, -1, *w_LxW.shape[1:])
+        return constrain(w_RxPxlxW, (None, "layers", None, *logical[1:]))
+
+    weights, treedef = jax.tree_util.tree_flatten(stack_LxW)
+    specs = jax.tree_util.tree_leaves(logical_W, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    stack_RxPxlxW = jax.tree_util.tree_unflatten(treedef, [to_stages(w, tuple(s)) for w, s in zip(weights, specs)])
+    io_logical = ("stage", None, "batch", "act_length", "act_embed")
+    state_logical = ("stage", "batch", "act_length", "act_embed")
+    # Micro-batch m takes rows m, m+M, ...: each data-parallel shard splits evenly, with no reshuffle.
+    x_MxbxTxD = x_BxTxD.reshape(b, M, T, D).swapaxes(0, 1)
+    home_P = -jnp.arange(P) % P  # slot row p holds the micro-batches k·P + (-p mod P)
+    io_PxKxbxTxD = constrain(x_MxbxTxD.reshape(K, P, b, T, D).swapaxes(0, 1)[home_P], io_logical)
+    state_PxbxTxD = constrain(jnp.full((P, b, T, D), bubble_value, x_BxTxD.dtype), state_logical)
+    stage_P = jnp.arange(P)
+
+    def run_stage(stack_RxlxW, repeat, x_bxTxD, stage_rng):
+        stack_lxW = jax.tree_util.tree_map(lambda w: jax.lax.dynamic_index_in_dim(w, repeat, keepdims=False),
+                                           stack_RxlxW)
+        return stage_fn(stack_lxW, x_bxTxD, stage_rng)
+
+    stages = jax.vmap(run_stage, in_axes=(1, 0, 0, 0), spmd_axis_name="pipeline")
+
+    def iteration(carry, t):
+        state_PxbxTxD, io_PxKxbxTxD = carry
+        # Stage 0 takes its micro-batch from the buffer; the others take what the stage before made.
+        fresh_PxbxTxD = jax.lax.dynamic_index_in_dim(io_PxKxbxTxD, (t // P) % K, axis=1, keepdims=False)
+        in_PxbxTxD = jnp.where((stage_P == 0)[:, None, None, None], fresh_PxbxTxD, state_PxbxTxD)
+        work_P = t - stage_P  # the (repeat · M + micro-batch) each stage is on
+        active_P = (work_P >= 0) & (work_P < R * M)
+        in_PxbxTxD = checkpoint_name(jnp.where(active_P[:, None, None, None], in_PxbxTxD, 0), STAGE_INPUT)
+        rng_P = jax.random.split(jax.random.fold_in(rng, t), P) if rng is not None else jnp.zeros((P,))
+        out_PxbxTxD = stages(stack_RxPxlxW, jnp.clip(work_P // M, 0, R - 1), in_PxbxTxD, rng_P)
+        out_PxbxTxD = jnp.where(active_P[:, None, None, None], out_PxbxTxD, jax.lax.stop_gradient(out_PxbxTxD))
+        # The last stage puts its finished micro-batch back in that micro-batch's slot.
+        finished = t - (P - 1)
+        write_PxK = ((stage_P == P - 1)[:, None] & (jnp.arange(K) == (finished // P) % K)[None, :]
+                     & (finished >= 0) & (finished < R * M))
+        io_PxKxbxTxD = jnp.where(write_PxK[:, :, None, None, None], out_PxbxTxD[:, None], io_PxKxbxTxD)
+        # One stage onward: stage s+1 gets stage s's output, and the buffer moves along with it.
+        state_PxbxTxD = constrain(jnp.roll(out_PxbxTxD, 1, axis=0), state_logical)
+        io_PxKxbxTxD = constrain(jnp.roll(io_PxKxbxTxD, 1, axis=0), io_logical)
+        return (state_PxbxTxD, io_PxKxbxTxD), None
+
+    iteration = jax.checkpoint(iteration, policy=policy, prevent_cse=False)
+    (_, io_PxKxbxTxD), _ = jax.lax.scan(iteration, (state_PxbxTxD, io_PxKxbxTxD), jnp.arange(schedule.iterations))
+    # Undo the rotations, then the slot order (p -> -p mod P is its own inverse).
+    io_PxKxbxTxD = jnp.roll(io_PxKxbxTxD, -schedule.iterations, axis=0)[home_P]
+    y_MxbxTxD = io_PxKxbxTxD.swapaxes(0, 1).reshape(M, b, T, D)
+    return y_MxbxTxD.swapaxes(0, 1).reshape(B, T, D)
