@@ -20,6 +20,8 @@ def dry_run(cfg: Config) -> dict:
     import jax
 
     from agx.models.configs import flops_per_token, param_count
+    from agx.parallel.pipeline import plan_schedule
+    from agx.planning.analytic import activation_bytes
     from agx.training.loop import Trainer
 
     trainer = Trainer.build(cfg)  # checks the mesh, the batch and the model's divisibility
@@ -32,7 +34,9 @@ def dry_run(cfg: Config) -> dict:
     return {"experiment": cfg.name, "params": plan.num_params, "flops_per_token": flops_per_token(cfg.model),
             "mesh": dict(mesh.shape), "devices": mesh.devices.size, "zero_stage": cfg.mesh.zero_stage,
             "param_bytes_per_device": bytes_per_device["params"],
-            "opt_state_bytes_per_device": bytes_per_device["opt_state"]}
+            "opt_state_bytes_per_device": bytes_per_device["opt_state"],
+            "activation_bytes_per_device": activation_bytes(cfg, dict(mesh.shape)),
+            "pipeline": schedule.describe() if (schedule := plan_schedule(cfg, dict(mesh.shape))) else None}
 
 
 def _shard_bytes(abstract, sharding) -> int:

@@ -6,7 +6,8 @@ real state). Activations follow Korthikanti et al. (2022), "Reducing Activation 
 Large Transformer Models", Table 2, in the compute dtype: per layer s·b·h·(34 + 5·a·s/h) bytes at
 16 bits, the 24 of the 34 in tensor-parallel regions divided by t (all 34 with sequence
 parallelism), the a·s² terms dropped by selective recompute, and only the layer input (2·s·b·h)
-kept by full recompute, which then holds one layer's activations at a time. Temporaries are the
+kept by full recompute, which then holds one layer's activations at a time. Pipeline stages keep
+each iteration's stage input instead (agx.parallel.pipeline). Temporaries are the
 float32 logits and their gradient, and the weights of one layer gathered for FSDP/ZeRO-3.
 """
 
@@ -61,29 +62,48 @@ class StateShapes:
 
 def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
     """Bytes per device: params, grads, optimizer state, activations, temporaries, total."""
-    m, zero = cfg.model, cfg.mesh.zero_stage
+    m, zero, t = cfg.model, cfg.mesh.zero_stage, mesh_shape["tensor"]
+    b = cfg.train.batch_size // cfg.train.microbatches // (mesh_shape["data"] * mesh_shape["fsdp"])
+    logits = 2 * b * m.seq_len * m.padded_vocab / t * 4  # float32 logits and their gradient
+    gathered = 0
+    if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):
+        gathered = 2 * shapes.layer_params / m.num_layers / t * 4  # a layer's weights gathered, and the next one
+    result = {"params": shapes.shard_bytes("params", zero >= 3, cfg, mesh_shape),
+              "grads": shapes.shard_bytes("params", zero >= 2, cfg, mesh_shape, itemsize=4),
+              "opt_state": shapes.shard_bytes("opt_state", zero >= 1, cfg, mesh_shape),
+              "activations": activation_bytes(cfg, mesh_shape), "temporaries": int(logits + gathered)}
+    result["total"] = sum(result.values())
+    return result
+
+
+def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
+    """Per device: what the backward pass keeps, plus the most it rebuilds at once.
+
+    With pipeline stages: every loop iteration's stage input (one micro-batch), the micro-batch
+    buffer, and one stage's layers rebuilt at a time under the model's remat policy."""
+    from agx.parallel.pipeline import plan_schedule
+
+    m = cfg.model
     t, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
     b = cfg.train.batch_size // cfg.train.microbatches // dp  # sequences per device per micro-batch
     s, h, a, L = m.seq_len, m.d_model, m.num_heads, m.num_layers
     c = DTYPE_BYTES[m.dtype] / 2  # Korthikanti's figures are for 16-bit activations
     sp = cfg.mesh.sequence_parallel
     other, tp_part, scores = (10 / t if sp else 10), 24 / t, 5 * a * s / h / t
+    layer_input = 2 * s * b * h / (t if sp else 1)
     if m.remat == "none":
         per_layer, transient = s * b * h * (other + tp_part + scores), 0
     elif m.remat == "selective":
         per_layer, transient = s * b * h * (other + tp_part), s * b * h * scores
     else:  # full: only each layer's input is kept; one layer is rebuilt at a time in the backward
-        per_layer, transient = 2 * s * b * h / (t if sp else 1), s * b * h * (other + tp_part + scores)
-    logits = 2 * b * s * m.padded_vocab / t * 4  # float32 logits and their gradient
-    gathered = 0
-    if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):
-        gathered = 2 * shapes.layer_params / L / t * 4  # a layer's weights gathered, and the next one
-    result = {"params": shapes.shard_bytes("params", zero >= 3, cfg, mesh_shape),
-              "grads": shapes.shard_bytes("params", zero >= 2, cfg, mesh_shape, itemsize=4),
-              "opt_state": shapes.shard_bytes("opt_state", zero >= 1, cfg, mesh_shape),
-              "activations": int(c * (L * per_layer + transient)), "temporaries": int(logits + gathered)}
-    result["total"] = sum(result.values())
-    return result
+        per_layer, transient = layer_input, s * b * h * (other + tp_part + scores)
+    schedule = plan_schedule(cfg, mesh_shape)
+    if schedule is None:
+        return int(c * (L * per_layer + transient))
+    P, M, R = schedule.stages, schedule.microbatches, schedule.repeats
+    kept = (schedule.iterations + M // P + 1) * layer_input / M  # stage inputs, buffer, stage outputs
+    one_stage = (L // (P * R) * per_layer + transient) / M
+    return int(c * (kept + one_stage))
 
 
 def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:

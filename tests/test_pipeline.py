@@ -1,0 +1,201 @@
+"""Pipeline parallelism: every schedule and mesh computes the loss and gradients of the plain model,
+bubbles leak nothing, the stage-input policy saves memory, stages talk by collective-permute, and
+checkpoints move between pipelined and plain layouts."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import (TINY, agx_train, assert_same_run, batch, env_for, one_error_line, records, run_steps, sets,
+                      tiny_config)
+
+from agx.parallel import pipeline
+from agx.parallel.mesh import Layout, build_mesh, logical_rules
+from agx.planning.compiled import compile_step
+from agx.training.loop import Trainer
+from agx.training.step import batch_sharding, loss_function
+
+LAYERS = 8  # divisible by every stages × repeats below
+
+# (P, R, M), the other mesh axes, ZeRO stage, sequence parallel
+CASES = [
+    ((2, 1, 2), {"data": 4}, 1, False),
+    ((4, 1, 4), {"fsdp": 2}, 3, False),
+    ((4, 1, 8), {"tensor": 2}, 1, False),
+    ((2, 2, 4), {"data": 2, "tensor": 2}, 2, False),
+    ((4, 2, 8), {"fsdp": 2}, 3, False),
+    ((2, 2, 4), {"fsdp": 2, "tensor": 2}, 3, True),
+]
+
+
+def pipelined(P, R, M, zero_stage=1, sequence_parallel=False, **mesh):
+    cfg = tiny_config(pipeline=P, zero_stage=zero_stage, sequence_parallel=sequence_parallel, **mesh)
+    cfg.model.num_layers, cfg.model.pipeline_repeats, cfg.train.pipeline_microbatches = LAYERS, R, M
+    return cfg
+
+
+def plain():
+    cfg = tiny_config()
+    cfg.model.num_layers = LAYERS
+    return cfg
+
+
+def loss_and_grads(cfg, corpus, devices, bubble_value=0.0):
+    trainer = Trainer.build(cfg, devices)
+    loss_fn = loss_function(cfg, trainer.mesh, train=False, bubble_value=bubble_value)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda params, tokens: loss_fn(params, tokens, None)),
+                             in_shardings=(trainer.plan.shardings.params, batch_sharding(trainer.mesh)))
+    loss, grads = value_and_grad(trainer.init().params, trainer.put_batch(batch(corpus, 0, cfg.train.batch_size)))
+    return float(loss), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    return loss_and_grads(plain(), corpus, jax.devices()[:1])
+
+
+def assert_same_gradients(got, want):
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    flat = jax.tree_util.tree_leaves_with_path(grads)
+    assert len(flat) == len(jax.tree_util.tree_leaves(ref_grads)) >= 16  # embeddings, every layer weight, ln_f
+    for (path, g), ref in zip(flat, jax.tree_util.tree_leaves(ref_grads)):
+        assert np.all(np.isfinite(g)), jax.tree_util.keystr(path)
+        error = np.linalg.norm(g - ref) / np.linalg.norm(ref)
+        assert error <= 1e-5, (jax.tree_util.keystr(path), error)
+
+
+@pytest.mark.parametrize("prm,mesh,zero_stage,sequence_parallel", CASES,
+                         ids=[f"P{p}R{r}M{m}-" + "-".join(f"{k}{v}" for k, v in mesh.items()) + f"-zero{z}" + ("-sp" if sp else "")
+                              for (p, r, m), mesh, z, sp in CASES])
+def test_loss_and_every_gradient_match_the_plain_model(prm, mesh, zero_stage, sequence_parallel, corpus, reference):
+    cfg = pipelined(*prm, zero_stage=zero_stage, sequence_parallel=sequence_parallel, **mesh)
+    assert_same_gradients(loss_and_grads(cfg, corpus, jax.devices()), reference)
+
+
+@pytest.mark.parametrize("prm,mesh", [((4, 2, 8), {"fsdp": 2}), ((2, 1, 2), {"data": 4})])
+def test_bubbles_filled_with_nan_leak_nothing(prm, mesh, corpus, reference):
+    """Stages that wait for their first micro-batch, or idle after their last, start from NaN here."""
+    assert_same_gradients(loss_and_grads(pipelined(*prm, **mesh), corpus, jax.devices(), bubble_value=np.nan),
+                          reference)
+
+
+@pytest.fixture(scope="module")
+def plain_run(corpus):
+    cfg = plain()
+    cfg.train.microbatches = 2
+    return run_steps(cfg, corpus, jax.devices()[:1], steps=2)
+
+
+@pytest.mark.parametrize("prm,mesh,zero_stage,remat", [((4, 2, 4), {"fsdp": 2}, 3, "full"),
+                                                       ((2, 1, 2), {"data": 2, "tensor": 2}, 1, "selective")])
+def test_training_steps_with_accumulation_and_remat_match_the_plain_model(prm, mesh, zero_stage, remat, corpus,
+                                                                          plain_run):
+    cfg = pipelined(*prm, zero_stage=zero_stage, **mesh)
+    cfg.train.microbatches, cfg.model.remat = 2, remat
+    assert_same_run(run_steps(cfg, corpus, jax.devices(), steps=2), plain_run)
+
+
+def _mlp_pipeline_temp_bytes(policy) -> tuple[int, dict]:
+    """Temp memory of grad(loss) through the pipeline for a stack of MLP layers, and the gradients."""
+    mesh = build_mesh(tiny_config(pipeline=4, data=2).mesh, jax.devices())
+    layout = Layout(mesh, logical_rules(False, False))
+    L, D, F, B, T = 8, 64, 256, 64, 128
+    schedule = pipeline.Schedule(stages=4, microbatches=16, repeats=1)
+    logical = {"w_in": jax.sharding.PartitionSpec("layers", "embed", "mlp"),
+               "w_out": jax.sharding.PartitionSpec("layers", "mlp", "embed")}
+
+    def layers(stack, x_BxTxD, rng):
+        layer = lambda x, w: (x + jnp.tanh(x @ w["w_in"]) @ w["w_out"], None)
+        return jax.lax.scan(layer, x_BxTxD, stack)[0]
+
+    def loss(stack, x_BxTxD):
+        return jnp.mean(pipeline.run(layers, stack, logical, x_BxTxD, schedule, layout.constrain, policy=policy) ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    stack = {"w_in": jax.random.normal(keys[0], (L, D, F)) / 8, "w_out": jax.random.normal(keys[1], (L, F, D)) / 16}
+    x = jax.random.normal(keys[2], (B, T, D))
+    shardings = ({k: layout.sharding(tuple(v)) for k, v in logical.items()}, layout.sharding(("batch", None, None)))
+    grad = jax.jit(jax.grad(loss), in_shardings=shardings)
+    temp = grad.lower(stack, x).compile().memory_analysis().temp_size_in_bytes
+    want = jax.grad(lambda s, x: jnp.mean(layers(s, x, None) ** 2))(stack, x)
+    return temp, jax.tree_util.tree_map(lambda g, w: float(np.linalg.norm(g - w) / np.linalg.norm(w)), grad(stack, x), want)
+
+
+def test_keeping_only_stage_inputs_takes_less_memory_than_plain_remat():
+    named, named_errors = _mlp_pipeline_temp_bytes(pipeline.SAVE_STAGE_INPUTS)
+    plain_remat, plain_errors = _mlp_pipeline_temp_bytes(None)
+    assert max(named_errors.values()) < 1e-5 and max(plain_errors.values()) < 1e-5
+    # Plain remat keeps each iteration's whole carry: the stage outputs and the micro-batch buffer
+    # (M/P = 4 micro-batches), five micro-batches an iteration against one: 4 more in each of 19.
+    micro_batch = 64 // 16 // 2 * 128 * 64 * 4  # rows per data shard × T × D × float32
+    print(f"temp bytes per device: stage inputs {named}, plain remat {plain_remat} ({plain_remat / named:.2f}x)")
+    assert plain_remat - named == pytest.approx(4 * 19 * micro_batch, rel=0.1)
+    assert named < 0.5 * plain_remat
+
+
+def test_stages_pass_activations_by_collective_permute_in_the_loop():
+    cfg = pipelined(4, 1, 4, data=2)
+    compiled = compile_step(cfg, jax.devices())
+    schedule = pipeline.plan_schedule(cfg, {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 1})
+    permutes = compiled.collectives["collective-permute"]
+    # Forward and backward, every iteration: the stage outputs and the micro-batch buffer.
+    assert permutes["count"] >= 2 * 2 * schedule.iterations
+    micro_batch = cfg.train.batch_size // schedule.microbatches // 2 * cfg.model.seq_len * cfg.model.d_model * 4
+    assert permutes["bytes"] >= 2 * 2 * schedule.iterations * micro_batch
+    assert "collective-permute" not in compile_step(tiny_config(data=8), jax.devices()).collectives
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["model.num_layers=6"], "model.num_layers=6 is not divisible by mesh.pipeline × model.pipeline_repeats = 4×1"),
+    (["train.pipeline_microbatches=6"], "train.pipeline_microbatches=6 is not a multiple of mesh.pipeline=4"),
+    (["train.pipeline_microbatches=2", "model.pipeline_repeats=2"], "train.pipeline_microbatches=2 is less than "
+     "mesh.pipeline=4: the circular schedule"),
+])
+def test_pipelines_that_cannot_run_get_one_line(settings, message):
+    result = agx_train(*TINY, "--dry-run", *sets("mesh.pipeline=4", "mesh.data=2", "model.num_layers=8", *settings),
+                       env=env_for(8))
+    assert result.returncode == 2
+    assert message in one_error_line(result)
+
+
+def test_dry_run_reports_the_schedule_and_activation_memory():
+    result = agx_train(*TINY, "--dry-run", *sets("mesh.pipeline=4", "mesh.data=2", "model.num_layers=8",
+                                                 "model.pipeline_repeats=2", "train.pipeline_microbatches=4"),
+                       env=env_for(8))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    plan = json.loads(result.stdout.splitlines()[-1])
+    assert plan["mesh"] == {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 1}
+    assert plan["pipeline"] == {"schedule": "circular", "stages": 4, "microbatches": 4, "repeats": 2,
+                                "bubble_fraction": round(3 / 11, 4)}
+    assert plan["activation_bytes_per_device"] > 0
+
+
+def test_checkpoints_move_between_pipelined_and_plain_layouts(tmp_path):
+    """Four stages to none and back: the resumed runs continue the uninterrupted one."""
+    common = [*TINY, *sets("model.num_layers=8", "checkpoint.every=3", "checkpoint.async_save=false")]
+    staged = sets("mesh.pipeline=4", "mesh.data=2", "train.pipeline_microbatches=8")
+    flat = sets("mesh.pipeline=1", "mesh.data=8")
+    first = tmp_path / "pipelined"
+    result = agx_train(*common, "--workdir", str(first), *staged, *sets("train.steps=9"), env=env_for(8))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "agx: pipeline: gpipe schedule, 4 stages, 8 micro-batches, 1 repeat(s): bubble 27.3%" in result.stdout
+    uninterrupted = records(first)
+
+    second = tmp_path / "moved"
+    shutil.copytree(first / "checkpoints", second / "checkpoints")
+    for step in ("6", "9"):
+        shutil.rmtree(second / "checkpoints" / step)
+    result = agx_train(*common, "--workdir", str(second), *flat, *sets("train.steps=6"), env=env_for(8))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = agx_train(*common, "--workdir", str(second), *staged, *sets("train.steps=9"), env=env_for(8))
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = records(second)
+    assert sorted(resumed) == [4, 5, 6, 7, 8, 9]
+    for step, record in resumed.items():
+        for key in ("loss", "grad_norm", "lr"):
+            assert record[key] == pytest.approx(uninterrupted[step][key], rel=1e-5), (step, key)
