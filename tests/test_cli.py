@@ -12,7 +12,7 @@ def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
     assert "model.num_layers = 128" in result.stdout
     plan = json.loads(result.stdout.strip().splitlines()[-1])
     assert plan["params"] == pytest.approx(1.0e12, rel=0.01)
-    assert plan["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert plan["mesh"] == {"pipeline": 1, "data": 1, "fsdp": 1, "tensor": 8}
     assert plan["flops_per_token"] > 6 * plan["params"]
     # 4 bytes per fp32 parameter, split 8 ways by tensor parallelism (LayerNorms replicated)
     assert plan["param_bytes_per_device"] == pytest.approx(4 * plan["params"] / 8, rel=0.01)

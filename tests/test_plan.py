@@ -13,6 +13,7 @@ import pytest
 from conftest import CLI_ENV
 
 from agx.config import load_experiment
+from agx.parallel.mesh import AXES
 from agx.planning import analytic
 from agx.planning.compiled import compile_step
 from agx.training.loop import Trainer
@@ -29,7 +30,7 @@ def small(*mesh):
 def both(cfg):
     shapes = analytic.StateShapes(cfg)
     compiled = compile_step(cfg)
-    shape = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    shape = {axis: getattr(cfg.mesh, axis) for axis in AXES}
     return analytic.collective_bytes(cfg, shapes, shape), compiled.collectives, shapes
 
 
@@ -60,11 +61,18 @@ def test_tensor_parallel_all_reduces_are_megatrons():
     assert compiled["all-reduce"]["bytes"] == pytest.approx(minimum["tensor-parallel all-reduce"], rel=0.01)
 
 
+def test_pipeline_sends_are_what_the_compiled_step_permutes():
+    """Forward and backward, every iteration: the stage outputs and the micro-batch buffer."""
+    minimum, compiled, _ = both(small("model.num_layers=4", "mesh.pipeline=4", "mesh.data=2",
+                                      "train.pipeline_microbatches=8"))
+    assert compiled["collective-permute"]["bytes"] == pytest.approx(minimum["pipeline send/receive"], rel=0.1)
+
+
 @pytest.mark.parametrize("mesh", [("mesh.data=1", "mesh.fsdp=8"), ("mesh.data=8", "mesh.zero_stage=1"),
                                   ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.zero_stage=3")])
 def test_planned_state_memory_is_what_a_real_run_allocates(mesh):
     cfg = small(*mesh)
-    shape = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    shape = {axis: getattr(cfg.mesh, axis) for axis in AXES}
     planned = analytic.memory(cfg, analytic.StateShapes(cfg), shape)
     state = Trainer.build(cfg).init()
     for part in ("params", "opt_state"):
@@ -88,7 +96,7 @@ def test_analytic_memory_is_within_the_margin_of_the_compiled_step(name):
     for mesh in (["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
                                                    "mesh.sequence_parallel=true"]):
         cfg = load_experiment(name, ["train.batch_size=8", *mesh])
-        shape = {"data": 1, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+        shape = {"pipeline": 1, "data": 1, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
         planned = analytic.memory(cfg, analytic.StateShapes(cfg), shape)["total"]
         ratios.append(planned / compile_step(cfg).memory["total"])
     print(name, [round(r, 3) for r in ratios])
@@ -118,12 +126,28 @@ def test_the_trillion_parameter_model_fits_on_64_aurora_nodes_planned_in_under_a
     assert elapsed < 60, elapsed
 
 
+def test_the_search_ranges_over_pipeline_stages_for_the_trillion_on_aurora(tmp_path):
+    result = plan_cli("--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64", "--search", "--no-compile",
+                      "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "search.csv")))
+    staged = [r for r in rows if int(r["pipeline"]) > 1]
+    assert {int(r["pipeline"]) for r in staged} >= {2, 4, 8, 16, 32, 64, 128}
+    assert {r["repeats"] for r in staged} == {"1", "2"} and all(int(r["pipeline_microbatches"]) > 0 for r in staged)
+    verdict = result.stdout.splitlines()[-2]
+    assert verdict.startswith("pipeline: with pipeline stages: least memory") and "Pipeline layouts" in verdict
+    least = lambda group: min(float(r["analytic_gib"]) for r in group)
+    claim = "beat them on memory" if least(staged) < least([r for r in rows if r["pipeline"] == "1"]) else \
+        "do not beat them on memory"
+    assert claim in verdict
+
+
 def test_search_writes_a_csv_and_a_plot(tmp_path):
     result = plan_cli("--experiment", "gpt3_small", "--system", "h100x8", "--nodes", "1", "--search", "--no-compile",
                       "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "search.csv")))
-    assert rows and all(int(r["data"]) * int(r["fsdp"]) * int(r["tensor"]) == int(r["devices"]) for r in rows)
+    assert rows and all(int(r["pipeline"]) * int(r["data"]) * int(r["fsdp"]) * int(r["tensor"]) == int(r["devices"]) for r in rows)
     fitting = [r for r in rows if r["fits"] == "True"]
     assert fitting and float(fitting[0]["analytic_gib"]) <= 80
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -38,11 +38,22 @@ class StateShapes:
         self.logical, self.abstract = nn.get_partition_spec(boxed), nn.meta.unbox(boxed)
         self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params))
         self.layer_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params["layers"]))
+        self._shard_bytes = {}  # a search asks for the same mesh under many settings
 
     def shard_bytes(self, part: str, sharded_over_data: bool, cfg: Config, mesh_shape: dict,
                     itemsize: int | None = None) -> int:
         """Bytes per device of `part` ('params' or 'opt_state') under the rules table; refuses a
         layout that does not divide an array, as the trainer would."""
+        key = (part, sharded_over_data, cfg.mesh.sequence_parallel, tuple(sorted(mesh_shape.items())), itemsize)
+        if key not in self._shard_bytes:
+            self._shard_bytes[key] = self._count_shard_bytes(part, sharded_over_data, cfg, mesh_shape, itemsize)
+        result = self._shard_bytes[key]
+        if isinstance(result, str):
+            raise UserError(result)
+        return result
+
+    def _count_shard_bytes(self, part, sharded_over_data, cfg, mesh_shape, itemsize) -> int | str:
+        """The bytes, or why the layout does not divide an array."""
         rules = logical_rules(sharded_over_data, cfg.mesh.sequence_parallel)
         leaves = jax.tree_util.tree_leaves_with_path(getattr(self.abstract, part))
         specs = jax.tree_util.tree_leaves(getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -53,8 +64,8 @@ class StateShapes:
                 names = () if axes is None else (axes,) if isinstance(axes, str) else axes
                 size = math.prod(mesh_shape[n] for n in names)
                 if shard[i] % size:
-                    raise UserError(f"mesh axes {axes} of size {size} do not divide dimension {shard[i]} of "
-                                    f"{jax.tree_util.keystr(path)} {tuple(array.shape)}")
+                    return (f"mesh axes {axes} of size {size} do not divide dimension {shard[i]} of "
+                            f"{jax.tree_util.keystr(path)} {tuple(array.shape)}")
                 shard[i] //= size
             total += math.prod(shard) * (itemsize or array.dtype.itemsize)
         return total
@@ -108,24 +119,36 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
 
 def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
     """The least each device must send per step for this layout (ring algorithms), by purpose."""
+    from agx.parallel.pipeline import plan_schedule
+
     m = cfg.model
-    d, f, t = mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
+    p, d, f, t = mesh_shape["pipeline"], mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
     micro = cfg.train.microbatches
+    schedule = plan_schedule(cfg, mesh_shape)
     ring = lambda n: (n - 1) / n
-    weights, layer_weights = shapes.num_params / t * 4, shapes.layer_params / t * 4  # float32, per tensor rank
+    # float32, per tensor rank; each pipeline stage holds 1/p of the layers
+    layer_weights = shapes.layer_params / p / t * 4
+    weights = layer_weights + (shapes.num_params - shapes.layer_params) / t * 4
+    # layer passes per micro-batch, bubbles included (idle stages compute on zeros)
+    passes = schedule.iterations / (schedule.repeats * schedule.microbatches) if schedule else 1
     out = {}
     gathered_over = f * (d if cfg.mesh.zero_stage == 3 else 1)
     if gathered_over > 1:  # a layer's weights are gathered in the forward and again in the backward,
         # every micro-batch; the rest (embeddings, final norm) once, and kept for the backward
-        out["weight all-gather"] = micro * (2 * layer_weights + (weights - layer_weights)) * ring(gathered_over)
+        out["weight all-gather"] = micro * (2 * passes * layer_weights + (weights - layer_weights)) * ring(gathered_over)
     if d * f > 1:  # gradients: reduce-scatter over the axes that shard them, all-reduce over the rest
         scattered = f * (d if cfg.mesh.zero_stage >= 2 else 1)
         replicated = d * f // scattered
         out["gradient reduction"] = weights * ring(scattered) + 2 * weights / scattered * ring(replicated)
         if cfg.mesh.zero_stage in (1, 2) and d > 1:  # updated shards gathered back over data
             out["updated-weight all-gather"] = weights / f * ring(d)
+    b = cfg.train.batch_size // micro // (d * f)
+    activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch
     if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head
-        b = cfg.train.batch_size // micro // (d * f)
-        activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]
-        out["tensor-parallel all-reduce"] = micro * (4 * m.num_layers + 2) * 2 * activation * ring(t)
+        out["tensor-parallel all-reduce"] = micro * (4 * m.num_layers / p * passes + 2) * 2 * activation * ring(t)
+    if schedule:  # every iteration, forward and backward: the stage outputs and the micro-batch buffer
+        K = schedule.microbatches // p
+        out["pipeline send/receive"] = micro * 2 * schedule.iterations * (1 + K) * activation / schedule.microbatches
+        if schedule.repeats > 1:  # the stored layer order regrouped for the circular schedule, and back
+            out["circular weight regrouping"] = micro * 2 * layer_weights * ring(p)
     return {k: int(v) for k, v in out.items()}

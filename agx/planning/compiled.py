@@ -3,7 +3,8 @@ mesh of simulated devices: per-device memory, and the collectives in the partiti
 
 Collective bytes are those a ring moves per device: an all-gather of an N-byte result or a
 reduce-scatter of an N-byte operand moves N·(n-1)/n, an all-reduce twice that, an all-to-all
-N·(n-1)/n, a collective-permute N. A collective inside a loop body counts once per iteration
+N·(n-1)/n, a collective-permute N times the share of devices that send (a rotation split into two
+permutes sends N once per device). A collective inside a loop body counts once per iteration
 (XLA records each loop's trip count).
 """
 
@@ -72,8 +73,9 @@ def collectives_in(hlo: str, num_devices: int) -> dict:
             children[current].append((child, int(trip.group(1)) if trip and role == "body" else 1))
         op = _INSTRUCTION.match(line)
         if op:
-            n = _group(line, num_devices)
-            per_computation[current].append((op.group(2), _payload(op.group(2), op.group(1), bool(op.group(3)), n), n))
+            kind, n = op.group(2), _group(line, num_devices)
+            factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": _senders(line) / num_devices}.get(kind, (n - 1) / n)
+            per_computation[current].append((kind, _payload(kind, op.group(1), bool(op.group(3)), n), factor))
     called = {child for kids in children.values() for child, _ in kids}
     runs = {name: 1 for name in per_computation if name not in called}  # ENTRY (and anything unreferenced)
     pending = list(runs)
@@ -85,8 +87,7 @@ def collectives_in(hlo: str, num_devices: int) -> dict:
                 pending.append(child)
     totals = {kind: {"count": 0, "bytes": 0} for kind in KINDS}
     for name, ops in per_computation.items():
-        for kind, payload, n in ops:
-            factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(kind, (n - 1) / n)
+        for kind, payload, factor in ops:
             totals[kind]["count"] += runs.get(name, 0)
             totals[kind]["bytes"] += int(runs.get(name, 0) * payload * factor)
     return {kind: t for kind, t in totals.items() if t["count"]}
@@ -105,6 +106,11 @@ def _payload(kind: str, result_type: str, asynchronous: bool, group: int) -> int
     if kind == "reduce-scatter":
         return total * group // (group + 1) * (group + 1) if asynchronous else total * group
     return total
+
+
+def _senders(line: str) -> int:
+    pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
+    return len(re.findall(r"\{\d+,\d+\}", pairs.group(1))) if pairs else 0
 
 
 def _group(line: str, num_devices: int) -> int:

@@ -1,18 +1,20 @@
 """One layout, planned: memory both ways, collective traffic, whether it fits, and a step-time
 estimate from the system's peak and bandwidths.
 
-The estimate: compute at the system's peak (plus the recomputed forward under remat), tensor-parallel
-all-reduces on the critical path at intra-node bandwidth, and the data-parallel traffic (weight
-gathers, gradient reduction) overlapped with compute, at inter-node bandwidth once the job spans
-nodes. It is a ranking aid, not a prediction: real MFU is lower.
+The estimate: compute at the system's peak (plus the recomputed forward under remat, and the
+pipeline's bubble), tensor-parallel all-reduces (at intra-node bandwidth) and pipeline sends on the
+critical path, and the data-parallel traffic (weight gathers, gradient reduction) overlapped with
+compute; pipeline and data-parallel traffic at inter-node bandwidth once the job spans nodes. It is a ranking aid, not a prediction: real MFU is lower.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from agx.config import Config
 from agx.models.configs import flops_per_token
+from agx.parallel.pipeline import plan_schedule
 from agx.planning import analytic
 from agx.planning.systems import System
 
@@ -36,6 +38,8 @@ class Plan:
         c = self.cfg
         row = {"nodes": self.nodes, "devices": self.devices, "per_node": self.devices // self.nodes, **{k: v for k, v in self.mesh.items()},
                "zero": c.mesh.zero_stage, "remat": c.model.remat, "microbatches": c.train.microbatches,
+               "pipeline_microbatches": c.train.pipeline_microbatches if self.mesh["pipeline"] > 1 else "",
+               "repeats": c.model.pipeline_repeats if self.mesh["pipeline"] > 1 else "",
                "sequence_parallel": c.mesh.sequence_parallel,
                "analytic_gib": round(self.memory["total"] / 2**30, 2),
                "compiled_gib": round(self.compiled.memory["total"] / 2**30, 2) if self.compiled else "",
@@ -47,16 +51,21 @@ def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: 
                 nodes: int | None = None) -> Plan:
     """`nodes`: when the mesh leaves some of their devices idle. Raises UserError when the layout does
     not divide the model."""
-    devices = shape["data"] * shape["fsdp"] * shape["tensor"]
+    devices = math.prod(shape.values())
     memory = analytic.memory(cfg, shapes, shape)
     collectives = analytic.collective_bytes(cfg, shapes, shape)
     flops = flops_per_token(cfg.model) * cfg.train.batch_size * cfg.model.seq_len
-    compute_s = flops * RECOMPUTE[cfg.model.remat] / (devices * system.peak_tflops * 1e12)
+    schedule = plan_schedule(cfg, shape)
+    work = RECOMPUTE[cfg.model.remat]
+    if schedule:  # the stage is run once more from its saved input; bubbles idle every stage
+        work = (work + 1 / 3) / (1 - schedule.bubble_fraction)
+    compute_s = flops * work / (devices * system.peak_tflops * 1e12)
     nodes = nodes or max(1, -(-devices // system.devices_per_node))
     tp_link = system.intra_node_gbs if shape["tensor"] <= system.devices_per_node else system.inter_node_gbs
     dp_link = system.inter_node_gbs if nodes > 1 else system.intra_node_gbs
-    tp_s = collectives.get("tensor-parallel all-reduce", 0) / (tp_link * 1e9)
-    dp_s = sum(v for k, v in collectives.items() if k != "tensor-parallel all-reduce") / (dp_link * 1e9)
-    step_s = compute_s + tp_s + max(0.0, dp_s - compute_s)
+    critical = ("tensor-parallel all-reduce", "pipeline send/receive")
+    critical_s = collectives.get(critical[0], 0) / (tp_link * 1e9) + collectives.get(critical[1], 0) / (dp_link * 1e9)
+    dp_s = sum(v for k, v in collectives.items() if k not in critical) / (dp_link * 1e9)
+    step_s = compute_s + critical_s + max(0.0, dp_s - compute_s)
     mfu = flops / (devices * system.peak_tflops * 1e12 * step_s)
     return Plan(cfg, shape, devices, nodes, memory, collectives, step_s, mfu, memory["total"] <= system.memory_bytes)

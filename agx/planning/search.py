@@ -47,7 +47,8 @@ def compile_equivalent(cfg: Config, shape: dict):
 
 def _with_mesh(cfg: Config, shape: dict, **changes) -> Config:
     out = copy.deepcopy(cfg)
-    out.mesh.data, out.mesh.fsdp, out.mesh.tensor = shape["data"], shape["fsdp"], shape["tensor"]
+    for axis, size in shape.items():
+        setattr(out.mesh, axis, size)
     for key, value in changes.items():
         section, field = key.split("__")
         setattr(getattr(out, section), field, value)
@@ -55,15 +56,15 @@ def _with_mesh(cfg: Config, shape: dict, **changes) -> Config:
 
 
 def run_plan(cfg: Config, system: System, nodes: int, compile_: bool):
-    from agx.parallel.mesh import mesh_shape
+    from agx.parallel.mesh import AXES, mesh_shape
     from agx.planning.analytic import StateShapes
     from agx.planning.estimate import plan_layout
 
     available = nodes * system.devices_per_node
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    devices = math.prod(sizes) if -1 not in sizes else available  # a full mesh may leave devices idle
+    sizes = {axis: getattr(cfg.mesh, axis) for axis in AXES}
+    devices = math.prod(sizes.values()) if -1 not in sizes.values() else available  # a full mesh may leave devices idle
     if devices > available or devices % nodes:
-        raise UserError(f"mesh data={sizes[0]},fsdp={sizes[1]},tensor={sizes[2]} does not spread evenly over "
+        raise UserError(f"mesh {','.join(f'{a}={n}' for a, n in sizes.items())} does not spread evenly over "
                         f"{nodes} {system.name} node(s) of {system.devices_per_node} devices")
     shape = mesh_shape(cfg.mesh, devices)
     plan = plan_layout(cfg, StateShapes(cfg), shape, system, nodes)
@@ -76,18 +77,33 @@ def run_plan(cfg: Config, system: System, nodes: int, compile_: bool):
 
 
 def candidates(cfg: Config, devices: int, system: System):
-    """Every layout of `devices` worth trying: tensor within a node and dividing the heads."""
+    """Every layout of `devices` worth trying: tensor within a node and dividing the heads; pipeline
+    stages dividing the layers, with 1-4 micro-batches per stage and 1 or 2 repeats."""
     divisors = [n for n in range(1, devices + 1) if devices % n == 0]
-    for t in [n for n in divisors if n <= system.devices_per_node and cfg.model.num_heads % n == 0]:
-        for f in [n for n in divisors if (devices // t) % n == 0]:
-            d = devices // t // f
-            per_replica = cfg.train.batch_size // (d * f) if cfg.train.batch_size % (d * f) == 0 else 0
-            for zero in ((0, 1, 3) if d > 1 else (3,)):
-                for remat in ("none", "selective", "full"):
-                    for micro in [2**i for i in range(7) if per_replica and per_replica % 2**i == 0]:
-                        yield _with_mesh(cfg, {"data": d, "fsdp": f, "tensor": t}, mesh__zero_stage=zero,
-                                         model__remat=remat, train__microbatches=micro,
-                                         mesh__sequence_parallel=t > 1)
+    for p in [n for n in divisors if cfg.model.num_layers % n == 0]:
+        for t in [n for n in divisors if n <= system.devices_per_node and cfg.model.num_heads % n == 0
+                  and (devices // p) % n == 0]:
+            for f in [n for n in divisors if (devices // p // t) % n == 0]:
+                d = devices // p // t // f
+                per_replica = cfg.train.batch_size // (d * f) if cfg.train.batch_size % (d * f) == 0 else 0
+                for zero in ((0, 1, 3) if d > 1 else (3,)):
+                    for remat in ("none", "selective", "full"):
+                        for micro in [2**i for i in range(7) if per_replica and per_replica % 2**i == 0]:
+                            for stages in _pipeline_choices(cfg, p, per_replica // micro):
+                                yield _with_mesh(cfg, {"pipeline": p, "data": d, "fsdp": f, "tensor": t},
+                                                 mesh__zero_stage=zero, model__remat=remat,
+                                                 train__microbatches=micro, mesh__sequence_parallel=t > 1, **stages)
+
+
+def _pipeline_choices(cfg: Config, p: int, sequences: int):
+    """(model.pipeline_repeats, train.pipeline_microbatches) to try for p stages, as settings."""
+    if p == 1:
+        yield {}
+        return
+    for repeats in (1, 2):
+        for per_stage in (1, 2, 4):
+            if cfg.model.num_layers % (p * repeats) == 0 and sequences % (p * per_stage) == 0:
+                yield {"model__pipeline_repeats": repeats, "train__pipeline_microbatches": p * per_stage}
 
 
 def plans_for(cfg: Config, shapes, system: System, nodes: int) -> list:
@@ -95,13 +111,14 @@ def plans_for(cfg: Config, shapes, system: System, nodes: int) -> list:
     Besides all of each node's devices, the largest power of two of them is tried: a model whose
     dimensions have no factor the node's device count has (3, on Aurora's 12 tiles) may only shard
     evenly over fewer."""
+    from agx.parallel.mesh import AXES
     from agx.planning.estimate import plan_layout
 
     plans = []
     per_node = {system.devices_per_node, 2 ** int(math.log2(system.devices_per_node))}
     for used in sorted(per_node, reverse=True):
         for candidate in candidates(cfg, nodes * used, system):
-            shape = {"data": candidate.mesh.data, "fsdp": candidate.mesh.fsdp, "tensor": candidate.mesh.tensor}
+            shape = {axis: getattr(candidate.mesh, axis) for axis in AXES}
             try:
                 plans.append(plan_layout(candidate, shapes, shape, system, nodes))
             except UserError:  # this layout does not divide the model
@@ -140,12 +157,13 @@ def run_search(cfg: Config, system: System, nodes: int | None, top: int, output:
     how = "confirmed by compiling" if compile_ else "by the analytic figure"
     lines.append(f"{cfg.name} on {system.name}: {len(plans)} layouts of {n} node(s) divide the model and the batch; "
                  f"{len(fitting)} shown fit, {how} (the 16-bytes-a-parameter floor is {bound} nodes)")
-    header = ["nodes", "per_node", "data", "fsdp", "tensor", "zero", "remat", "microbatches", "analytic_gib", "compiled_gib",
-              "step_s", "mfu"]
+    header = ["nodes", "per_node", "pipeline", "data", "fsdp", "tensor", "zero", "remat", "microbatches",
+              "pipeline_microbatches", "repeats", "analytic_gib", "compiled_gib", "step_s", "mfu"]
     lines.append("  ".join(f"{h:>12}" for h in header))
     for p in (fitting or plans)[:top]:  # none fit: the least memory first
         row = p.row()
         lines.append("  ".join(f"{str(row[h]):>12}" for h in header))
+    lines.append(_pipeline_verdict(plans))
     if output:
         output.mkdir(parents=True, exist_ok=True)
         with open(output / "search.csv", "w", newline="") as f:
@@ -160,6 +178,29 @@ def run_search(cfg: Config, system: System, nodes: int | None, top: int, output:
         _plot(sorted(curve), system, cfg.name, output / "memory.png")
         lines.append(f"wrote {output / 'search.csv'} and {output / 'memory.png'}")
     return "\n".join(lines)
+
+
+def _pipeline_verdict(plans) -> str:
+    """Whether pipeline stages beat fsdp/tensor alone here: least memory, and fastest that fits."""
+    sides = {}
+    for staged in (False, True):
+        group = [p for p in plans if (p.mesh["pipeline"] > 1) == staged]
+        fitting = [p for p in group if p.fits]
+        sides[staged] = (min((p.memory["total"] for p in group), default=None),
+                         min(fitting, key=lambda p: p.step_s) if fitting else None)
+    if sides[True][0] is None:
+        return "pipeline: no layout with pipeline stages divides the model and the batch here"
+    words = []
+    for what, staged in (("with pipeline stages", True), ("without", False)):
+        memory, fastest = sides[staged]
+        best = (f"fastest fitting {fastest.step_s:.3g} s (pipeline={fastest.mesh['pipeline']}, "
+                f"tensor={fastest.mesh['tensor']}, fsdp={fastest.mesh['fsdp']}, data={fastest.mesh['data']})"
+                if fastest else "none fits")
+        words.append(f"{what}: least memory {memory / 2**30:.1f} GiB, {best}")
+    (staged_memory, staged_fast), (flat_memory, flat_fast) = sides[True], sides[False]
+    faster = staged_fast is not None and (flat_fast is None or staged_fast.step_s < flat_fast.step_s)
+    return (f"pipeline: {'; '.join(words)}. Pipeline layouts {'beat' if faster else 'do not beat'} fsdp/tensor "
+            f"alone on estimated step time and {'beat' if staged_memory < flat_memory else 'do not beat'} them on memory")
 
 
 def _plot(curve, system: System, name: str, path: Path) -> None:
