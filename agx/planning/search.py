@@ -78,7 +78,7 @@ def run_plan(cfg: Config, system: System, nodes: int, compile_: bool):
 
 def candidates(cfg: Config, devices: int, system: System):
     """Every layout of `devices` worth trying: tensor within a node and dividing the heads; pipeline
-    stages dividing the layers, with 1-4 micro-batches per stage and 1 or 2 repeats."""
+    stages dividing the layers, with 1-16 micro-batches per stage and 1 or 2 repeats."""
     divisors = [n for n in range(1, devices + 1) if devices % n == 0]
     for p in [n for n in divisors if cfg.model.num_layers % n == 0]:
         for t in [n for n in divisors if n <= system.devices_per_node and cfg.model.num_heads % n == 0
@@ -101,7 +101,7 @@ def _pipeline_choices(cfg: Config, p: int, sequences: int):
         yield {}
         return
     for repeats in (1, 2):
-        for per_stage in (1, 2, 4):
+        for per_stage in (1, 2, 4, 8, 16):
             if cfg.model.num_layers % (p * repeats) == 0 and sequences % (p * per_stage) == 0:
                 yield {"model__pipeline_repeats": repeats, "train__pipeline_microbatches": p * per_stage}
 
