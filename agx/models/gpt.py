@@ -194,11 +194,12 @@ class GPT(nn.Module):
             x_BxTxD = self._layers(x_BxTxD, deterministic)
         else:
             x_BxTxD, cache = self._layers(x_BxTxD, deterministic, cache, start_B)
-        x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
+        # The final norm, the head and the loss are split over the pipeline's devices as well.
+        x_BxTxD = _layer_norm(cfg, "ln_f")(constrain(x_BxTxD, ("head_batch", "act_length", "act_embed")))
         # Tied, vocab-parallel LM head, as one 2-D matmul: XLA's CPU backend then computes the
         # weight gradient without a transposed copy of the [B·T, V] logit gradient.
         B = x_BxTxD.shape[0]
         logits_BTxV = embed.attend(x_BxTxD.reshape(B * T, cfg.d_model)).astype(jnp.float32)
         logits_BxTxV = logits_BTxV.reshape(B, T, cfg.padded_vocab)
-        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "vocab"))
+        logits_BxTxV = constrain(logits_BxTxV, ("head_batch", "length", "vocab"))
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)

@@ -66,6 +66,7 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool) -> tuple:
     """
     return (
         ("batch", BATCH_AXES),
+        ("head_batch", ("pipeline", *BATCH_AXES)),  # after the layers: the head is split over stages too
         ("layers", "pipeline"),
         ("stage", "pipeline"),
         ("act_length", "tensor" if sequence_parallel else None),  # residual stream between blocks

@@ -104,10 +104,11 @@ plain remat, its inputs).
     state_logical = ("stage", "batch", "act_length", "act_embed")
     # Micro-batch m takes rows m, m+M, ...: each data-parallel shard splits evenly, with no reshuffle.
     x_MxbxTxD = x_BxTxD.reshape(b, M, T, D).swapaxes(0, 1)
-    # Slot row p holds the micro-batches k·P + (-p mod P). Rows are picked by static slices of the
-    # replicated input: an indexed gather would be partitioned into an all-reduce.
+    # Slot row p holds the micro-batches k·P + (-p mod P): the rows reversed, then rotated by one.
+    # (Reversal and rotation partition into local slices and collective-permutes; an indexed
+    # gather would become an all-reduce.)
     x_PxKxbxTxD = x_MxbxTxD.reshape(K, P, b, T, D).swapaxes(0, 1)
-    io_PxKxbxTxD = constrain(_rows(x_PxKxbxTxD, [-p % P for p in range(P)]), io_logical)
+    io_PxKxbxTxD = constrain(jnp.roll(jnp.flip(x_PxKxbxTxD, 0), 1, axis=0), io_logical)
     state_PxbxTxD = constrain(jnp.full((P, b, T, D), bubble_value, x_BxTxD.dtype), state_logical)
     stage_P = jnp.arange(P)
 
@@ -141,13 +142,8 @@ plain remat, its inputs).
 
     iteration = jax.checkpoint(iteration, policy=policy, prevent_cse=False)
     (_, io_PxKxbxTxD), _ = jax.lax.scan(iteration, (state_PxbxTxD, io_PxKxbxTxD), jnp.arange(schedule.iterations))
-    # Every stage needs the result (the head is not pipelined): gather the buffer, then undo the
-    # rotations and the slot order locally. Micro-batches k·P + q are now in row (N - q) mod P.
-    io_PxKxbxTxD = constrain(io_PxKxbxTxD, (None, *io_logical[1:]))
-    io_PxKxbxTxD = _rows(io_PxKxbxTxD, [(schedule.iterations - q) % P for q in range(P)])
+    # Micro-batches k·P + q are now in row (N - q) mod P: reverse, rotate by N + 1.
+    io_PxKxbxTxD = jnp.roll(jnp.flip(io_PxKxbxTxD, 0), schedule.iterations + 1, axis=0)
     y_MxbxTxD = io_PxKxbxTxD.swapaxes(0, 1).reshape(M, b, T, D)
     return y_MxbxTxD.swapaxes(0, 1).reshape(B, T, D)
 
-
-def _rows(x, order: list[int]):
-    return jnp.concatenate([x[i:i + 1] for i in order])

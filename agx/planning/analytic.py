@@ -8,7 +8,8 @@ Large Transformer Models", Table 2, in the compute dtype: per layer s·b·h·(34
 parallelism), the a·s² terms dropped by selective recompute, and only the layer input (2·s·b·h)
 kept by full recompute, which then holds one layer's activations at a time. Pipeline stages keep
 each iteration's stage input instead (agx.parallel.pipeline). Temporaries are the
-float32 logits and their gradient, and the weights of one layer gathered for FSDP/ZeRO-3.
+float32 logits and their gradient (split over pipeline stages as well), and the weights of one layer
+gathered for FSDP/ZeRO-3.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
     """Bytes per device: params, grads, optimizer state, activations, temporaries, total."""
     m, zero, t = cfg.model, cfg.mesh.zero_stage, mesh_shape["tensor"]
     b = cfg.train.batch_size // cfg.train.microbatches // (mesh_shape["data"] * mesh_shape["fsdp"])
-    logits = 2 * b * m.seq_len * m.padded_vocab / t * 4  # float32 logits and their gradient
+    # float32 logits and their gradient; the head is split over pipeline stages too
+    logits = 2 * b * m.seq_len * m.padded_vocab / t / mesh_shape["pipeline"] * 4
     gathered = 0
     if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):
         gathered = 2 * shapes.layer_params / m.num_layers / t * 4  # a layer's weights gathered, and the next one
