@@ -19,6 +19,7 @@ from agx.errors import UserError
 REMAT_POLICIES = ("none", "full", "selective")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PLATFORMS = ("auto", "xpu", "cuda", "cpu")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # gpipe becomes circular with model.pipeline_repeats > 1
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     batch_size: int = 32  # global sequences per step
     microbatches: int = 1  # gradient accumulation steps inside one training step
     pipeline_microbatches: int | None = None  # M per accumulation step when mesh.pipeline > 1; None: mesh.pipeline
+    pipeline_schedule: str = "gpipe"  # one of PIPELINE_SCHEDULES
     seed: int = 0
     log_every: int = 1
     max_bad_steps: int = 10  # non-finite loss or grad norm this many steps in a row stops the run
@@ -154,6 +156,8 @@ class Config:
             raise UserError(f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if m.dtype not in COMPUTE_DTYPES:
             raise UserError(f"model.dtype={m.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if t.pipeline_schedule not in PIPELINE_SCHEDULES:
+            raise UserError(f"train.pipeline_schedule={t.pipeline_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
         if self.mesh.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"mesh.zero_stage={self.mesh.zero_stage} must be 0, 1, 2 or 3")
         for name, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size),

@@ -19,20 +19,23 @@ from agx.training.step import batch_sharding, loss_function
 
 LAYERS = 8  # divisible by every stages × repeats below
 
-# (P, R, M), the other mesh axes, ZeRO stage, sequence parallel
+# (P, R, M), the other mesh axes, ZeRO stage, sequence parallel, schedule
 CASES = [
-    ((2, 1, 2), {"data": 4}, 1, False),
-    ((4, 1, 4), {"fsdp": 2}, 3, False),
-    ((4, 1, 8), {"tensor": 2}, 1, False),
-    ((2, 2, 4), {"data": 2, "tensor": 2}, 2, False),
-    ((4, 2, 8), {"fsdp": 2}, 3, False),
-    ((2, 2, 4), {"fsdp": 2, "tensor": 2}, 3, True),
+    ((2, 1, 2), {"data": 4}, 1, False, "gpipe"),
+    ((4, 1, 4), {"fsdp": 2}, 3, False, "gpipe"),
+    ((4, 1, 8), {"tensor": 2}, 1, False, "gpipe"),
+    ((2, 2, 4), {"data": 2, "tensor": 2}, 2, False, "gpipe"),
+    ((4, 2, 8), {"fsdp": 2}, 3, False, "gpipe"),
+    ((2, 2, 4), {"fsdp": 2, "tensor": 2}, 3, True, "gpipe"),
+    ((4, 1, 8), {"data": 2}, 1, False, "1f1b"),
+    ((2, 1, 4), {"fsdp": 2, "tensor": 2}, 3, True, "1f1b"),
 ]
 
 
-def pipelined(P, R, M, zero_stage=1, sequence_parallel=False, **mesh):
+def pipelined(P, R, M, zero_stage=1, sequence_parallel=False, schedule="gpipe", **mesh):
     cfg = tiny_config(pipeline=P, zero_stage=zero_stage, sequence_parallel=sequence_parallel, **mesh)
     cfg.model.num_layers, cfg.model.pipeline_repeats, cfg.train.pipeline_microbatches = LAYERS, R, M
+    cfg.train.pipeline_schedule = schedule
     return cfg
 
 
@@ -44,7 +47,7 @@ def plain():
 
 def loss_and_grads(cfg, corpus, devices, bubble_value=0.0):
     trainer = Trainer.build(cfg, devices)
-    loss_fn = loss_function(cfg, trainer.mesh, train=False, bubble_value=bubble_value)
+    loss_fn = loss_function(cfg, trainer.mesh, train=True, bubble_value=bubble_value)
     value_and_grad = jax.jit(jax.value_and_grad(lambda params, tokens: loss_fn(params, tokens, None)),
                              in_shardings=(trainer.plan.shardings.params, batch_sharding(trainer.mesh)))
     loss, grads = value_and_grad(trainer.init().params, trainer.put_batch(batch(corpus, 0, cfg.train.batch_size)))
@@ -67,11 +70,12 @@ def assert_same_gradients(got, want):
         assert error <= 1e-5, (jax.tree_util.keystr(path), error)
 
 
-@pytest.mark.parametrize("prm,mesh,zero_stage,sequence_parallel", CASES,
-                         ids=[f"P{p}R{r}M{m}-" + "-".join(f"{k}{v}" for k, v in mesh.items()) + f"-zero{z}" + ("-sp" if sp else "")
-                              for (p, r, m), mesh, z, sp in CASES])
-def test_loss_and_every_gradient_match_the_plain_model(prm, mesh, zero_stage, sequence_parallel, corpus, reference):
-    cfg = pipelined(*prm, zero_stage=zero_stage, sequence_parallel=sequence_parallel, **mesh)
+@pytest.mark.parametrize("prm,mesh,zero_stage,sequence_parallel,schedule", CASES,
+                         ids=[f"{s}-P{p}R{r}M{m}-" + "-".join(f"{k}{v}" for k, v in mesh.items()) + f"-zero{z}" + ("-sp" if sp else "")
+                              for (p, r, m), mesh, z, sp, s in CASES])
+def test_loss_and_every_gradient_match_the_plain_model(prm, mesh, zero_stage, sequence_parallel, schedule, corpus,
+                                                       reference):
+    cfg = pipelined(*prm, zero_stage=zero_stage, sequence_parallel=sequence_parallel, schedule=schedule, **mesh)
     assert_same_gradients(loss_and_grads(cfg, corpus, jax.devices()), reference)
 
 
@@ -89,11 +93,14 @@ def plain_run(corpus):
     return run_steps(cfg, corpus, jax.devices()[:1], steps=2)
 
 
-@pytest.mark.parametrize("prm,mesh,zero_stage,remat", [((4, 2, 4), {"fsdp": 2}, 3, "full"),
-                                                       ((2, 1, 2), {"data": 2, "tensor": 2}, 1, "selective")])
-def test_training_steps_with_accumulation_and_remat_match_the_plain_model(prm, mesh, zero_stage, remat, corpus,
-                                                                          plain_run):
-    cfg = pipelined(*prm, zero_stage=zero_stage, **mesh)
+@pytest.mark.parametrize("prm,mesh,zero_stage,remat,schedule", [
+    ((4, 2, 4), {"fsdp": 2}, 3, "full", "gpipe"),
+    ((2, 1, 2), {"data": 2, "tensor": 2}, 1, "selective", "gpipe"),
+    ((4, 1, 4), {"data": 2}, 2, "full", "1f1b"),
+])
+def test_training_steps_with_accumulation_and_remat_match_the_plain_model(prm, mesh, zero_stage, remat, schedule,
+                                                                          corpus, plain_run):
+    cfg = pipelined(*prm, zero_stage=zero_stage, schedule=schedule, **mesh)
     cfg.train.microbatches, cfg.model.remat = 2, remat
     assert_same_run(run_steps(cfg, corpus, jax.devices(), steps=2), plain_run)
 
@@ -136,15 +143,33 @@ def test_keeping_only_stage_inputs_takes_less_memory_than_plain_remat():
     assert named < 0.5 * plain_remat
 
 
-def test_stages_pass_activations_by_collective_permute_in_the_loop():
-    cfg = pipelined(4, 1, 4, data=2)
+def _step_temp_bytes(schedule: str) -> int:
+    cfg = pipelined(4, 1, 32, data=2, schedule=schedule)
+    cfg.model.d_model, cfg.model.seq_len, cfg.train.batch_size = 128, 128, 64
+    return compile_step(cfg, jax.devices()).memory["temporaries"]
+
+
+def test_one_f_one_b_keeps_fewer_stage_inputs_than_gpipe():
+    """With M = 32 micro-batches on 4 stages, GPipe keeps 35 stage inputs a device, 1F1B at most 7."""
+    gpipe, one_f_one_b = _step_temp_bytes("gpipe"), _step_temp_bytes("1f1b")
+    print(f"compiled temp bytes per device: gpipe {gpipe}, 1f1b {one_f_one_b} ({one_f_one_b / gpipe:.2f}x)")
+    assert one_f_one_b < 0.85 * gpipe
+
+
+@pytest.mark.parametrize("schedule,sent", [("gpipe", 2), ("1f1b", 1)])
+def test_stages_pass_activations_by_collective_permute_in_the_loop(schedule, sent):
+    """GPipe: forward and backward, every iteration, the stage outputs and the micro-batch buffer
+    (here one micro-batch). 1F1B: every tick, the forward outputs onward and the gradients back."""
+    cfg = pipelined(4, 1, 4, data=2, schedule=schedule)
     compiled = compile_step(cfg, jax.devices())
-    schedule = pipeline.plan_schedule(cfg, {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 1})
+    loop = pipeline.plan_schedule(cfg, {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 1})
     permutes = compiled.collectives["collective-permute"]
-    # Forward and backward, every iteration: the stage outputs and the micro-batch buffer.
-    assert permutes["count"] >= 2 * 2 * schedule.iterations
-    micro_batch = cfg.train.batch_size // schedule.microbatches // 2 * cfg.model.seq_len * cfg.model.d_model * 4
-    assert permutes["bytes"] >= 2 * 2 * schedule.iterations * micro_batch
+    assert permutes["count"] >= 2 * sent * loop.iterations
+    micro_batch = cfg.train.batch_size // loop.microbatches // 2 * cfg.model.seq_len * cfg.model.d_model * 4
+    assert permutes["bytes"] >= 2 * sent * loop.iterations * micro_batch
+
+
+def test_no_pipeline_no_collective_permute():
     assert "collective-permute" not in compile_step(tiny_config(data=8), jax.devices()).collectives
 
 
@@ -153,6 +178,9 @@ def test_stages_pass_activations_by_collective_permute_in_the_loop():
     (["train.pipeline_microbatches=6"], "train.pipeline_microbatches=6 is not a multiple of mesh.pipeline=4"),
     (["train.pipeline_microbatches=2", "model.pipeline_repeats=2"], "train.pipeline_microbatches=2 is less than "
      "mesh.pipeline=4: the circular schedule"),
+    (["train.pipeline_schedule=1f1b", "model.pipeline_repeats=2"], "train.pipeline_schedule=1f1b takes "
+     "model.pipeline_repeats=1 and model.dropout=0"),
+    (["train.pipeline_schedule=interleaved"], "train.pipeline_schedule='interleaved' is not one of gpipe, 1f1b"),
 ])
 def test_pipelines_that_cannot_run_get_one_line(settings, message):
     result = agx_train(*TINY, "--dry-run", *sets("mesh.pipeline=4", "mesh.data=2", "model.num_layers=8", *settings),

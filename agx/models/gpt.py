@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from agx.config import ModelConfig
-from agx.parallel import pipeline
+from agx.models.loss import cross_entropy
+from agx.parallel import one_f_one_b, pipeline
 from agx.parallel.mesh import Layout
 from agx.parallel.pipeline import Schedule
 
@@ -37,7 +38,7 @@ def _zeros(axes: tuple):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+def _layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype, param_dtype=jnp.float32, name=name,
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                         bias_init=_zeros(("embed",)))
@@ -121,31 +122,28 @@ class GPT(nn.Module):
     pipeline: Schedule | None = None  # None: the layers run in one loop on every device
     bubble_value: float = 0.0  # what the pipeline's idle stages start from (a test sets NaN)
 
-    def _layers(self, x_BxTxD, deterministic: bool, cache=None, start_B=None):
+    def _init_stack(self, rng):
         """The block stack: one set of weights with a leading 'layers' axis, run by lax.scan.
 
         A plain scan over stacked weights (rather than nn.scan) works the same on every Flax/JAX
         pair we support, and leaves the stack as one array per weight, which the pipeline splits
         into stages.
         """
-        cfg, L = self.cfg, self.cfg.num_layers
+        cfg = self.cfg
+        x_1xTxD = jnp.zeros((1, cfg.seq_len, cfg.d_model), cfg.dtype)
+        init_one = lambda key: Block(cfg, None, True).init(key, x_1xTxD)["params"]
+        stacked = jax.vmap(init_one)(jax.random.split(rng, cfg.num_layers))
+        return jax.tree_util.tree_map(lambda box: box.replace(names=("layers",) + box.names), stacked,
+                                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+    def _stack_axes(self):
+        return nn.get_partition_spec(jax.eval_shape(self._init_stack, jax.random.key(0)))
+
+    def _run_layers(self, deterministic: bool):
+        """(stack_lxW, x_BxTxD, rng) -> x_BxTxD: consecutive layers of the stack, by lax.scan."""
+        cfg = self.cfg
         dropout = bool(cfg.dropout) and not deterministic
-
-        def init_stack(rng):
-            x_1xTxD = jnp.zeros((1, cfg.seq_len, cfg.d_model), cfg.dtype)
-            init_one = lambda key: Block(cfg, None, True).init(key, x_1xTxD)["params"]
-            stacked = jax.vmap(init_one)(jax.random.split(rng, L))
-            return jax.tree_util.tree_map(lambda box: box.replace(names=("layers",) + box.names), stacked,
-                                          is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-        stack_LxW = self.param("layers", init_stack)
-        block = Block(cfg, self.layout, not dropout)
-        if cache is not None:  # sampling: each layer reads and returns its slice of the stacked cache
-            def cached_layer(x_BxTxD, params_and_cache):
-                params, layer_cache = params_and_cache
-                return block.apply({"params": params}, x_BxTxD, layer_cache, start_B)
-
-            return jax.lax.scan(cached_layer, x_BxTxD, (stack_LxW, cache))
+        block = Block(cfg, self.layout, not dropout, parent=None)
 
         def one_layer(x_BxTxD, params_and_rng):
             params, rng = params_and_rng
@@ -159,34 +157,68 @@ class GPT(nn.Module):
             rngs_l = jax.random.split(rng, layers) if dropout else jnp.zeros((layers,))
             return jax.lax.scan(one_layer, x_BxTxD, (stack_lxW, rngs_l), unroll=cfg.scan_unroll)[0]
 
-        rng = self.make_rng("dropout") if dropout else None
+        return run_layers
+
+    def _layers(self, x_BxTxD, deterministic: bool, cache=None, start_B=None):
+        stack_LxW = self.param("layers", self._init_stack)
+        if cache is not None:  # sampling: each layer reads and returns its slice of the stacked cache
+            block = Block(self.cfg, self.layout, True, parent=None)
+
+            def cached_layer(x_BxTxD, params_and_cache):
+                params, layer_cache = params_and_cache
+                return block.apply({"params": params}, x_BxTxD, layer_cache, start_B)
+
+            return jax.lax.scan(cached_layer, x_BxTxD, (stack_LxW, cache))
+
+        run_layers = self._run_layers(deterministic)
+        rng = self.make_rng("dropout") if self.cfg.dropout and not deterministic else None
         if self.pipeline is None:
             return run_layers(stack_LxW, x_BxTxD, rng)
-        logical_W = nn.get_partition_spec(jax.eval_shape(init_stack, jax.random.key(0)))
-        return pipeline.run(run_layers, stack_LxW, logical_W, x_BxTxD, self.pipeline, self._constrain, rng,
+        return pipeline.run(run_layers, stack_LxW, self._stack_axes(), x_BxTxD, self.pipeline, self._constrain, rng,
                             bubble_value=self.bubble_value)
 
     def _constrain(self, x, logical):
         return x if self.layout is None else self.layout.constrain(x, logical)
 
+    def _one_f_one_b_loss(self, tokens_BxT, targets_BxT):
+        """The mean loss, its gradient computed by the 1F1B schedule: the embedding and the head run
+        inside its loop, as functions of their parameters."""
+        cfg, T = self.cfg, tokens_BxT.shape[1]
+        params = dict(self.variables["params"])
+        stack_LxW = params.pop("layers")
+        embedding, norm = _embedding(cfg), _layer_norm(cfg)
+        unconstrained = lambda x, logical: x  # inside the schedule's vmap over stages
+
+        def embed_fn(p, tokens_bxT):
+            lookup = lambda t: embedding.apply({"params": p["wte"]}, t)
+            return _embed(cfg, lookup, p["wpe"][:T], tokens_bxT, unconstrained)
+
+        def head_loss_fn(p, y_bxTxD, targets_bxT):
+            logits = _logits(cfg, lambda y: norm.apply({"params": p["ln_f"]}, y),
+                             lambda h: embedding.apply({"params": p["wte"]}, h, method="attend"), y_bxTxD,
+                             unconstrained)
+            return cross_entropy(logits, targets_bxT, cfg.vocab_size)
+
+        run_layers = self._run_layers(deterministic=True)
+        return one_f_one_b.loss(embed_fn, lambda w, x: run_layers(w, x, None), head_loss_fn, params, stack_LxW,
+                                self._stack_axes(), tokens_BxT, targets_BxT, self.pipeline, self._constrain)
+
     @nn.compact
-    def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None):
+    def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None, targets_BxT=None):
         """Returns float32 logits over the padded vocabulary.
 
         Sampling passes `cache`, the (keys, values) of every layer [L, B, H, S, Q], and `start_B`, each
-        sequence's position of tokens_BxT[:, 0]; it gets (logits, updated cache) back.
+        sequence's position of tokens_BxT[:, 0]; it gets (logits, updated cache) back. Training with
+        the 1F1B pipeline schedule passes `targets_BxT` and gets the mean loss.
         """
         cfg = self.cfg
-        constrain = self._constrain
+        if targets_BxT is not None:
+            return self._one_f_one_b_loss(tokens_BxT, targets_BxT)
         T = tokens_BxT.shape[1]
-        embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32, name="wte",
-                         embedding_init=_init(cfg.init_std, ("vocab", "embed")))
+        embed = _embedding(cfg, "wte")
         pos_TxD = self.param("wpe", _init(cfg.init_std, ("pos", "embed")), (cfg.seq_len, cfg.d_model))
-        # Vocab-parallel lookup (each shard contributes its rows, summed), then split the sequence
-        # if sequence parallel is on: without the first constraint XLA gathers the whole table.
-        x_BxTxD = constrain(embed(tokens_BxT), ("batch", "length", "act_embed"))
         pos_BxTxD = pos_TxD[:T] if cache is None else jnp.take(pos_TxD, start_B[:, None] + jnp.arange(T), axis=0)
-        x_BxTxD = constrain(x_BxTxD + pos_BxTxD.astype(cfg.dtype), ("batch", "act_length", "act_embed"))
+        x_BxTxD = _embed(cfg, embed, pos_BxTxD, tokens_BxT, self._constrain)
         if cfg.dropout:
             x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
 
@@ -194,12 +226,27 @@ class GPT(nn.Module):
             x_BxTxD = self._layers(x_BxTxD, deterministic)
         else:
             x_BxTxD, cache = self._layers(x_BxTxD, deterministic, cache, start_B)
-        # The final norm, the head and the loss are split over the pipeline's devices as well.
-        x_BxTxD = _layer_norm(cfg, "ln_f")(constrain(x_BxTxD, ("head_batch", "act_length", "act_embed")))
-        # Tied, vocab-parallel LM head, as one 2-D matmul: XLA's CPU backend then computes the
-        # weight gradient without a transposed copy of the [B·T, V] logit gradient.
-        B = x_BxTxD.shape[0]
-        logits_BTxV = embed.attend(x_BxTxD.reshape(B * T, cfg.d_model)).astype(jnp.float32)
-        logits_BxTxV = logits_BTxV.reshape(B, T, cfg.padded_vocab)
-        logits_BxTxV = constrain(logits_BxTxV, ("head_batch", "length", "vocab"))
+        logits_BxTxV = _logits(cfg, _layer_norm(cfg, "ln_f"), embed.attend, x_BxTxD, self._constrain)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+
+def _embedding(cfg: ModelConfig, name: str | None = None) -> nn.Embed:
+    return nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32, name=name,
+                    embedding_init=_init(cfg.init_std, ("vocab", "embed")))
+
+
+def _embed(cfg: ModelConfig, lookup, pos_TxD, tokens_BxT, constrain):
+    """Vocab-parallel lookup (each shard contributes its rows, summed), then split the sequence if
+    sequence parallel is on: without the first constraint XLA gathers the whole table."""
+    x_BxTxD = constrain(lookup(tokens_BxT), ("batch", "length", "act_embed"))
+    return constrain(x_BxTxD + pos_TxD.astype(cfg.dtype), ("batch", "act_length", "act_embed"))
+
+
+def _logits(cfg: ModelConfig, norm, attend, x_BxTxD, constrain):
+    """The final norm and the tied, vocab-parallel LM head, split over the pipeline's devices as
+    well. One 2-D matmul: XLA's CPU backend then computes the weight gradient without a transposed
+    copy of the [B·T, V] logit gradient."""
+    x_BxTxD = norm(constrain(x_BxTxD, ("head_batch", "act_length", "act_embed")))
+    B, T, D = x_BxTxD.shape
+    logits_BxTxV = attend(x_BxTxD.reshape(B * T, D)).astype(jnp.float32).reshape(B, T, cfg.padded_vocab)
+    return constrain(logits_BxTxV, ("head_batch", "length", "vocab"))

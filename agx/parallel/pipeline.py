@@ -36,18 +36,23 @@ class Schedule:
     stages: int  # P
     microbatches: int  # M
     repeats: int  # R
+    one_f_one_b: bool = False  # agx.parallel.one_f_one_b instead of autodiff through this loop
 
     @property
     def name(self) -> str:
-        return "gpipe" if self.repeats == 1 else "circular"
+        return "1f1b" if self.one_f_one_b else "gpipe" if self.repeats == 1 else "circular"
 
     @property
     def iterations(self) -> int:
+        """Loop iterations per accumulation step; each runs every stage once (1F1B: forward and backward)."""
+        if self.one_f_one_b:
+            return self.microbatches + 2 * self.stages - 2
         return self.repeats * self.microbatches + self.stages - 1
 
     @property
     def bubble_fraction(self) -> float:
-        return (self.stages - 1) / self.iterations
+        idle = 2 * self.stages - 2 if self.one_f_one_b else self.stages - 1
+        return idle / self.iterations
 
     def describe(self) -> dict:
         return {"schedule": self.name, "stages": self.stages, "microbatches": self.microbatches,
@@ -69,13 +74,28 @@ def plan_schedule(cfg: Config, mesh_shape: dict) -> Schedule | None:
                         "(model.pipeline_repeats > 1) needs at least one micro-batch per stage")
     if M % P:
         raise UserError(f"train.pipeline_microbatches={M} is not a multiple of mesh.pipeline={P}")
+    one_f_one_b = cfg.train.pipeline_schedule == "1f1b"
+    if one_f_one_b and (R > 1 or cfg.model.dropout):
+        raise UserError("train.pipeline_schedule=1f1b takes model.pipeline_repeats=1 and model.dropout=0")
     per_step = cfg.train.batch_size // cfg.train.microbatches
     data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
     if per_step % (M * data_parallel):
         raise UserError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} = "
                         f"{per_step} sequences do not split into {M} pipeline micro-batches divisible by "
                         f"data×fsdp={data_parallel}")
-    return Schedule(P, M, R)
+    return Schedule(P, M, R, one_f_one_b)
+
+
+def stage_view(stack_LxW, logical_W, repeats: int, stages: int, constrain):
+    """The stack [L, ...] as [R, P, L/(R·P), ...] with the stage axis on `pipeline`: layer
+    (r·P + s)·l + j at [r, s, j]. logical_W: each weight's logical axes, as a PartitionSpec."""
+    def view(w_LxW, logical):
+        w_RxPxlxW = w_LxW.reshape(repeats, stages, -1, *w_LxW.shape[1:])
+        return constrain(w_RxPxlxW, (None, "layers", None, *logical[1:]))
+
+    weights, treedef = jax.tree_util.tree_flatten(stack_LxW)
+    specs = jax.tree_util.tree_leaves(logical_W, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree_util.tree_unflatten(treedef, [view(w, tuple(s)) for w, s in zip(weights, specs)])
 
 
 def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, rng=None,
@@ -83,23 +103,17 @@ def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, 
     """The layer stack applied to x_BxTxD by the pipeline; equal to stage_fn(stack_LxW, x_BxTxD, rng).
 
     stage_fn(stack_lxW, x_bxTxD, rng) runs consecutive layers; logical_W holds each weight's logical
-    axes as a PartitionSpec (its first is 'layers'); constrain(x, logical) pins an array to the layout. rng (or None)
-    is folded per iteration and stage. policy: what the backward pass keeps of an iteration (None:
-plain remat, its inputs).
-    bubble_value fills the stages' inputs before their first micro-batch (a test sets NaN).
+    axes as a PartitionSpec (its first is 'layers'); constrain(x, logical) pins an array to the
+    layout. rng (or None) is folded per iteration and stage. policy: what the backward pass keeps
+    of an iteration (None: plain remat, which keeps its inputs). bubble_value fills the stages'
+    inputs before their first micro-batch (a test sets NaN).
     """
     P, M, R = schedule.stages, schedule.microbatches, schedule.repeats
-    K = M // P
+    K, N = M // P, R * M + P - 1  # N: GPipe's count, also when evaluating a 1F1B schedule
     B, T, D = x_BxTxD.shape
     b = B // M
 
-    def to_stages(w_LxW, logical):  # layer (r·P + s)·l + j at [r, s, j]
-        w_RxPxlxW = w_LxW.reshape(R, P, -1, *w_LxW.shape[1:])
-        return constrain(w_RxPxlxW, (None, "layers", None, *logical[1:]))
-
-    weights, treedef = jax.tree_util.tree_flatten(stack_LxW)
-    specs = jax.tree_util.tree_leaves(logical_W, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    stack_RxPxlxW = jax.tree_util.tree_unflatten(treedef, [to_stages(w, tuple(s)) for w, s in zip(weights, specs)])
+    stack_RxPxlxW = stage_view(stack_LxW, logical_W, R, P, constrain)
     io_logical = ("stage", None, "batch", "act_length", "act_embed")
     state_logical = ("stage", "batch", "act_length", "act_embed")
     # Micro-batch m takes rows m, m+M, ...: each data-parallel shard splits evenly, with no reshuffle.
@@ -141,9 +155,9 @@ plain remat, its inputs).
         return (state_PxbxTxD, io_PxKxbxTxD), None
 
     iteration = jax.checkpoint(iteration, policy=policy, prevent_cse=False)
-    (_, io_PxKxbxTxD), _ = jax.lax.scan(iteration, (state_PxbxTxD, io_PxKxbxTxD), jnp.arange(schedule.iterations))
+    (_, io_PxKxbxTxD), _ = jax.lax.scan(iteration, (state_PxbxTxD, io_PxKxbxTxD), jnp.arange(N))
     # Micro-batches k·P + q are now in row (N - q) mod P: reverse, rotate by N + 1.
-    io_PxKxbxTxD = jnp.roll(jnp.flip(io_PxKxbxTxD, 0), schedule.iterations + 1, axis=0)
+    io_PxKxbxTxD = jnp.roll(jnp.flip(io_PxKxbxTxD, 0), N + 1, axis=0)
     y_MxbxTxD = io_PxKxbxTxD.swapaxes(0, 1).reshape(M, b, T, D)
     return y_MxbxTxD.swapaxes(0, 1).reshape(B, T, D)
 

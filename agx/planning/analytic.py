@@ -74,10 +74,15 @@ class StateShapes:
 
 def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
     """Bytes per device: params, grads, optimizer state, activations, temporaries, total."""
+    from agx.parallel.pipeline import plan_schedule
+
     m, zero, t = cfg.model, cfg.mesh.zero_stage, mesh_shape["tensor"]
     b = cfg.train.batch_size // cfg.train.microbatches // (mesh_shape["data"] * mesh_shape["fsdp"])
-    # float32 logits and their gradient; the head is split over pipeline stages too
-    logits = 2 * b * m.seq_len * m.padded_vocab / t / mesh_shape["pipeline"] * 4
+    # float32 logits and their gradient; the head is split over pipeline stages too, and 1F1B runs it
+    # on one micro-batch at a time
+    schedule = plan_schedule(cfg, mesh_shape)
+    rows = b / schedule.microbatches if schedule and schedule.one_f_one_b else b / mesh_shape["pipeline"]
+    logits = 2 * rows * m.seq_len * m.padded_vocab / t * 4
     gathered = 0
     if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):
         gathered = 2 * shapes.layer_params / m.num_layers / t * 4  # a layer's weights gathered, and the next one
@@ -92,8 +97,9 @@ def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
 def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
     """Per device: what the backward pass keeps, plus the most it rebuilds at once.
 
-    With pipeline stages: every loop iteration's stage input (one micro-batch), the micro-batch
-    buffer, and one stage's layers rebuilt at a time under the model's remat policy."""
+    With pipeline stages: every loop iteration's stage input (one micro-batch) and the micro-batch
+    buffer (1F1B: 2P-1 stashed stage inputs), and one stage's layers rebuilt at a time under the
+    model's remat policy."""
     from agx.parallel.pipeline import plan_schedule
 
     m = cfg.model
@@ -114,7 +120,10 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
     if schedule is None:
         return int(c * (L * per_layer + transient))
     P, M, R = schedule.stages, schedule.microbatches, schedule.repeats
-    kept = (schedule.iterations + M // P + 1) * layer_input / M  # stage inputs, buffer, stage outputs
+    if schedule.one_f_one_b:  # the stash of 2P-1 stage inputs, and the two rotating states
+        kept = (2 * P + 1) * layer_input / M
+    else:  # every iteration's stage input, the micro-batch buffer, the stage outputs
+        kept = (schedule.iterations + M // P + 1) * layer_input / M
     one_stage = (L // (P * R) * per_layer + transient) / M
     return int(c * (kept + one_stage))
 
@@ -148,9 +157,12 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict
     activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch
     if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head
         out["tensor-parallel all-reduce"] = micro * (4 * m.num_layers / p * passes + 2) * 2 * activation * ring(t)
-    if schedule:  # every iteration, forward and backward: the stage outputs and the micro-batch buffer
+    if schedule:  # every iteration, forward and backward: the stage outputs and the micro-batch buffer,
+        # which is then put back in order (a reversal and a rotation, and back in the backward);
+        # 1F1B: every tick, one micro-batch forward and one gradient back
         K = schedule.microbatches // p
-        out["pipeline send/receive"] = micro * 2 * schedule.iterations * (1 + K) * activation / schedule.microbatches
+        sent = 2 * schedule.iterations * (1 if schedule.one_f_one_b else 1 + K) + (0 if schedule.one_f_one_b else 4 * K)
+        out["pipeline send/receive"] = micro * sent * activation / schedule.microbatches
         if schedule.repeats > 1:  # the stored layer order regrouped for the circular schedule, and back
             out["circular weight regrouping"] = micro * 2 * layer_weights * ring(p)
     return {k: int(v) for k, v in out.items()}

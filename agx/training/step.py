@@ -11,21 +11,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import Config
 from agx.models.gpt import GPT
+from agx.models.loss import cross_entropy
 from agx.parallel.mesh import BATCH_AXES
 from agx.parallel.pipeline import plan_schedule
 from agx.parallel.zero import replicated, zero_layouts
 from agx.training.state import StatePlan, TrainState
-
-
-def cross_entropy(logits_BxTxV, targets_BxT, vocab_size: int):
-    """Mean next-token loss in float32. Padded vocabulary entries are excluded from the softmax;
-    the target logit is picked with a mask, not a gather, so vocab-sharded logits stay sharded."""
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    vocab_V = jnp.arange(logits_BxTxV.shape[-1])
-    if vocab_size < logits_BxTxV.shape[-1]:
-        logits_BxTxV = jnp.where(vocab_V < vocab_size, logits_BxTxV, -jnp.inf)
-    target_BxT = jnp.sum(jnp.where(vocab_V == targets_BxT[..., None], logits_BxTxV, 0.0), axis=-1)
-    return jnp.mean(jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_BxT)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -36,10 +26,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def loss_function(cfg: Config, mesh: Mesh, train: bool, bubble_value: float = 0.0):
     """(params, tokens_Bx(T+1), rng) -> mean next-token loss; dropout only when training.
     bubble_value: what idle pipeline stages start from (a test fills them with NaN)."""
-    model = GPT(cfg.model, zero_layouts(mesh, cfg.mesh).params, plan_schedule(cfg, dict(mesh.shape)), bubble_value)
+    schedule = plan_schedule(cfg, dict(mesh.shape))
+    model = GPT(cfg.model, zero_layouts(mesh, cfg.mesh).params, schedule, bubble_value)
     dropout = train and cfg.model.dropout > 0
 
     def loss_fn(params, tokens_BxT1, rng):
+        if train and schedule and schedule.one_f_one_b:  # the schedule computes the loss itself
+            return model.apply({"params": params}, tokens_BxT1[:, :-1], targets_BxT=tokens_BxT1[:, 1:])
         logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1], deterministic=not dropout,
                                    rngs={"dropout": rng} if dropout else None)
         return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:], cfg.model.vocab_size)
