@@ -3,7 +3,6 @@
 import dataclasses
 
 import jax
-import numpy as np
 import pytest
 from conftest import assert_same_run, run_steps, tiny_config
 

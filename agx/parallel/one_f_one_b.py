@@ -56,10 +56,7 @@ def _ticks(embed_fn, stage_fn, head_loss_fn, params, stack_PxlxW, tokens_MxbxT, 
     stage_P = jnp.arange(P)
     state_logical = ("stage", "batch", "act_length", "act_embed")
     stash_logical = ("stage", None, "batch", "act_length", "act_embed")
-    b, T = tokens_MxbxT.shape[1:]
-    dtype = jax.eval_shape(embed_fn, params, tokens_MxbxT[0]).dtype
-    D = jax.eval_shape(embed_fn, params, tokens_MxbxT[0]).shape[-1]
-    zeros_like_tree = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+    activation = jax.eval_shape(embed_fn, params, tokens_MxbxT[0])  # one micro-batch's [b, T, D]
     pick = lambda a_M, i_P: jax.vmap(lambda i: a_M[i])(jnp.clip(i_P, 0, M - 1))  # per stage, from a replicated array
     per_stage = lambda f, in_axes: jax.vmap(f, in_axes=in_axes, spmd_axis_name="pipeline")
 
@@ -105,10 +102,10 @@ def _ticks(embed_fn, stage_fn, head_loss_fn, params, stack_PxlxW, tokens_MxbxT, 
         backward_in_P = constrain(jnp.roll(dx_P, -1, axis=0), state_logical)
         return (forward_in_P, backward_in_P, constrain(stash_PxS, stash_logical), loss_P, d_params_P, d_stack_P), None
 
-    state = constrain(jnp.zeros((P, b, T, D), dtype), state_logical)
-    stacked = lambda tree: jax.tree_util.tree_map(lambda x: jnp.zeros((P, *x.shape), x.dtype), tree)
-    carry = (state, state, constrain(jnp.zeros((P, S, b, T, D), dtype), stash_logical), jnp.zeros((P,)),
-             stacked(params), zeros_like_tree(stack_PxlxW))
+    state = constrain(jnp.zeros((P, *activation.shape), activation.dtype), state_logical)
+    stash = constrain(jnp.zeros((P, S, *activation.shape), activation.dtype), stash_logical)
+    per_stage_zeros = jax.tree_util.tree_map(lambda x: jnp.zeros((P, *x.shape), x.dtype), params)
+    carry = (state, state, stash, jnp.zeros((P,)), per_stage_zeros, jax.tree_util.tree_map(jnp.zeros_like, stack_PxlxW))
     (_, _, _, loss_P, d_params_P, d_stack_P), _ = jax.lax.scan(tick, carry, jnp.arange(M + 2 * P - 2))
     return loss_P.sum(), (jax.tree_util.tree_map(lambda g: g.sum(0), d_params_P), d_stack_P)
 
