@@ -20,7 +20,6 @@ def dry_run(cfg: Config) -> dict:
     import jax
 
     from agx.models.configs import flops_per_token, param_count
-    from agx.parallel.pipeline import plan_schedule
     from agx.planning.analytic import activation_bytes
     from agx.training.loop import Trainer
 
@@ -36,7 +35,7 @@ def dry_run(cfg: Config) -> dict:
             "param_bytes_per_device": bytes_per_device["params"],
             "opt_state_bytes_per_device": bytes_per_device["opt_state"],
             "activation_bytes_per_device": activation_bytes(cfg, dict(mesh.shape)),
-            "pipeline": schedule.describe() if (schedule := plan_schedule(cfg, dict(mesh.shape))) else None}
+            "pipeline": trainer.pipeline.describe() if trainer.pipeline else None}
 
 
 def _shard_bytes(abstract, sharding) -> int:

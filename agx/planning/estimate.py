@@ -4,7 +4,8 @@ estimate from the system's peak and bandwidths.
 The estimate: compute at the system's peak (plus the recomputed forward under remat, and the
 pipeline's bubble), tensor-parallel all-reduces (at intra-node bandwidth) and pipeline sends on the
 critical path, and the data-parallel traffic (weight gathers, gradient reduction) overlapped with
-compute; pipeline and data-parallel traffic at inter-node bandwidth once the job spans nodes. It is a ranking aid, not a prediction: real MFU is lower.
+compute; pipeline and data-parallel traffic at inter-node bandwidth once the job spans nodes. It
+is a ranking aid, not a prediction: real MFU is lower.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from agx.data.pipeline import make_loader
 from agx.errors import RunError, UserError
 from agx.models.configs import flops_per_token
 from agx.parallel.mesh import build_mesh, tensor_groups_across_hosts
-from agx.parallel.pipeline import plan_schedule
+from agx.parallel.pipeline import Schedule, plan_schedule
 from agx.planning.analytic import activation_bytes
 from agx.runtime import process_hosts
 from agx.training.evaluate import Evaluator
@@ -39,6 +39,7 @@ class Trainer:
     tx: optax.GradientTransformation
     plan: StatePlan
     step_fn: object
+    pipeline: Schedule | None  # None without pipeline stages
 
     @classmethod
     def build(cls, cfg: Config, devices=None) -> Trainer:
@@ -51,10 +52,10 @@ class Trainer:
         if cfg.mesh.sequence_parallel and cfg.model.seq_len % mesh.shape["tensor"]:
             raise UserError(f"model.seq_len={cfg.model.seq_len} is not divisible by mesh.tensor={mesh.shape['tensor']}"
                             " (needed by mesh.sequence_parallel)")
-        plan_schedule(cfg, dict(mesh.shape))  # refuses a pipeline it cannot run, before the shapes do
+        pipeline = plan_schedule(cfg, dict(mesh.shape))  # refuses a pipeline it cannot run, before the shapes do
         tx = make_optimizer(cfg)
         plan = plan_state(cfg, tx, mesh)
-        return cls(cfg, mesh, tx, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh))
+        return cls(cfg, mesh, tx, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh), pipeline)
 
     def init(self) -> TrainState:
         return init_state(self.cfg, self.tx, self.plan)
@@ -78,7 +79,7 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
         device = mesh.devices.flat[0]
         log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh {dict(mesh.shape)} of "
             f"{mesh.devices.size} {device.platform} devices ({device.device_kind})")
-        schedule = plan_schedule(cfg, dict(mesh.shape))
+        schedule = trainer.pipeline
         if schedule:
             log(f"agx: pipeline: {schedule.name} schedule, {schedule.stages} stages, {schedule.microbatches} "
                 f"micro-batches, {schedule.repeats} repeat(s): bubble {schedule.bubble_fraction:.1%} of each step; "
