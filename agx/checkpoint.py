@@ -29,11 +29,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from agx.compat import grain
-from agx.config import Config
+from agx.config import Config, ModelConfig
 from agx.errors import RunError, UserError
 
 # The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
-SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple")
+SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple", "num_kv_heads",
+                "ffn_size", "position", "norm", "mlp", "bias", "tie_embeddings")
 # Arrays are stored in chunks of at most this size (Orbax splits the largest dimensions first), so
 # that export and sampling can read a checkpoint piece by piece, never a whole stacked weight at once.
 CHUNK_BYTES = 16 << 20
@@ -116,7 +117,8 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(loader=ocp.args.JsonRestore())).loader
 
     def _check_same_experiment(self, saved: dict, step: int) -> None:
-        mine, theirs = self.cfg.model, saved["model"]
+        mine = self.cfg.model
+        theirs = {f: saved["model"].get(f, getattr(ModelConfig(), f)) for f in SHAPE_FIELDS}  # older: GPT-3's
         differs = [f"model.{f}: {theirs[f]} there, {getattr(mine, f)} here" for f in SHAPE_FIELDS
                    if theirs[f] != getattr(mine, f)]
         if differs:  # cannot be forced: the arrays would not fit

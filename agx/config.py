@@ -20,16 +20,31 @@ REMAT_POLICIES = ("none", "full", "selective")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PLATFORMS = ("auto", "xpu", "cuda", "cpu")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # gpipe becomes circular with model.pipeline_repeats > 1
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
 
 
 @dataclass
 class ModelConfig:
+    """The defaults are GPT-3's architecture; the Llama/AuroraGPT one is rope, rmsnorm, swiglu,
+    fewer KV heads, no biases and untied embeddings (agx.models.configs.llama_model)."""
+
     num_layers: int = 4
     d_model: int = 128
     num_heads: int = 8
     seq_len: int = 128
     vocab_size: int = 256
     vocab_multiple: int = 128  # Megatron's --make-vocab-size-divisible-by
+    num_kv_heads: int | None = None  # None: num_heads (multi-head); fewer: grouped-query; 1: multi-query
+    ffn_size: int | None = None  # MLP width; None: 4·d_model
+    position: str = "learned"  # one of POSITIONS: learned embeddings or rotary (RoPE)
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # one of NORMS
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # one of MLPS: GELU(tanh), or SwiGLU (gated, ffn_size wide)
+    bias: bool = True  # biases on the projections and norms
+    tie_embeddings: bool = True  # the LM head is the token embedding
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters, softmax and loss stay in float32
     remat: str = "none"  # activation checkpointing policy, one of REMAT_POLICIES
@@ -42,8 +57,12 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
     def d_ff(self) -> int:
-        return 4 * self.d_model
+        return 4 * self.d_model if self.ffn_size is None else self.ffn_size
 
     @property
     def padded_vocab(self) -> int:
@@ -152,6 +171,14 @@ class Config:
         m, t = self.model, self.train
         if m.d_model % m.num_heads:
             raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+        if m.kv_heads < 1 or m.num_heads % m.kv_heads:
+            raise UserError(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
+        for name, value, known in [("model.position", m.position, POSITIONS), ("model.norm", m.norm, NORMS),
+                                   ("model.mlp", m.mlp, MLPS)]:
+            if value not in known:
+                raise UserError(f"{name}={value!r} is not one of {', '.join(known)}")
+        if m.position == "rope" and m.head_dim % 2:
+            raise UserError(f"rotary positions need an even head size; model.d_model/model.num_heads={m.head_dim}")
         if m.remat not in REMAT_POLICIES:
             raise UserError(f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if m.dtype not in COMPUTE_DTYPES:

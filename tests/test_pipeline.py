@@ -108,7 +108,7 @@ def test_training_steps_with_accumulation_and_remat_match_the_plain_model(prm, m
 def _mlp_pipeline_temp_bytes(policy) -> tuple[int, dict]:
     """Temp memory of grad(loss) through the pipeline for a stack of MLP layers, and the gradients."""
     mesh = build_mesh(tiny_config(pipeline=4, data=2).mesh, jax.devices())
-    layout = Layout(mesh, logical_rules(False, False))
+    layout = Layout(mesh, logical_rules(False, False, True))
     L, D, F, B, T = 8, 64, 256, 64, 128
     schedule = pipeline.Schedule(stages=4, microbatches=16, repeats=1)
     logical = {"w_in": jax.sharding.PartitionSpec("layers", "embed", "mlp"),

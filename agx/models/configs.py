@@ -1,4 +1,5 @@
-"""Named model sizes: GPT-3 Table 2.1 (Brown et al. 2020) and the trillion-parameter GPT.
+"""Named model sizes: GPT-3 Table 2.1 (Brown et al. 2020), the trillion-parameter GPT, and the
+Llama-style AuroraGPT models.
 
 Parameter counts and FLOPs are computed here from the shapes, and checked by the tests against
 the published table and against the abstract parameter tree of the Flax model.
@@ -55,13 +56,80 @@ def gpt3_experiment(name: str) -> Config:
     )
 
 
+@dataclass(frozen=True)
+class LlamaSize:
+    layers: int
+    d_model: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    seq_len: int
+    vocab: int
+    rope_theta: float
+    params: float  # counted by hand from the shapes (the issue's figures)
+
+
+# AuroraGPT (Argonne's Llama-style models, trained with Megatron-DeepSpeed on Aurora). The 7B's
+# θ = 50000 is its recipe's; the others take Llama 2's and Megatron-DeepSpeed's default, 10000.
+# Vocabularies: Gemma's 256000 for 2B, Llama 2's 32000 for 7B and 70B.
+AURORAGPT = {
+    "auroragpt_2b": LlamaSize(12, 2048, 16, 4, 11008, 8192, 256000, 10000.0, 1.99e9),
+    "auroragpt_7b": LlamaSize(32, 4096, 32, 8, 11008, 4096, 32000, 50000.0, 5.93e9),
+    "auroragpt_70b": LlamaSize(80, 8192, 64, 8, 28672, 8192, 32000, 10000.0, 68.98e9),
+}
+
+
+def llama_model(**shape) -> ModelConfig:
+    """The Llama architecture on agx's one model: rotary positions, RMSNorm, SwiGLU, grouped-query
+    attention, no biases, untied embeddings."""
+    return ModelConfig(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, **shape)
+
+
+def auroragpt_experiment(name: str) -> Config:
+    """A size from AURORAGPT with Llama 2's recipe: 4M-token batches, lr 3e-4 (1.5e-4 for 70B),
+    2000 warm-up steps, cosine to 10% over 2T tokens, bf16, ZeRO-3 over all devices, selective remat."""
+    size = AURORAGPT[name]
+    batch = 4 * 2**20 // size.seq_len
+    steps = round(2e12 / (batch * size.seq_len))
+    return Config(
+        name=name,
+        model=llama_model(num_layers=size.layers, d_model=size.d_model, num_heads=size.heads,
+                          num_kv_heads=size.kv_heads, ffn_size=size.ffn, seq_len=size.seq_len,
+                          vocab_size=size.vocab, rope_theta=size.rope_theta, dtype="bfloat16", remat="selective"),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1, zero_stage=3),
+        train=TrainConfig(steps=steps, batch_size=batch),
+        optim=OptimConfig(lr=1.5e-4 if size.d_model >= 8192 else 3e-4, warmup_steps=2000, decay_steps=steps),
+    )
+
+
 def param_count(m: ModelConfig) -> int:
-    """Parameters of the model as built (padded vocabulary, tied LM head)."""
-    d = m.d_model
-    per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * m.d_ff + m.d_ff) + (m.d_ff * d + d) + 2 * 2 * d
-    return m.padded_vocab * d + m.seq_len * d + m.num_layers * per_layer + 2 * d
+    """Parameters of the model as built (padded vocabulary), counted from the shapes."""
+    d, q, f = m.d_model, m.num_heads * m.head_dim, m.d_ff
+    kv = 2 * m.kv_heads * m.head_dim
+    b = int(m.bias)
+    gates = 2 if m.mlp == "swiglu" else 1
+    attention = d * (q + kv) + b * (q + kv) + q * d + b * d
+    mlp = d * gates * f + b * gates * f + f * d + b * d
+    norm = d * (2 if m.norm == "layernorm" and m.bias else 1)
+    embeddings = m.padded_vocab * d * (1 if m.tie_embeddings else 2) + (m.seq_len * d if m.position == "learned" else 0)
+    return embeddings + m.num_layers * (attention + mlp + 2 * norm) + norm
 
 
 def flops_per_token(m: ModelConfig) -> int:
-    """Model FLOPs per trained token (forward and backward), PaLM's 6N + 12·L·H·Q·T."""
-    return 6 * param_count(m) + 12 * m.num_layers * m.num_heads * m.head_dim * m.seq_len
+    """Model FLOPs per trained token (forward and backward).
+
+    GPT-3's architecture: PaLM's 6N + 12·L·H·Q·T, as the GPT-3 and PaLM papers count. Otherwise
+    Megatron-DeepSpeed's num_floating_point_operations, which counts the gated MLP's three matrices,
+    the grouped KV projection and the LM head, but not the embedding lookup: with an untied head 6N
+    would count the vocabulary twice (25% too many for AuroraGPT-2B's 256k vocabulary)."""
+    if m.tie_embeddings and m.position == "learned":
+        return 6 * param_count(m) + 12 * m.num_layers * m.num_heads * m.head_dim * m.seq_len
+    return megatron_flops_per_token(m)
+
+
+def megatron_flops_per_token(m: ModelConfig) -> int:
+    """Megatron-DeepSpeed's num_floating_point_operations(args, batch) / (batch · seq_length):
+    12·L·h²·(1 + (3/2 if SwiGLU)·F/h + K/H + T/h) + 6·h·V."""
+    h, L, gated = m.d_model, m.num_layers, 1.5 if m.mlp == "swiglu" else 1
+    per_layer = 12 * h * h * (1 + gated * m.d_ff / h + m.kv_heads / m.num_heads + m.seq_len / h)
+    return round(L * per_layer + 6 * h * m.padded_vocab)

@@ -1,10 +1,13 @@
-"""GPT-3 (Brown et al. 2020) in Flax Linen, partitioned through logical axis names.
+"""GPT-3 (Brown et al. 2020) and the Llama/AuroraGPT architecture, as one Flax Linen model
+partitioned through logical axis names.
 
-Pre-LayerNorm blocks, causal multi-head attention, GELU(tanh) MLP of 4·d_model, learned positions,
-LM head tied to the embedding. Layers are stacked and run by lax.scan so that depth costs no compile time.
-Sampling runs the same blocks over a key/value cache.
-Shape suffixes: B batch, T sequence, D d_model, H heads, Q head dim, F d_ff, V padded vocab, L layers,
-S cached positions.
+GPT-3: pre-LayerNorm blocks, causal multi-head attention, GELU(tanh) MLP of 4·d_model, learned
+positions, LM head tied to the embedding. The options of ModelConfig turn it into Llama: rotary
+positions, RMSNorm, a SwiGLU MLP of its own width, grouped-query attention, no biases, an untied head.
+Layers are stacked and run by lax.scan so that depth costs no compile time. Sampling runs the same
+blocks over a key/value cache holding the KV heads only.
+Shape suffixes: B batch, T sequence, D d_model, H heads, K KV heads, Q head dim, F d_ff, V padded
+vocab, L layers, S cached positions.
 """
 
 from __future__ import annotations
@@ -38,10 +41,23 @@ def _zeros(axes: tuple):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype, param_dtype=jnp.float32, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                        bias_init=_zeros(("embed",)))
+def _norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    common = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name, scale_init=ones)
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(**common)
+    return nn.LayerNorm(use_bias=cfg.bias, bias_init=_zeros(("embed",)), **common)
+
+
+def _rotate(x_BxHxTxQ, pos_BxT, theta: float):
+    """Rotary position embedding (Su et al. 2021) in the half-split layout of Megatron and Hugging
+    Face Llama: dimension i pairs with i + Q/2. Computed in float32."""
+    half = x_BxHxTxQ.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_Bx1xTxQh = (pos_BxT.astype(jnp.float32)[..., None] * inv_freq)[:, None]
+    cos, sin = jnp.cos(angle_Bx1xTxQh), jnp.sin(angle_Bx1xTxQh)
+    x1, x2 = jnp.split(x_BxHxTxQ.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxHxTxQ.dtype)
 
 
 class Block(nn.Module):
@@ -55,34 +71,70 @@ class Block(nn.Module):
     def _dropout(self, x):
         return nn.Dropout(self.cfg.dropout)(x, deterministic=self.deterministic) if self.cfg.dropout else x
 
+    def _dense(self, features, name, std, axes, **kw):
+        return nn.DenseGeneral(features, name=name, use_bias=self.cfg.bias, dtype=self.cfg.dtype,
+                               param_dtype=jnp.float32, kernel_init=_init(std, axes),
+                               bias_init=_zeros(axes[-(len(features) if isinstance(features, tuple) else 1):]), **kw)
+
+    def _project_qkv(self, h_BxTxD):
+        """Queries [B, H, T, Q] and keys and values [B, K, T, Q]. Multi-head attention uses one fused
+        QKV matmul (GPT-3's layout); fewer KV heads a query matmul and a fused key/value one."""
+        cfg = self.cfg
+        H, K, Q, std = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
+        if K == H:
+            qkv_BxTx3xHxQ = self._dense((3, H, Q), "qkv", std, ("embed", "qkv", "heads", "kv"))(h_BxTxD)
+            qkv_BxTx3xHxQ = self._constrain(qkv_BxTx3xHxQ, ("batch", "length", "qkv", "heads", "kv"))
+            # Heads-major layout for the two attention matmuls: measured 2x faster on CPU than BxTxHxQ.
+            return jnp.transpose(qkv_BxTx3xHxQ, (2, 0, 3, 1, 4))
+        q_BxTxHxQ = self._dense((H, Q), "q", std, ("embed", "heads", "kv"))(h_BxTxD)
+        q_BxTxHxQ = self._constrain(q_BxTxHxQ, ("batch", "length", "heads", "kv"))
+        kv_BxTx2xKxQ = self._dense((2, K, Q), "kv", std, ("embed", "qkv", "kv_heads", "kv"))(h_BxTxD)
+        kv_BxTx2xKxQ = self._constrain(kv_BxTx2xKxQ, ("batch", "length", "qkv", "kv_heads", "kv"))
+        k_BxKxTxQ, v_BxKxTxQ = jnp.transpose(kv_BxTx2xKxQ, (2, 0, 3, 1, 4))
+        return jnp.transpose(q_BxTxHxQ, (0, 2, 1, 3)), k_BxKxTxQ, v_BxKxTxQ
+
+    def _mlp(self, h_BxTxD):
+        cfg = self.cfg
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
+        if cfg.mlp == "swiglu":  # gate and up projections fused, each tensor-parallel over F
+            h_BxTx2xF = self._dense((2, cfg.d_ff), "fc", cfg.init_std, ("embed", "gate", "mlp"))(h_BxTxD)
+            h_BxTx2xF = self._constrain(h_BxTx2xF, ("batch", "length", "gate", "mlp"))
+            h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
+        else:
+            h_BxTxF = self._dense(cfg.d_ff, "fc", cfg.init_std, ("embed", "mlp"))(h_BxTxD)
+            h_BxTxF = nn.gelu(self._constrain(h_BxTxF, ("batch", "length", "mlp")), approximate=True)
+        return self._dense(cfg.d_model, "out", out_std, ("mlp", "embed"))(h_BxTxF)
+
     @nn.compact
     def __call__(self, x_BxTxD, cache=None, start_B=None):
-        """cache: this layer's (keys, values) [B, H, S, Q] when sampling, with start_B the position of
+        """cache: this layer's (keys, values) [B, K, S, Q] when sampling, with start_B the position of
         x's first token in each sequence; the updated cache is then returned beside the output."""
         cfg = self.cfg
-        H, Q, dtype = cfg.num_heads, cfg.head_dim, cfg.dtype
-        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
-        dense = dict(dtype=dtype, param_dtype=jnp.float32)
+        H, K, Q, dtype = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.dtype
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         # Attention: QKV column-parallel over heads, output projection row-parallel.
-        h_BxTxD = self._constrain(_layer_norm(cfg, "ln_attn")(x_BxTxD), ("batch", "length", "act_embed"))
-        qkv_BxTx3xHxQ = nn.DenseGeneral((3, H, Q), name="qkv", **dense,
-                                        kernel_init=_init(cfg.init_std, ("embed", "qkv", "heads", "kv")),
-                                        bias_init=_zeros(("qkv", "heads", "kv")))(h_BxTxD)
-        qkv_BxTx3xHxQ = self._constrain(qkv_BxTx3xHxQ, ("batch", "length", "qkv", "heads", "kv"))
-        # Heads-major layout for the two attention matmuls: measured 2x faster on CPU than BxTxHxQ.
-        q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ = jnp.transpose(qkv_BxTx3xHxQ, (2, 0, 3, 1, 4))
+        h_BxTxD = self._constrain(_norm(cfg, "ln_attn")(x_BxTxD), ("batch", "length", "act_embed"))
+        q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ = self._project_qkv(h_BxTxD)
         T = x_BxTxD.shape[1]
+        pos_BxT = jnp.arange(T)[None] if cache is None else start_B[:, None] + jnp.arange(T)
+        if cfg.position == "rope":
+            q_BxHxTxQ, k_BxKxTxQ = (_rotate(x, pos_BxT, cfg.rope_theta) for x in (q_BxHxTxQ, k_BxKxTxQ))
         if cache is None:  # training: the keys are this sequence's own, under a causal mask
-            k_BxHxSxQ, v_BxHxSxQ = k_BxHxTxQ, v_BxHxTxQ
+            k_BxKxSxQ, v_BxKxSxQ = k_BxKxTxQ, v_BxKxTxQ
             allowed = jnp.tril(jnp.ones((T, T), dtype=bool))
         else:  # sampling: write this block's keys at its positions, attend to everything up to them
-            k_BxHxSxQ, v_BxHxSxQ = (_write_at(c, new, start_B) for c, new in zip(cache, (k_BxHxTxQ, v_BxHxTxQ)))
-            k_BxHxSxQ, v_BxHxSxQ = (self._constrain(c, ("batch", "heads", "cache_length", "kv"))
-                                    for c in (k_BxHxSxQ, v_BxHxSxQ))
-            S = k_BxHxSxQ.shape[2]
-            query_pos_BxT = start_B[:, None] + jnp.arange(T)
-            allowed = (jnp.arange(S) <= query_pos_BxT[:, :, None])[:, None]  # B x 1 x T x S
+            k_BxKxSxQ, v_BxKxSxQ = (_write_at(c, new, start_B) for c, new in zip(cache, (k_BxKxTxQ, v_BxKxTxQ)))
+            k_BxKxSxQ, v_BxKxSxQ = (self._constrain(c, ("batch", "kv_heads", "cache_length", "kv"))
+                                    for c in (k_BxKxSxQ, v_BxKxSxQ))
+            S = k_BxKxSxQ.shape[2]
+            allowed = (jnp.arange(S) <= pos_BxT[:, :, None])[:, None]  # B x 1 x T x S
+        new_cache = (k_BxKxSxQ, v_BxKxSxQ)
+        if K != H:  # each KV head serves H/K consecutive query heads (local where both split over tensor)
+            k_BxHxSxQ, v_BxHxSxQ = (self._constrain(jnp.repeat(c, H // K, axis=1), ("batch", "heads", "length", "kv"))
+                                    for c in new_cache)
+        else:
+            k_BxHxSxQ, v_BxHxSxQ = new_cache
         mask_bias = jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
         scores_BxHxTxS = jnp.einsum("bhtq,bhsq->bhts", q_BxHxTxQ * (1 / math.sqrt(Q)), k_BxHxSxQ,
                                     preferred_element_type=jnp.float32) + mask_bias
@@ -94,26 +146,19 @@ class Block(nn.Module):
                                  preferred_element_type=jnp.float32) / sum_BxHxTx1
         ctx_BxTxHxQ = jnp.transpose(ctx_BxHxTxQ.astype(dtype), (0, 2, 1, 3))
         ctx_BxTxHxQ = self._constrain(ctx_BxTxHxQ, ("batch", "length", "heads", "kv"))
-        attn_BxTxD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="proj", **dense,
-                                     kernel_init=_init(out_std, ("heads", "kv", "embed")),
-                                     bias_init=_zeros(("embed",)))(ctx_BxTxHxQ)
+        attn_BxTxD = self._dense(cfg.d_model, "proj", out_std, ("heads", "kv", "embed"), axis=(-2, -1))(ctx_BxTxHxQ)
         x_BxTxD = self._constrain(x_BxTxD + self._dropout(attn_BxTxD), ("batch", "act_length", "act_embed"))
 
         # MLP: fc column-parallel, out row-parallel.
-        h_BxTxD = self._constrain(_layer_norm(cfg, "ln_mlp")(x_BxTxD), ("batch", "length", "act_embed"))
-        h_BxTxF = nn.Dense(cfg.d_ff, name="fc", **dense, kernel_init=_init(cfg.init_std, ("embed", "mlp")),
-                           bias_init=_zeros(("mlp",)))(h_BxTxD)
-        h_BxTxF = nn.gelu(self._constrain(h_BxTxF, ("batch", "length", "mlp")), approximate=True)
-        mlp_BxTxD = nn.Dense(cfg.d_model, name="out", **dense, kernel_init=_init(out_std, ("mlp", "embed")),
-                             bias_init=_zeros(("embed",)))(h_BxTxF)
-        x_BxTxD = self._constrain(x_BxTxD + self._dropout(mlp_BxTxD), ("batch", "act_length", "act_embed"))
-        return x_BxTxD if cache is None else (x_BxTxD, (k_BxHxSxQ, v_BxHxSxQ))
+        h_BxTxD = self._constrain(_norm(cfg, "ln_mlp")(x_BxTxD), ("batch", "length", "act_embed"))
+        x_BxTxD = self._constrain(x_BxTxD + self._dropout(self._mlp(h_BxTxD)), ("batch", "act_length", "act_embed"))
+        return x_BxTxD if cache is None else (x_BxTxD, new_cache)
 
 
-def _write_at(cache_BxHxSxQ, new_BxHxTxQ, start_B):
+def _write_at(cache_BxKxSxQ, new_BxKxTxQ, start_B):
     """Each sequence's new entries written into its cache from its own start position."""
     write = lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, s, 0))
-    return jax.vmap(write)(cache_BxHxSxQ, new_BxHxTxQ, start_B)
+    return jax.vmap(write)(cache_BxKxSxQ, new_BxKxTxQ, start_B)
 
 
 class GPT(nn.Module):
@@ -186,17 +231,19 @@ class GPT(nn.Module):
         cfg, T = self.cfg, tokens_BxT.shape[1]
         params = dict(self.variables["params"])
         stack_LxW = params.pop("layers")
-        embedding, norm = _embedding(cfg), _layer_norm(cfg)
+        embedding, norm, lm_head = _embedding(cfg), _norm(cfg), _lm_head(cfg)
         unconstrained = lambda x, logical: x  # inside the schedule's vmap over stages
 
         def embed_fn(p, tokens_bxT):
             lookup = lambda t: embedding.apply({"params": p["wte"]}, t)
-            return _embed(cfg, lookup, p["wpe"][:T], tokens_bxT, unconstrained)
+            return _embed(cfg, lookup, p["wpe"][:T] if "wpe" in p else None, tokens_bxT, unconstrained)
 
         def head_loss_fn(p, y_bxTxD, targets_bxT):
-            logits = _logits(cfg, lambda y: norm.apply({"params": p["ln_f"]}, y),
-                             lambda h: embedding.apply({"params": p["wte"]}, h, method="attend"), y_bxTxD,
-                             unconstrained)
+            if cfg.tie_embeddings:
+                head = lambda h: embedding.apply({"params": p["wte"]}, h, method="attend")
+            else:
+                head = lambda h: lm_head.apply({"params": p["lm_head"]}, h)
+            logits = _logits(cfg, lambda y: norm.apply({"params": p["ln_f"]}, y), head, y_bxTxD, unconstrained)
             return cross_entropy(logits, targets_bxT, cfg.vocab_size)
 
         run_layers = self._run_layers(deterministic=True)
@@ -207,7 +254,7 @@ class GPT(nn.Module):
     def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None, targets_BxT=None):
         """Returns float32 logits over the padded vocabulary.
 
-        Sampling passes `cache`, the (keys, values) of every layer [L, B, H, S, Q], and `start_B`, each
+        Sampling passes `cache`, the (keys, values) of every layer [L, B, K, S, Q], and `start_B`, each
         sequence's position of tokens_BxT[:, 0]; it gets (logits, updated cache) back. Training with
         the 1F1B pipeline schedule passes `targets_BxT` and gets the mean loss.
         """
@@ -216,8 +263,10 @@ class GPT(nn.Module):
             return self._one_f_one_b_loss(tokens_BxT, targets_BxT)
         T = tokens_BxT.shape[1]
         embed = _embedding(cfg, "wte")
-        pos_TxD = self.param("wpe", _init(cfg.init_std, ("pos", "embed")), (cfg.seq_len, cfg.d_model))
-        pos_BxTxD = pos_TxD[:T] if cache is None else jnp.take(pos_TxD, start_B[:, None] + jnp.arange(T), axis=0)
+        pos_BxTxD = None  # rotary positions are applied inside attention
+        if cfg.position == "learned":
+            pos_TxD = self.param("wpe", _init(cfg.init_std, ("pos", "embed")), (cfg.seq_len, cfg.d_model))
+            pos_BxTxD = pos_TxD[:T] if cache is None else jnp.take(pos_TxD, start_B[:, None] + jnp.arange(T), axis=0)
         x_BxTxD = _embed(cfg, embed, pos_BxTxD, tokens_BxT, self._constrain)
         if cfg.dropout:
             x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
@@ -226,7 +275,8 @@ class GPT(nn.Module):
             x_BxTxD = self._layers(x_BxTxD, deterministic)
         else:
             x_BxTxD, cache = self._layers(x_BxTxD, deterministic, cache, start_B)
-        logits_BxTxV = _logits(cfg, _layer_norm(cfg, "ln_f"), embed.attend, x_BxTxD, self._constrain)
+        head = embed.attend if cfg.tie_embeddings else _lm_head(cfg, "lm_head")
+        logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), head, x_BxTxD, self._constrain)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
 
@@ -235,18 +285,26 @@ def _embedding(cfg: ModelConfig, name: str | None = None) -> nn.Embed:
                     embedding_init=_init(cfg.init_std, ("vocab", "embed")))
 
 
+def _lm_head(cfg: ModelConfig, name: str | None = None) -> nn.Dense:
+    """The untied LM head, vocab-parallel like the embedding."""
+    return nn.Dense(cfg.padded_vocab, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32, name=name,
+                    kernel_init=_init(cfg.init_std, ("embed", "vocab")))
+
+
 def _embed(cfg: ModelConfig, lookup, pos_TxD, tokens_BxT, constrain):
     """Vocab-parallel lookup (each shard contributes its rows, summed), then split the sequence if
     sequence parallel is on: without the first constraint XLA gathers the whole table."""
     x_BxTxD = constrain(lookup(tokens_BxT), ("batch", "length", "act_embed"))
-    return constrain(x_BxTxD + pos_TxD.astype(cfg.dtype), ("batch", "act_length", "act_embed"))
+    if pos_TxD is not None:
+        x_BxTxD = x_BxTxD + pos_TxD.astype(cfg.dtype)
+    return constrain(x_BxTxD, ("batch", "act_length", "act_embed"))
 
 
-def _logits(cfg: ModelConfig, norm, attend, x_BxTxD, constrain):
-    """The final norm and the tied, vocab-parallel LM head, split over the pipeline's devices as
-    well. One 2-D matmul: XLA's CPU backend then computes the weight gradient without a transposed
-    copy of the [B·T, V] logit gradient."""
+def _logits(cfg: ModelConfig, norm, head, x_BxTxD, constrain):
+    """The final norm and the vocab-parallel LM head, split over the pipeline's devices as well.
+    One 2-D matmul: XLA's CPU backend then computes the weight gradient without a transposed copy
+    of the [B·T, V] logit gradient."""
     x_BxTxD = norm(constrain(x_BxTxD, ("head_batch", "act_length", "act_embed")))
     B, T, D = x_BxTxD.shape
-    logits_BxTxV = attend(x_BxTxD.reshape(B * T, D)).astype(jnp.float32).reshape(B, T, cfg.padded_vocab)
+    logits_BxTxV = head(x_BxTxD.reshape(B * T, D)).astype(jnp.float32).reshape(B, T, cfg.padded_vocab)
     return constrain(logits_BxTxV, ("head_batch", "length", "vocab"))

@@ -62,7 +62,7 @@ class Sampler:
                  opts: SamplingOptions, eod: int | None):
         m = cfg.model
         self.cfg, self.opts, self.eod = cfg, opts, eod
-        self.layout = zero_layouts(mesh, cfg.mesh).params
+        self.layout = zero_layouts(mesh, cfg).params
         self.model = GPT(m, self.layout)
         self.length = prompt_len + opts.max_new_tokens  # cached positions
         data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -51,6 +51,10 @@ def build_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(mesh_utils.create_device_mesh(tuple(shape.values()), devices=np.asarray(devices).ravel()), AXES)
 
 
+def kv_heads_split(kv_heads: int, tensor: int) -> bool:
+    return kv_heads % tensor == 0
+
+
 def tensor_groups_across_hosts(mesh: Mesh, host_of_process) -> list[set[str]]:
     """The hosts of each `tensor` group that spans more than one: every layer's tensor-parallel
     all-reduces would cross the network there. `host_of_process[i]` names process i's host."""
@@ -59,10 +63,12 @@ def tensor_groups_across_hosts(mesh: Mesh, host_of_process) -> list[set[str]]:
     return [h for h in hosts if len(h) > 1]
 
 
-def logical_rules(shard_over_data: bool, sequence_parallel: bool) -> tuple:
+def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads: bool) -> tuple:
     """Logical axis -> mesh axes. Weights use 'embed'; activations use 'act_embed' and 'act_length'.
 
     shard_over_data: also shard weight-shaped arrays over `data` (ZeRO), besides `fsdp`.
+    split_kv_heads: the KV heads of grouped-query attention divide by `tensor`; otherwise every
+    tensor rank keeps them all, as Megatron does when tensor parallelism exceeds the KV heads.
     """
     return (
         ("batch", BATCH_AXES),
@@ -72,6 +78,7 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool) -> tuple:
         ("act_length", "tensor" if sequence_parallel else None),  # residual stream between blocks
         ("vocab", "tensor"),
         ("heads", "tensor"),
+        ("kv_heads", "tensor" if split_kv_heads else None),
         ("mlp", "tensor"),
         ("embed", ("fsdp", "data") if shard_over_data else "fsdp"),
     )

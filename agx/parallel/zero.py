@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from agx.config import MeshConfig
+from agx.config import Config
 from agx.errors import UserError
-from agx.parallel.mesh import Layout, logical_rules
+from agx.parallel.mesh import Layout, kv_heads_split, logical_rules
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,11 @@ class ZeroLayouts:
     opt_state: Layout
 
 
-def zero_layouts(mesh: Mesh, cfg: MeshConfig) -> ZeroLayouts:
+def zero_layouts(mesh: Mesh, cfg: Config) -> ZeroLayouts:
+    split_kv = kv_heads_split(cfg.model.kv_heads, mesh.shape["tensor"])
+
     def layout(min_stage: int) -> Layout:
-        return Layout(mesh, logical_rules(cfg.zero_stage >= min_stage, cfg.sequence_parallel))
+        return Layout(mesh, logical_rules(cfg.mesh.zero_stage >= min_stage, cfg.mesh.sequence_parallel, split_kv))
 
     return ZeroLayouts(params=layout(3), grads=layout(2), opt_state=layout(1))
 

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec
 
 from agx.config import Config
 from agx.errors import UserError
-from agx.parallel.mesh import logical_rules
+from agx.parallel.mesh import kv_heads_split, logical_rules
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -55,7 +55,8 @@ class StateShapes:
 
     def _count_shard_bytes(self, part, sharded_over_data, cfg, mesh_shape, itemsize) -> int | str:
         """The bytes, or why the layout does not divide an array."""
-        rules = logical_rules(sharded_over_data, cfg.mesh.sequence_parallel)
+        rules = logical_rules(sharded_over_data, cfg.mesh.sequence_parallel,
+                              kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"]))
         leaves = jax.tree_util.tree_leaves_with_path(getattr(self.abstract, part))
         specs = jax.tree_util.tree_leaves(getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
         total = 0

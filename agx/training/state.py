@@ -64,7 +64,7 @@ def plan_params(cfg: Config, mesh: Mesh):
     from or to export: the training layout of cfg.mesh on `mesh`."""
     boxed = jax.eval_shape(lambda rng: GPT(cfg.model).init(rng, jnp.zeros((1, cfg.model.seq_len), jnp.int32)),
                            jax.random.key(0))["params"]
-    shardings = zero_layouts(mesh, cfg.mesh).params.tree_shardings(nn.get_partition_spec(boxed))
+    shardings = zero_layouts(mesh, cfg).params.tree_shardings(nn.get_partition_spec(boxed))
     abstract = nn.meta.unbox(boxed)
     check_divisible(abstract, shardings, "parameter")
     return abstract, shardings
@@ -73,7 +73,7 @@ def plan_params(cfg: Config, mesh: Mesh):
 def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StatePlan:
     boxed = jax.eval_shape(init_fn(cfg, tx), jax.random.key(0))
     logical = nn.get_partition_spec(boxed)
-    layouts = zero_layouts(mesh, cfg.mesh)
+    layouts = zero_layouts(mesh, cfg)
     shardings = TrainState(step=replicated(mesh), bad_steps=replicated(mesh),
                            params=layouts.params.tree_shardings(logical.params),
                            opt_state=layouts.opt_state.tree_shardings(logical.opt_state))

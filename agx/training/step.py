@@ -27,7 +27,7 @@ def loss_function(cfg: Config, mesh: Mesh, train: bool, bubble_value: float = 0.
     """(params, tokens_Bx(T+1), rng) -> mean next-token loss; dropout only when training.
     bubble_value: what idle pipeline stages start from (a test fills them with NaN)."""
     schedule = plan_schedule(cfg, dict(mesh.shape))
-    model = GPT(cfg.model, zero_layouts(mesh, cfg.mesh).params, schedule, bubble_value)
+    model = GPT(cfg.model, zero_layouts(mesh, cfg).params, schedule, bubble_value)
     dropout = train and cfg.model.dropout > 0
 
     def loss_fn(params, tokens_BxT1, rng):
