@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 from agx.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from agx.data.pipeline import make_samples  # noqa: E402
+from agx.models.configs import llama_model  # noqa: E402
 from agx.training.loop import Trainer  # noqa: E402
 
 
@@ -32,6 +33,18 @@ def tiny_config(**mesh) -> Config:
         train=TrainConfig(steps=3, batch_size=16),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
     )
+
+
+def llama_tiny_config(**mesh) -> Config:
+    """tiny_config's shapes in the Llama architecture: 8 query heads share 2 KV heads, so `tensor`
+    of 2 splits the KV heads and `tensor` of 8 keeps them whole on every rank."""
+    cfg = tiny_config(**mesh)
+    cfg.model = llama_model(num_layers=2, d_model=64, num_heads=8, num_kv_heads=2, ffn_size=176, seq_len=32,
+                            vocab_size=2048)
+    return cfg
+
+
+ARCHITECTURES = {"gpt3": tiny_config, "llama": llama_tiny_config}
 
 
 @pytest.fixture(scope="session")
