@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from conftest import env_for
+from conftest import env_for, llama_tiny_config
 
 from agx.config import MeshConfig
 from agx.interop.saved import OrbaxParams, load_params
@@ -35,24 +35,37 @@ def sample(trained, mesh_cfg: MeshConfig, devices, opts: SamplingOptions, prompt
     return [t.tolist() for t in sampler(params, [np.array(p) for p in prompts])], params, cfg
 
 
-@pytest.fixture(scope="module")
-def lively(trained, tmp_path_factory):
-    """A params export of the tiny model freshly initialised with std 0.1: its greedy choices vary with
+def params_export(cfg, folder):
+    """A params export of `cfg`'s model freshly initialised with std 0.1: its greedy choices vary with
     the context (8 steps of training leave a model that repeats one token)."""
     import orbax.checkpoint as ocp
 
-    cfg = OrbaxParams(trained).cfg
     cfg.model.init_std = 0.1
     boxed = GPT(cfg.model).init(jax.random.key(1), jnp.zeros((1, cfg.model.seq_len), jnp.int32))["params"]
     params = nn.meta.unbox(boxed)
-    folder = tmp_path_factory.mktemp("lively")
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
         checkpointer.save((folder / "params").absolute(), args=ocp.args.StandardSave({"params": params}))
     (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
     return folder
 
 
-def test_greedy_kv_cache_decode_equals_recomputing_the_whole_sequence(lively):
+@pytest.fixture(scope="module")
+def lively(trained, tmp_path_factory):
+    return params_export(OrbaxParams(trained).cfg, tmp_path_factory.mktemp("lively"))
+
+
+@pytest.fixture(scope="module")
+def lively_llama(tmp_path_factory):
+    """Rotary positions and 8 query heads on 2 KV heads."""
+    return params_export(llama_tiny_config(), tmp_path_factory.mktemp("lively_llama"))
+
+
+ARCHITECTURES = ["lively", "lively_llama"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_kv_cache_decode_equals_recomputing_the_whole_sequence(arch, request):
+    lively = request.getfixturevalue(arch)
     opts = SamplingOptions(max_new_tokens=12, temperature=0)
     cached, params, cfg = sample(lively, MeshConfig(data=1), jax.devices()[:1], opts)
     model = GPT(cfg.model)
@@ -66,15 +79,36 @@ def test_greedy_kv_cache_decode_equals_recomputing_the_whole_sequence(lively):
     assert len({tuple(t) for t in cached}) == len(PROMPTS) and len(set(sum(cached, []))) > 6  # not one repeated token
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("mesh", [MeshConfig(data=1, tensor=8), MeshConfig(data=1, fsdp=4, tensor=2, zero_stage=3)])
-def test_sampling_sharded_over_8_devices_equals_one_device(lively, mesh):
+def test_sampling_sharded_over_8_devices_equals_one_device(arch, mesh, request):
+    lively = request.getfixturevalue(arch)
     for opts in [SamplingOptions(max_new_tokens=10, temperature=0),
                  SamplingOptions(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=3)]:
         one, _, _ = sample(lively, MeshConfig(data=1), jax.devices()[:1], opts)
         sharded, params, _ = sample(lively, mesh, jax.devices(), opts)
         assert sharded == one
-    qkv = params["layers"]["qkv"]["kernel"]
-    assert qkv.sharding.shard_shape(qkv.shape) != qkv.shape  # the weights really were split
+    fc = params["layers"]["fc"]["kernel"]
+    assert fc.sharding.shard_shape(fc.shape) != fc.shape  # the weights really were split
+
+
+def test_grouped_query_attention_caches_only_the_kv_heads():
+    """The cache shrinks by heads/kv_heads, in its shape and in the compiled program's memory."""
+    def sampler(kv_heads):
+        cfg = llama_tiny_config(data=1)
+        cfg.model.num_kv_heads = kv_heads
+        mesh = build_mesh(cfg.mesh, jax.devices()[:1])
+        abstract, shardings = plan_params(cfg, mesh)
+        opts = SamplingOptions(max_new_tokens=28, temperature=0)
+        return Sampler(cfg, mesh, shardings, 8, 4, opts, eod=None).compile(abstract)
+
+    heads = llama_tiny_config().model.num_heads
+    multi_head, grouped = sampler(heads), sampler(2)
+    L, B, K, S, Q = grouped.cache_shape()
+    assert multi_head.cache_shape() == (L, B, heads, S, Q) and K == 2
+    saved = 2 * L * B * (heads - K) * S * Q * 4  # keys and values, float32
+    temp = lambda s: s._compiled.memory_analysis().temp_size_in_bytes
+    assert temp(multi_head) - temp(grouped) >= saved
 
 
 def test_temperature_zero_is_deterministic_and_the_seed_drives_sampling(lively):

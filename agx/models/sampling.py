@@ -81,11 +81,16 @@ class Sampler:
             jax.ShapeDtypeStruct((self.batch,), jnp.int32), jax.random.key(0)).compile()
         return self
 
+    def cache_shape(self) -> tuple[int, ...]:
+        """Keys' (and values') [L, B, K, S, Q]: grouped-query attention caches its KV heads only."""
+        m = self.cfg.model
+        return (m.num_layers, self.batch, m.kv_heads, self.length, m.head_dim)
+
     def _run(self, params, prompts_BxP, lengths_B, rng):
         m, opts = self.cfg.model, self.opts
         B, P = prompts_BxP.shape
-        cache_shape = (m.num_layers, B, m.num_heads, self.length, m.head_dim)
-        cache_sharding = self.layout.sharding(("layers", "batch", "heads", "cache_length", "kv"))
+        cache_shape = self.cache_shape()
+        cache_sharding = self.layout.sharding(("layers", "batch", "kv_heads", "cache_length", "kv"))
         cache = tuple(jax.lax.with_sharding_constraint(jnp.zeros(cache_shape, m.dtype), cache_sharding) for _ in "kv")
         apply = lambda tokens_BxT, cache, start_B: self.model.apply({"params": params}, tokens_BxT, cache=cache,
                                                                     start_B=start_B)
