@@ -1,14 +1,15 @@
-"""Named sizes: parameter counts against GPT-3 Table 2.1 and the abstract tree; FLOPs against XLA."""
+"""Named sizes: parameter counts against GPT-3 Table 2.1, a count by hand and the abstract tree;
+FLOPs against XLA and against each other."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import tiny_config
+from conftest import llama_tiny_config, tiny_config
 
 from agx.config import load_experiment
-from agx.models.configs import PUBLISHED, flops_per_token, param_count
+from agx.models.configs import AURORAGPT, PUBLISHED, flops_per_token, megatron_flops_per_token, param_count
 from agx.models.gpt import GPT
 from agx.training.step import cross_entropy
 
@@ -27,10 +28,35 @@ def test_param_count_matches_paper_and_model(name):
     assert param_count(cfg) == pytest.approx(PUBLISHED[name].params, rel=0.02)
 
 
-def test_flops_per_token_matches_xla_cost_of_a_training_step():
+@pytest.mark.parametrize("name", sorted(AURORAGPT))
+def test_auroragpt_param_counts_match_a_count_by_hand_and_the_model(name):
+    s, cfg = AURORAGPT[name], load_experiment(name).model
+    kv_width = s.d_model // s.heads * s.kv_heads
+    per_layer = (2 * s.d_model * s.d_model  # q and o
+                 + 2 * s.d_model * kv_width  # k and v: grouped-query attention
+                 + 3 * s.d_model * s.ffn  # gate, up, down
+                 + 2 * s.d_model)  # two RMSNorm scales, no biases anywhere
+    by_hand = 2 * s.vocab * s.d_model + s.layers * per_layer + s.d_model  # untied embedding and head, final norm
+    assert param_count(cfg) == abstract_param_count(cfg) == by_hand
+    assert by_hand / 1e9 == pytest.approx(s.params / 1e9, abs=0.005)  # 1.99B, 5.93B, 68.98B
+
+
+def test_megatron_flops_agree_with_palm_for_gpt3_and_count_the_matmuls_of_llama():
+    """Megatron-DeepSpeed's formula leaves out the embedding lookup and the learned positions, which
+    PaLM's 6N counts; for GPT-3 175B that is 0.02%. For Llama it is 6 × the matmul weights (q, k, v,
+    o, gate, up, down and the head) plus the attention scores and sums, 12·L·d·T."""
+    gpt3 = load_experiment("gpt3_175b").model
+    assert megatron_flops_per_token(gpt3) == pytest.approx(flops_per_token(gpt3), rel=3e-4)
+    m = load_experiment("auroragpt_7b").model
+    matmul_weights = param_count(m) - m.padded_vocab * m.d_model - m.num_layers * 2 * m.d_model - m.d_model
+    assert flops_per_token(m) == 6 * matmul_weights + 12 * m.num_layers * m.d_model * m.seq_len
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, llama_tiny_config], ids=["gpt3", "llama"])
+def test_flops_per_token_matches_xla_cost_of_a_training_step(make_config):
     """XLA counts the FLOPs it compiles; the formula counts matmuls only, so they agree closely.
     One layer: XLA's cost analysis counts a loop body once, whatever its trip count."""
-    cfg = dataclasses.replace(tiny_config().model, num_layers=1)
+    cfg = dataclasses.replace(make_config().model, num_layers=1)
     tokens = jnp.zeros((8, cfg.seq_len), jnp.int32)
     model = GPT(cfg)
     params = model.init(jax.random.key(0), tokens)
