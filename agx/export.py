@@ -4,9 +4,10 @@
   python -m agx.export --from-hf HF_DIR --experiment NAME [--set KEY=VALUE ...] --output WORKDIR
 
 `orbax`: the parameters alone (no optimizer state) in the chosen dtype, with config.json and the
-tokenizer beside them: what `agx.generate` and inference services load. `hf`: a Hugging Face GPT-2
-folder. `--from-hf`: a GPT-2 folder (safetensors only) made into step 0 of a training workdir, which
-`agx.train` then continues from. Outputs appear complete or not at all.
+tokenizer beside them: what `agx.generate` and inference services load. `hf`: a Hugging Face folder,
+GPT-2 for the GPT-3 architecture and Llama for the Llama one. `--from-hf`: a GPT-2 or Llama folder
+(safetensors only) made into step 0 of a training workdir, which `agx.train` then continues from.
+Outputs appear complete or not at all.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def export(checkpoint: Path, fmt: str, output: Path, dtype: str, force: bool, ma
 
     from agx.config import MeshConfig
     from agx.data.tokenizer import Tokenizer
-    from agx.interop.hf_gpt2 import write_hf
+    from agx.interop.hf_folder import write_hf
     from agx.interop.saved import OrbaxParams, atomic_folder, load_params
     from agx.parallel.mesh import build_mesh
     from agx.training.state import plan_params
@@ -59,12 +60,13 @@ def export(checkpoint: Path, fmt: str, output: Path, dtype: str, force: bool, ma
     cfg = source.cfg
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
     tokenizer = source.tokenizer_file()
+    written = fmt
     with atomic_folder(output, force) as tmp:
         if fmt == "hf":
             one_device = build_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
             source.check_matches(plan_params(cfg, one_device)[0])
             eod = Tokenizer(tokenizer, cfg.data.eod_token).eod if tokenizer else None
-            write_hf(source, cfg.model, tmp, np_dtype, tokenizer, eod, max_shard_bytes)
+            written = f"hf {write_hf(source, cfg.model, tmp, np_dtype, tokenizer, eod, max_shard_bytes)}"
         else:
             import orbax.checkpoint as ocp
 
@@ -80,7 +82,7 @@ def export(checkpoint: Path, fmt: str, output: Path, dtype: str, force: bool, ma
                 "dtype": dtype, "from": str(source.step_dir)}}, indent=2))
             if tokenizer:
                 shutil.copy2(tokenizer, tmp / "tokenizer.json")
-    print(f"agx: exported {source.step_dir} as {fmt} ({dtype}) to {output}")
+    print(f"agx: exported {source.step_dir} as {written} ({dtype}) to {output}")
 
 
 def import_hf(folder: Path, experiment: str, overrides: list[str], output: Path, force: bool) -> None:
@@ -90,7 +92,7 @@ def import_hf(folder: Path, experiment: str, overrides: list[str], output: Path,
 
     from agx.checkpoint import Checkpoints
     from agx.config import load_experiment
-    from agx.interop.hf_gpt2 import HFParams
+    from agx.interop.hf_folder import HFParams
     from agx.interop.saved import atomic_folder, flat, load_params
     from agx.training.loop import Trainer
     from agx.training.state import TrainState
@@ -99,8 +101,8 @@ def import_hf(folder: Path, experiment: str, overrides: list[str], output: Path,
     cfg = load_experiment(experiment, overrides)
     differs = [f"--set model.{k}={v}" for k, v in source.model_shape.items() if getattr(cfg.model, k) != v]
     if differs:
-        raise UserError(f"{folder} holds a GPT-2 of another shape than experiment '{cfg.name}'; add "
-                        f"{' '.join(differs)}")
+        raise UserError(f"{folder} holds a {source.arch.model_type} model of another shape than experiment "
+                        f"'{cfg.name}'; add {' '.join(differs)}")
     trainer = Trainer.build(cfg)
     plan = trainer.plan
     source.bind(cfg.model, {name: a.shape for name, a in flat(plan.abstract.params).items()})
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="a training workdir (its newest step) or a step folder")
-    source.add_argument("--from-hf", type=Path, metavar="HF_DIR", help="import a local GPT-2 folder (safetensors)")
+    source.add_argument("--from-hf", type=Path, metavar="HF_DIR", help="import a local GPT-2 or Llama folder (safetensors)")
     parser.add_argument("--format", choices=("orbax", "hf"), help="with --checkpoint: what to write")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="exported parameter dtype")

@@ -30,7 +30,7 @@ def generate(checkpoint: Path, prompts: list[str], opts, overrides: list[str], t
     from agx.training.state import plan_params
 
     if (checkpoint / "config.json").is_file() and not (checkpoint / "params").is_dir():
-        from agx.interop.hf_gpt2 import HFParams
+        from agx.interop.hf_folder import HFParams
 
         source = HFParams(checkpoint)
     else:

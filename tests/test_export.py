@@ -1,5 +1,5 @@
-"""Export and import as a user runs them: a trained checkpoint to a Hugging Face GPT-2 folder that
-`transformers` loads with the same logits, to a params-only Orbax checkpoint, back from Hugging Face
+"""Export and import as a user runs them: a trained checkpoint to a Hugging Face GPT-2 or Llama
+folder that `transformers` loads with the same logits and greedy tokens, to a params-only Orbax checkpoint, back from Hugging Face
 to a workdir the trainer continues, streaming within bounded memory, and refusals of bad input."""
 
 import json
@@ -123,6 +123,83 @@ def test_export_import_export_is_exact_and_the_trainer_continues_the_import(trai
     assert imported_first < first - 0.3 and imported_first < step_losses(trained)[8] + 0.1
 
 
+# The Llama architecture at TINY's shapes: 8 query heads on 2 KV heads, SwiGLU 176 wide, untied head
+LLAMA_TINY = ["--experiment", "llama_tiny"] + [arg for setting in [
+    "model.num_layers=2", "model.d_model=64", "model.ffn_size=176", "model.seq_len=32", "model.scan_unroll=1",
+    "model.vocab_multiple=384",  # 2048 padded to 2304: the export cuts the padding
+    "train.batch_size=16", "train.log_every=100", "eval.every=0"] for arg in ("--set", setting)]
+
+
+@pytest.fixture(scope="module")
+def trained_llama(tmp_path_factory):
+    """llama_tiny trained 8 steps with its KV heads split over tensor=2 (and fsdp=4)."""
+    workdir = tmp_path_factory.mktemp("trained_llama")
+    result = agx_train(*LLAMA_TINY, "--workdir", str(workdir), *sets(
+        "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "train.steps=8", "checkpoint.every=8", "optim.lr=3e-3",
+        "optim.warmup_steps=2"), env=env_for(8))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_llama_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(trained_llama, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    result = export("--checkpoint", trained_llama, "--format", "hf", "--output", tmp_path / "hf",
+                    "--max-shard-size", "300KB")
+    assert "as hf llama" in result.stdout and len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 1
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["architectures"], config["num_key_value_heads"], config["tie_word_embeddings"]) == \
+        (["LlamaForCausalLM"], 2, False)
+
+    params, cfg = agx_params(trained_llama)
+    V = cfg.model.vocab_size
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    assert hf.model.layers[0].self_attn.k_proj.weight.shape == (2 * cfg.model.head_dim, cfg.model.d_model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = GPT(cfg.model)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            theirs = hf(torch.tensor([ids])).logits[0].numpy()
+        mine = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))[0, :, :V]
+        np.testing.assert_allclose(mine, theirs, atol=2e-5 * np.abs(theirs).max(), rtol=0)
+
+    from agx.models.sampling import Sampler, SamplingOptions
+
+    mesh = build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    _, shardings = plan_params(cfg, mesh)
+    prompts = [np.asarray(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    sampler = Sampler(cfg, mesh, shardings, len(prompts), max(map(len, prompts)),
+                      SamplingOptions(max_new_tokens=8, temperature=0, stop_at_eod=False), eod=None)
+    for prompt, ours in zip(prompts, sampler(params, prompts)):  # both decode from their KV caches
+        ids = torch.tensor([prompt.tolist()])
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)[0, len(prompt):]
+        assert ours.tolist() == theirs.tolist()
+
+
+def test_llama_export_import_export_is_exact(trained_llama, tmp_path):
+    export("--checkpoint", trained_llama, "--format", "hf", "--output", tmp_path / "hf")
+    export("--from-hf", tmp_path / "hf", "--output", tmp_path / "imported", *LLAMA_TINY, devices=8)
+    export("--checkpoint", tmp_path / "imported", "--format", "hf", "--output", tmp_path / "again")
+    first, second = safetensors_of(tmp_path / "hf"), safetensors_of(tmp_path / "again")
+    assert first.keys() == second.keys() and "lm_head.weight" in first
+    for name in first:
+        assert first[name].dtype == second[name].dtype and np.array_equal(first[name], second[name]), name
+
+    original, _ = agx_params(trained_llama)
+    imported, cfg = agx_params(tmp_path / "imported")
+    V = cfg.model.vocab_size
+    for name, a in flat(original).items():
+        b = flat(imported)[name]
+        if name in ("wte.embedding", "lm_head.kernel"):  # the vocabulary padding comes back as zeros
+            pad = (slice(V, None),) if name == "wte.embedding" else (slice(None), slice(V, None))
+            keep = (slice(None, V),) if name == "wte.embedding" else (slice(None), slice(None, V))
+            assert np.array_equal(a[keep], b[keep]) and not np.any(b[pad]), name
+        else:
+            assert np.array_equal(a, b), name
+
+
 def step_losses(workdir) -> dict[int, float]:
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in lines if "event" not in r}
@@ -170,7 +247,7 @@ def test_hf_export_memory_is_bounded_by_the_largest_tensor_not_the_model(trained
     measure = """
 import json, os, sys
 import jax, ml_dtypes, tensorstore, orbax.checkpoint
-import agx.interop.hf_gpt2, agx.interop.saved, agx.training.state
+import agx.interop.hf_folder, agx.interop.hf_gpt2, agx.interop.hf_llama, agx.interop.saved, agx.training.state
 from agx.export import main
 jax.devices()
 baseline = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -218,12 +295,15 @@ def test_a_checkpoint_of_another_architecture_is_refused(trained, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_hf_folders_that_are_not_gpt2_or_only_pickled_are_refused(trained, tmp_path, capsys):
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    assert "not GPT-2" in error_of(capsys, export_main, "--from-hf", llama, "--experiment", "gpt3_tiny",
-                                   "--output", tmp_path / "out")
+def test_hf_folders_of_other_kinds_incomplete_or_only_pickled_are_refused(trained, tmp_path, capsys):
+    bert, llama = tmp_path / "bert", tmp_path / "llama"
+    for folder, config in [(bert, {"model_type": "bert"}), (llama, {"model_type": "llama", "hidden_size": 64})]:
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    assert "agx imports gpt2 and llama" in error_of(capsys, export_main, "--from-hf", bert, "--experiment",
+                                                    "gpt3_tiny", "--output", tmp_path / "out")
+    assert "has no 'num_attention_heads'" in error_of(capsys, export_main, "--from-hf", llama, "--experiment",
+                                                      "llama_tiny", "--output", tmp_path / "out")
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
