@@ -142,6 +142,47 @@ def test_the_search_ranges_over_pipeline_stages_for_the_trillion_on_aurora(tmp_p
     assert claim in verdict
 
 
+def aurora_70b(*settings):
+    return ["--experiment", "auroragpt_70b", "--system", "aurora", "--nodes", "8"] + [
+        a for s in settings for a in ("--set", s)]
+
+
+def compiled_gib(out: str) -> float:
+    return float(next(line for line in out.splitlines() if line.strip().startswith("total")).split()[3])
+
+
+def test_auroragpt_70b_on_8_aurora_nodes_is_out_of_memory_with_pp8_tp1_and_the_search_shows_what_fits(tmp_path):
+    """Megatron-DeepSpeed's layout: 8 pipeline stages, no tensor parallelism, ZeRO-1 over data (its
+    pipeline engine allows no higher stage). A stage's weights and gradients alone exceed a tile."""
+    megatron = plan_cli(*aurora_70b("mesh.pipeline=8", "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1",
+                                    "mesh.zero_stage=1", "train.pipeline_microbatches=64", "model.remat=full"))
+    assert megatron.returncode == 0, megatron.stderr[-3000:]
+    assert "fits in 64 GiB: NO (compiled figure)" in megatron.stdout
+    gib = {line.split()[0]: float(line.split()[1]) for line in megatron.stdout.splitlines()
+           if line.strip().startswith(("params", "grads"))}
+    assert gib["params"] + gib["grads"] > 64 and compiled_gib(megatron.stdout) > 64
+
+    search = plan_cli(*aurora_70b(), "--search", "--no-compile", "--output", str(tmp_path))
+    assert search.returncode == 0, search.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "search.csv")))
+    pp8_tp1 = [r for r in rows if (r["pipeline"], r["tensor"]) == ("8", "1")]
+    deepspeed_allows = [r for r in pp8_tp1 if int(r["zero"]) <= 1 and r["fsdp"] == "1"]
+    assert deepspeed_allows and not any(r["fits"] == "True" for r in deepspeed_allows)
+    assert any(r["fits"] == "True" for r in pp8_tp1 if r["zero"] == "3")  # agx shards the stage's weights too
+
+    # The fastest pipelined layout with room to spare by the analytic figure (which runs below XLA's
+    # by up to 15 GiB here), compiled: it fits
+    best = min((r for r in rows if r["fits"] == "True" and r["pipeline"] != "1" and float(r["analytic_gib"]) < 40),
+               key=lambda r: float(r["step_s"]))
+    fits = plan_cli(*aurora_70b(*(f"mesh.{axis}={best[axis]}" for axis in AXES), f"mesh.zero_stage={best['zero']}",
+                                f"model.remat={best['remat']}", f"train.microbatches={best['microbatches']}",
+                                f"mesh.sequence_parallel={best['sequence_parallel']}",
+                                *([f"train.pipeline_microbatches={best['pipeline_microbatches']}",
+                                   f"model.pipeline_repeats={best['repeats']}"] if best["pipeline"] != "1" else [])))
+    assert fits.returncode == 0, fits.stderr[-3000:]
+    assert "fits in 64 GiB: yes (compiled figure)" in fits.stdout, fits.stdout
+
+
 def test_search_writes_a_csv_and_a_plot(tmp_path):
     result = plan_cli("--experiment", "gpt3_small", "--system", "h100x8", "--nodes", "1", "--search", "--no-compile",
                       "--output", str(tmp_path))

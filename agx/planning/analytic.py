@@ -4,11 +4,11 @@ alone: what a reader can check by hand, next to what the compiler says (agx.plan
 Memory: the parameter, gradient and optimizer-state shards are exact (the planned shardings of the
 real state). Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in
 Large Transformer Models", Table 2, in the compute dtype: per layer s·b·h·(34 + 5·a·s/h) bytes at
-16 bits, the 24 of the 34 in tensor-parallel regions divided by t (all 34 with sequence
-parallelism), the a·s² terms dropped by selective recompute, and only the layer input (2·s·b·h)
-kept by full recompute, which then holds one layer's activations at a time. Pipeline stages keep
-each iteration's stage input instead (agx.parallel.pipeline). Temporaries are the
-float32 logits and their gradient (split over pipeline stages as well), and the weights of one layer
+16 bits for GPT-3 (the MLP's share scaled for SwiGLU and its width), the 24 of the 34 in
+tensor-parallel regions divided by t (all 34 with sequence parallelism), the a·s² terms dropped by
+selective recompute, and only the layer input (2·s·b·h) kept by full recompute, which then holds one
+layer's activations at a time. Pipeline stages keep each iteration's stage input instead
+(agx.parallel.pipeline). Temporaries are the float32 logits and their gradient (split over pipeline stages as well), and the weights of one layer
 gathered for FSDP/ZeRO-3.
 """
 
@@ -109,7 +109,11 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
     s, h, a, L = m.seq_len, m.d_model, m.num_heads, m.num_layers
     c = DTYPE_BYTES[m.dtype] / 2  # Korthikanti's figures are for 16-bit activations
     sp = cfg.mesh.sequence_parallel
-    other, tp_part, scores = (10 / t if sp else 10), 24 / t, 5 * a * s / h / t
+    # Tensor-parallel regions: Q, K, V (grouped-query K and V are repeated to every head before the
+    # matmuls that keep them) and the projection input, 8; the MLP's F-wide activations, 4·F/h for
+    # GELU (its input and output: 16 at F = 4h) and 8·F/h for SwiGLU (gate, up, silu(gate), product).
+    mlp = (8 if m.mlp == "swiglu" else 4) * m.d_ff / h
+    other, tp_part, scores = (10 / t if sp else 10), (8 + mlp) / t, 5 * a * s / h / t
     layer_input = 2 * s * b * h / (t if sp else 1)
     if m.remat == "none":
         per_layer, transient = s * b * h * (other + tp_part + scores), 0
