@@ -1,6 +1,7 @@
 """The planner: collective bytes read from the compiled HLO against the analytic minimum, planned
 memory against the arrays a real run allocates and against XLA's analysis for every GPT-3 size,
-the trillion-parameter plan on 64 Aurora nodes, the search's CSV and plot, and bad input."""
+the trillion-parameter plan on 64 Aurora nodes, AuroraGPT-70B on 8, the search's CSV and plot, and
+bad input."""
 
 import csv
 import json
@@ -170,9 +171,9 @@ def test_auroragpt_70b_on_8_aurora_nodes_is_out_of_memory_with_pp8_tp1_and_the_s
     assert deepspeed_allows and not any(r["fits"] == "True" for r in deepspeed_allows)
     assert any(r["fits"] == "True" for r in pp8_tp1 if r["zero"] == "3")  # agx shards the stage's weights too
 
-    # The fastest pipelined layout with room to spare by the analytic figure (which runs below XLA's
-    # by up to 15 GiB here), compiled: it fits
-    best = min((r for r in rows if r["fits"] == "True" and r["pipeline"] != "1" and float(r["analytic_gib"]) < 40),
+    # The fastest pipelined layout with half the memory to spare by the analytic figure (XLA's CPU
+    # analysis keeps 15-25 GiB more temporaries at this size), compiled: it fits
+    best = min((r for r in rows if r["fits"] == "True" and r["pipeline"] != "1" and float(r["analytic_gib"]) < 32),
                key=lambda r: float(r["step_s"]))
     fits = plan_cli(*aurora_70b(*(f"mesh.{axis}={best[axis]}" for axis in AXES), f"mesh.zero_stage={best['zero']}",
                                 f"model.remat={best['remat']}", f"train.microbatches={best['microbatches']}",
