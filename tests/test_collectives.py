@@ -1,4 +1,5 @@
-"""The compiled tensor-parallel step holds Megatron's collectives, and never gathers the logits."""
+"""The compiled tensor-parallel step holds Megatron's collectives, and never gathers the logits;
+for the Llama architecture too, with the KV heads split over `tensor` or whole on every rank."""
 
 import collections
 import math
@@ -6,23 +7,27 @@ import re
 
 import jax
 import pytest
-from conftest import tiny_config
+from conftest import llama_tiny_config, tiny_config
 
 from agx.training.loop import Trainer
 from agx.training.step import batch_sharding
 
 B, T, D, V = 16, 32, 64, 2048  # tiny_config's batch, sequence, width and padded vocabulary
-COLLECTIVE = re.compile(r"= \w+\[([\d,]*)\][^ ]* (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-                        r"(?:-start)?\(")
+# An instruction's result (one array, or a tuple of them when XLA combines collectives) and its op
+COLLECTIVE = re.compile(r"= (\w+\[[\d,]*\][^ ]*|\([^)]*\)) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                        r"collective-permute)(?:-start)?\(")
+SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 
 
-def collectives(sequence_parallel: bool) -> collections.Counter:
-    """(op, shape) -> count in the HLO of the step compiled for tensor=8; loop bodies count once."""
-    trainer = Trainer.build(tiny_config(tensor=8, zero_stage=0, sequence_parallel=sequence_parallel))
+def collectives(sequence_parallel: bool, make_config=tiny_config, tensor: int = 8) -> collections.Counter:
+    """(op, shape) -> count in the HLO of the step compiled for `tensor` devices; loop bodies count
+    once."""
+    cfg = make_config(tensor=tensor, zero_stage=0, sequence_parallel=sequence_parallel)
+    trainer = Trainer.build(cfg, jax.devices()[:tensor])
     tokens = jax.ShapeDtypeStruct((B, T + 1), "int32", sharding=batch_sharding(trainer.mesh))
     hlo = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile().as_text()
     return collections.Counter((op, tuple(int(d) for d in shape.split(",") if d))
-                               for shape, op in COLLECTIVE.findall(hlo))
+                               for result, op in COLLECTIVE.findall(hlo) for shape in SHAPE.findall(result))
 
 
 def activation_sized(ops: collections.Counter, op: str) -> int:
@@ -37,16 +42,26 @@ def test_no_collective_moves_whole_logits(sequence_parallel):
         assert math.prod(shape) < B * T * V, (op, shape)
 
 
-def test_megatron_tensor_parallel_collectives():
-    ops = collectives(sequence_parallel=False)
+@pytest.mark.parametrize("make_config,tensor", [(tiny_config, 8), (llama_tiny_config, 2), (llama_tiny_config, 8)],
+                         ids=["gpt3", "llama-kv-split", "llama-kv-whole"])
+def test_megatron_tensor_parallel_collectives(make_config, tensor):
+    ops = collectives(sequence_parallel=False, make_config=make_config, tensor=tensor)
     # Per layer: all-reduce after the row-parallel attention output and MLP output (forward), and of
     # the input gradients of the column-parallel QKV and fc (backward); plus the vocab-parallel
-    # embedding (forward) and LM head (backward).
-    assert activation_sized(ops, "all-reduce") == 6
+    # embedding (forward) and LM head (backward). Grouped-query attention with its KV heads split
+    # has the Q and KV projections' input gradients reduced apart (one combined all-reduce of two
+    # activations), where Megatron's fused layout sums them first: one activation more. With the KV
+    # heads whole, every rank computes the KV input gradient in full, and only Q's is reduced.
+    cfg = make_config().model
+    kv_split = cfg.kv_heads % tensor == 0
+    assert activation_sized(ops, "all-reduce") == 6 + (cfg.kv_heads != cfg.num_heads and kv_split)
     # Vocab-parallel cross-entropy reduces max and sum over the vocabulary shards: [B, T] only.
     assert ops[("all-reduce", (B, T))] >= 2
-    # Weights are split, never gathered, in pure tensor parallelism.
-    assert not [key for key in ops if key[0] == "all-gather"]
+    # Weights are split, never gathered, in pure tensor parallelism. KV heads kept whole on every
+    # rank get their activation gradient summed over the ranks' query heads: all-gathers of the
+    # [B, K, T, Q] keys' and values' gradients, no larger.
+    kv_size = 0 if kv_split else B * T * cfg.kv_heads * cfg.head_dim
+    assert not [key for key in ops if key[0] == "all-gather" and math.prod(key[1]) != kv_size]
 
 
 def test_sequence_parallel_gathers_activations_along_the_sequence():

@@ -90,7 +90,9 @@ class Block(nn.Module):
         q_BxTxHxQ = self._constrain(q_BxTxHxQ, ("batch", "length", "heads", "kv"))
         kv_BxTx2xKxQ = self._dense((2, K, Q), "kv", std, ("embed", "qkv", "kv_heads", "kv"))(h_BxTxD)
         kv_BxTx2xKxQ = self._constrain(kv_BxTx2xKxQ, ("batch", "length", "qkv", "kv_heads", "kv"))
-        k_BxKxTxQ, v_BxKxTxQ = jnp.transpose(kv_BxTx2xKxQ, (2, 0, 3, 1, 4))
+        # Each constrained on its own: otherwise their gradients meet unsharded, and XLA gathers them.
+        k_BxKxTxQ, v_BxKxTxQ = (self._constrain(c, ("batch", "kv_heads", "length", "kv"))
+                                for c in jnp.transpose(kv_BxTx2xKxQ, (2, 0, 3, 1, 4)))
         return jnp.transpose(q_BxTxHxQ, (0, 2, 1, 3)), k_BxKxTxQ, v_BxKxTxQ
 
     def _mlp(self, h_BxTxD):
