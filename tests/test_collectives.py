@@ -59,9 +59,10 @@ def test_megatron_tensor_parallel_collectives(make_config, tensor):
     assert ops[("all-reduce", (B, T))] >= 2
     # Weights are split, never gathered, in pure tensor parallelism. KV heads kept whole on every
     # rank get their activation gradient summed over the ranks' query heads: all-gathers of the
-    # [B, K, T, Q] keys' and values' gradients, no larger.
+    # [B, K, T, Q] keys' and values' gradients (jax 0.5 gathers the rotary halves), no larger.
     kv_size = 0 if kv_split else B * T * cfg.kv_heads * cfg.head_dim
-    assert not [key for key in ops if key[0] == "all-gather" and math.prod(key[1]) != kv_size]
+    gathers = [shape for op, shape in ops if op == "all-gather"]
+    assert all(shape[0] == B and math.prod(shape) <= kv_size for shape in gathers), gathers
 
 
 def test_sequence_parallel_gathers_activations_along_the_sequence():
