@@ -46,6 +46,43 @@ def safetensors_of(folder) -> dict:
     return tensors
 
 
+def assert_same_tensors(first_folder, second_folder):
+    first, second = safetensors_of(first_folder), safetensors_of(second_folder)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].dtype == second[name].dtype and np.array_equal(first[name], second[name]), name
+    return first
+
+
+def assert_same_params_but_padding(original: dict, read, vocab_size: int):
+    """`read(name)` equals every original parameter; the vocabulary padding, which no export holds,
+    comes back as zeros."""
+    for name, a in original.items():
+        b = read(name)
+        if name in ("wte.embedding", "lm_head.kernel"):  # vocabulary on axis 0 and 1
+            a, b = (np.moveaxis(x, 1, 0) if name == "lm_head.kernel" else x for x in (a, b))
+            assert np.array_equal(a[:vocab_size], b[:vocab_size]) and not np.any(b[vocab_size:]), name
+        else:
+            assert np.array_equal(a, b), name
+
+
+def assert_greedy_tokens_match(hf, cfg, params, prompts):
+    """transformers' own greedy `generate` (its KV cache) gives agx's greedy tokens (agx's KV cache)."""
+    import torch
+
+    from agx.models.sampling import Sampler, SamplingOptions
+
+    mesh = build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    _, shardings = plan_params(cfg, mesh)
+    sampler = Sampler(cfg, mesh, shardings, len(prompts), max(map(len, prompts)),
+                      SamplingOptions(max_new_tokens=8, temperature=0, stop_at_eod=False), eod=None)
+    for prompt, ours in zip(prompts, sampler(params, prompts)):
+        ids = torch.tensor([prompt.tolist()])
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)[0, len(prompt):]
+        assert ours.tolist() == theirs.tolist()
+
+
 def test_hf_export_loads_in_transformers_with_the_same_logits(trained, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -77,20 +114,8 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(trained, tmp_path)
             np.testing.assert_allclose(mine, theirs, atol=tolerance * np.abs(theirs).max(), rtol=0)
             assert (mine[-1].argmax() == theirs[-1].argmax())
 
-    # transformers' own greedy decoding of the export gives agx's greedy tokens
-    from agx.models.sampling import Sampler, SamplingOptions
-
-    mesh = build_mesh(MeshConfig(data=1), jax.devices()[:1])
-    _, shardings = plan_params(cfg, mesh)
-    prompts = [ours_tok.encode([p])[0] for p in PROMPTS]
-    sampler = Sampler(cfg, mesh, shardings, len(prompts), max(map(len, prompts)),
-                      SamplingOptions(max_new_tokens=8, temperature=0, stop_at_eod=False), eod=None)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "fp32", torch_dtype=torch.float32).eval()
-    for prompt, ours in zip(prompts, sampler(params, prompts)):
-        ids = torch.tensor([prompt.tolist()])
-        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                             pad_token_id=0)[0, len(prompt):]
-        assert ours.tolist() == theirs.tolist()
+    assert_greedy_tokens_match(hf, cfg, params, [ours_tok.encode([p])[0] for p in PROMPTS])
 
 
 def test_export_import_export_is_exact_and_the_trainer_continues_the_import(trained, tmp_path):
@@ -99,20 +124,11 @@ def test_export_import_export_is_exact_and_the_trainer_continues_the_import(trai
     result = export("--from-hf", tmp_path / "hf", "--output", tmp_path / "imported", *TINY, devices=8)
     assert "continue training with" in result.stdout
     export("--checkpoint", tmp_path / "imported", "--format", "hf", "--output", tmp_path / "again")
-    first, second = safetensors_of(tmp_path / "hf"), safetensors_of(tmp_path / "again")
-    assert first.keys() == second.keys()
-    for name in first:
-        assert first[name].dtype == second[name].dtype and np.array_equal(first[name], second[name]), name
+    assert_same_tensors(tmp_path / "hf", tmp_path / "again")
 
     original, _ = agx_params(trained)
     imported, cfg = agx_params(tmp_path / "imported")
-    for name, a in flat(original).items():
-        b = flat(imported)[name]
-        if name == "wte.embedding":  # the vocabulary padding is not exported; it comes back as zeros
-            V = cfg.model.vocab_size
-            assert np.array_equal(a[:V], b[:V]) and not np.any(b[V:])
-        else:
-            assert np.array_equal(a, b), name
+    assert_same_params_but_padding(flat(original), flat(imported).get, cfg.model.vocab_size)
 
     continued = agx_train(*TINY, "--workdir", str(tmp_path / "imported"), *sets("train.steps=2", "mesh.data=8"),
                           env=env_for(8))
@@ -164,40 +180,18 @@ def test_llama_export_loads_in_transformers_with_the_same_logits_and_greedy_toke
         mine = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))[0, :, :V]
         np.testing.assert_allclose(mine, theirs, atol=2e-5 * np.abs(theirs).max(), rtol=0)
 
-    from agx.models.sampling import Sampler, SamplingOptions
-
-    mesh = build_mesh(MeshConfig(data=1), jax.devices()[:1])
-    _, shardings = plan_params(cfg, mesh)
-    prompts = [np.asarray(tokenizer(p)["input_ids"]) for p in PROMPTS]
-    sampler = Sampler(cfg, mesh, shardings, len(prompts), max(map(len, prompts)),
-                      SamplingOptions(max_new_tokens=8, temperature=0, stop_at_eod=False), eod=None)
-    for prompt, ours in zip(prompts, sampler(params, prompts)):  # both decode from their KV caches
-        ids = torch.tensor([prompt.tolist()])
-        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                             pad_token_id=0)[0, len(prompt):]
-        assert ours.tolist() == theirs.tolist()
+    assert_greedy_tokens_match(hf, cfg, params, [np.asarray(tokenizer(p)["input_ids"]) for p in PROMPTS])
 
 
 def test_llama_export_import_export_is_exact(trained_llama, tmp_path):
     export("--checkpoint", trained_llama, "--format", "hf", "--output", tmp_path / "hf")
     export("--from-hf", tmp_path / "hf", "--output", tmp_path / "imported", *LLAMA_TINY, devices=8)
     export("--checkpoint", tmp_path / "imported", "--format", "hf", "--output", tmp_path / "again")
-    first, second = safetensors_of(tmp_path / "hf"), safetensors_of(tmp_path / "again")
-    assert first.keys() == second.keys() and "lm_head.weight" in first
-    for name in first:
-        assert first[name].dtype == second[name].dtype and np.array_equal(first[name], second[name]), name
+    assert "lm_head.weight" in assert_same_tensors(tmp_path / "hf", tmp_path / "again")
 
     original, _ = agx_params(trained_llama)
     imported, cfg = agx_params(tmp_path / "imported")
-    V = cfg.model.vocab_size
-    for name, a in flat(original).items():
-        b = flat(imported)[name]
-        if name in ("wte.embedding", "lm_head.kernel"):  # the vocabulary padding comes back as zeros
-            pad = (slice(V, None),) if name == "wte.embedding" else (slice(None), slice(V, None))
-            keep = (slice(None, V),) if name == "wte.embedding" else (slice(None), slice(None, V))
-            assert np.array_equal(a[keep], b[keep]) and not np.any(b[pad]), name
-        else:
-            assert np.array_equal(a, b), name
+    assert_same_params_but_padding(flat(original), flat(imported).get, cfg.model.vocab_size)
 
 
 @pytest.mark.parametrize("variant", [
@@ -235,14 +229,10 @@ def test_llama_variants_export_to_transformers_and_import_back_exactly(variant, 
     source = HFParams(tmp_path / "hf")
     assert {k: v for k, v in source.model_shape.items() if k in variant} == variant
     source.bind(cfg.model, {name: a.shape for name, a in flat(abstract).items()})
-    V = cfg.model.vocab_size
-    for name, a in flat(params).items():
-        b = source.read(name, tuple(slice(0, n) for n in a.shape))
-        if name in ("wte.embedding", "lm_head.kernel"):  # the vocabulary padding comes back as zeros
-            a, b = (np.moveaxis(x, 1, 0) if name == "lm_head.kernel" else x for x in (a, b))
-            assert np.array_equal(b[:V], a[:V]) and not b[V:].any(), name
-        else:
-            assert np.array_equal(a, b), name
+    original = flat(params)
+    assert_same_params_but_padding(
+        original, lambda name: source.read(name, tuple(slice(0, n) for n in original[name].shape)),
+        cfg.model.vocab_size)
 
 
 def step_losses(workdir) -> dict[int, float]:

@@ -101,23 +101,24 @@ class TensorMap:
         return tuple(dest), tuple(own)
 
 
-def choose(m: ModelConfig) -> Architecture:
-    """The Hugging Face architecture that computes agx's model, or a one-line refusal."""
+def _architectures() -> dict[str, Architecture]:
     from agx.interop import hf_gpt2, hf_llama
 
-    unfit = {arch.model_type: arch.unfit(m) for arch in (hf_gpt2.ARCHITECTURE, hf_llama.ARCHITECTURE)}
-    for arch in (hf_gpt2.ARCHITECTURE, hf_llama.ARCHITECTURE):
-        if not unfit[arch.model_type]:
-            return arch
+    return {arch.model_type: arch for arch in (hf_gpt2.ARCHITECTURE, hf_llama.ARCHITECTURE)}
+
+
+def choose(m: ModelConfig) -> Architecture:
+    """The Hugging Face architecture that computes agx's model, or a one-line refusal."""
+    unfit = {kind: arch.unfit(m) for kind, arch in _architectures().items()}
+    for kind, why in unfit.items():
+        if not why:
+            return _architectures()[kind]
     raise UserError("no Hugging Face architecture computes this model: "
                     + "; ".join(f"{kind} needs {', '.join(why)}" for kind, why in unfit.items()))
 
 
 def architecture_of(config: dict, folder: Path) -> Architecture:
-    from agx.interop import hf_gpt2, hf_llama
-
-    known = {arch.model_type: arch for arch in (hf_gpt2.ARCHITECTURE, hf_llama.ARCHITECTURE)}
-    kind = config.get("model_type")
+    known, kind = _architectures(), config.get("model_type")
     if kind not in known:
         raise UserError(f"{folder}: a '{kind}' model; agx imports {' and '.join(known)} (config.json model_type)")
     return known[kind]
