@@ -23,6 +23,8 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # gpipe becomes circular with model.pipe
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+# Training attention: agx's einsum softmax (any backend), or cuDNN's fused flash attention (NVIDIA GPUs).
+ATTENTIONS = ("xla", "cudnn")
 
 
 @dataclass
@@ -46,6 +48,10 @@ class ModelConfig:
     bias: bool = True  # biases on the projections and norms
     tie_embeddings: bool = True  # the LM head is the token embedding
     dropout: float = 0.0
+    attention: str = "xla"  # one of ATTENTIONS
+    # Causal attention in query blocks of this many positions, each block against the keys up to its
+    # end only, so the masked blocks above the diagonal are never computed; 0: one masked T x T product.
+    attention_block: int = 0
     dtype: str = "float32"  # compute dtype; parameters, softmax and loss stay in float32
     remat: str = "none"  # activation checkpointing policy, one of REMAT_POLICIES
     scan_unroll: int = 1  # layers per iteration of the layer loop; 1 keeps compile time flat in depth
@@ -174,11 +180,16 @@ class Config:
         if m.kv_heads < 1 or m.num_heads % m.kv_heads:
             raise UserError(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
         for name, value, known in [("model.position", m.position, POSITIONS), ("model.norm", m.norm, NORMS),
-                                   ("model.mlp", m.mlp, MLPS)]:
+                                   ("model.mlp", m.mlp, MLPS), ("model.attention", m.attention, ATTENTIONS)]:
             if value not in known:
                 raise UserError(f"{name}={value!r} is not one of {', '.join(known)}")
         if m.position == "rope" and m.head_dim % 2:
             raise UserError(f"rotary positions need an even head size; model.d_model/model.num_heads={m.head_dim}")
+        if m.attention_block < 0 or (m.attention_block and m.seq_len % m.attention_block):
+            raise UserError(f"model.attention_block={m.attention_block} must be 0 or divide model.seq_len={m.seq_len}")
+        if m.attention == "cudnn" and (m.dtype == "float32" or m.dropout or m.attention_block):
+            raise UserError("model.attention=cudnn needs model.dtype bfloat16 or float16, no model.dropout and "
+                            "model.attention_block=0")
         if m.remat not in REMAT_POLICIES:
             raise UserError(f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if m.dtype not in COMPUTE_DTYPES:

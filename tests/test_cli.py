@@ -27,6 +27,10 @@ def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
      "do not divide dimension 4"),
     (["--experiment", "gpt3_tiny", "--set", "train.batch_size=12"], "not divisible by the data-parallel degree"),
     (["--experiment", "gpt3_tiny", "--set", "model.remat=some"], "model.remat='some' is not one of"),
+    (["--experiment", "gpt3_tiny", "--set", "model.attention_block=48"], "must be 0 or divide model.seq_len=128"),
+    (["--experiment", "gpt3_tiny", "--set", "model.attention=cudnn"], "model.attention=cudnn needs model.dtype bfloat16"),
+    (["--experiment", "gpt3_tiny", "--set", "model.attention=cudnn", "model.dtype=bfloat16"],
+     "model.attention=cudnn needs an NVIDIA GPU; this run is on cpu"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
     result = agx_train(*args, "--dry-run")

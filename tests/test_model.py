@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from conftest import tiny_config
+from conftest import ARCHITECTURES, tiny_config
 
-from agx.models.gpt import GPT
+from agx.models.gpt import GPT, Block
 from agx.training.optimizer import decay_mask, lr_schedule, make_optimizer
 from agx.training.step import cross_entropy
 
@@ -69,6 +69,44 @@ def test_is_causal(params):
     logits, logits_changed = (GPT(CFG).apply({"params": params}, t) for t in (tokens, changed))
     np.testing.assert_array_equal(logits[:, :20], logits_changed[:, :20])
     assert not np.allclose(logits[:, 20:], logits_changed[:, 20:])
+
+
+@pytest.mark.parametrize("block", [8, 16])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_block_causal_attention_equals_the_dense_masked_product(architecture, block):
+    """model.attention_block skips the blocks above the diagonal: the loss and every gradient equal
+    the dense masked attention's (GPT-3, and Llama with rotary positions and 2 KV heads)."""
+    dense = ARCHITECTURES[architecture]().model
+    blocked = dataclasses.replace(dense, attention_block=block)
+    tokens = jax.random.randint(jax.random.key(4), (2, dense.seq_len + 1), 0, dense.vocab_size)
+    params = nn.meta.unbox(GPT(dense).init(jax.random.key(3), tokens[:, :-1])["params"])
+
+    def loss_and_grads(cfg):
+        loss = lambda p: cross_entropy(GPT(cfg).apply({"params": p}, tokens[:, :-1]), tokens[:, 1:], cfg.vocab_size)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (dense_loss, dense_grads), (blocked_loss, blocked_grads) = loss_and_grads(dense), loss_and_grads(blocked)
+    np.testing.assert_allclose(blocked_loss, dense_loss, rtol=1e-6)
+    jax.tree_util.tree_map_with_path(
+        lambda path, want, got: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(path)),
+        dense_grads, blocked_grads)
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_block_causal_attention_skips_the_blocks_above_the_diagonal(block):
+    """XLA's count of the attention's FLOPs, forward and backward, falls to the share of blocks
+    kept, (1 + C/T)/2: the masked blocks are not computed."""
+    q_BxHxTxQ = jnp.ones((2, CFG.num_heads, CFG.seq_len, CFG.head_dim))
+
+    def attention_flops(cfg, grad):
+        attention = lambda q, k, v: Block(cfg, None, True)._causal_attention(q, k, v).sum()
+        fn = jax.grad(attention, argnums=(0, 1, 2)) if grad else attention
+        cost = jax.jit(fn).lower(q_BxHxTxQ, q_BxHxTxQ, q_BxHxTxQ).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    for grad in (False, True):
+        kept = attention_flops(dataclasses.replace(CFG, attention_block=block), grad) / attention_flops(CFG, grad)
+        assert kept == pytest.approx((1 + block / CFG.seq_len) / 2, rel=0.05)
 
 
 def test_gpt2_initialisation(params):

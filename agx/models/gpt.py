@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from agx.config import ModelConfig
+from agx.errors import UserError
 from agx.models.loss import cross_entropy
 from agx.parallel import one_f_one_b, pipeline
 from agx.parallel.mesh import Layout
@@ -107,12 +108,40 @@ class Block(nn.Module):
             h_BxTxF = nn.gelu(self._constrain(h_BxTxF, ("batch", "length", "mlp")), approximate=True)
         return self._dense(cfg.d_model, "out", out_std, ("mlp", "embed"))(h_BxTxF)
 
+    def _attend(self, q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ, allowed_xTxS):
+        """Softmax attention in float32, the normalisation applied after the PV matmul (to [.., Q]
+        instead of [.., S]). allowed_xTxS broadcasts against the scores [B, H, T, S]."""
+        Q = q_BxHxTxQ.shape[-1]
+        mask_bias = jnp.where(allowed_xTxS, 0.0, -1e30).astype(jnp.float32)
+        scores_BxHxTxS = jnp.einsum("bhtq,bhsq->bhts", q_BxHxTxQ * (1 / math.sqrt(Q)), k_BxHxSxQ,
+                                    preferred_element_type=jnp.float32) + mask_bias
+        max_BxHxTx1 = jax.lax.stop_gradient(jnp.max(scores_BxHxTxS, axis=-1, keepdims=True))
+        unnormalized_BxHxTxS = jnp.exp(scores_BxHxTxS - max_BxHxTx1)
+        sum_BxHxTx1 = jnp.sum(unnormalized_BxHxTxS, axis=-1, keepdims=True)
+        return jnp.einsum("bhts,bhsq->bhtq", self._dropout(unnormalized_BxHxTxS.astype(self.cfg.dtype)), v_BxHxSxQ,
+                          preferred_element_type=jnp.float32) / sum_BxHxTx1
+
+    def _causal_attention(self, q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ):
+        """Causal self-attention; with model.attention_block = C, query block i attends to keys
+        [0, (i+1)·C) only: (1 + C/T)/2 of the dense FLOPs and score memory, masked on the diagonal."""
+        if self.cfg.attention == "cudnn":
+            return _cudnn_attention(q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ)
+        T, C = q_BxHxTxQ.shape[2], self.cfg.attention_block
+        C = C if C and T % C == 0 else T  # a shorter sequence than model.seq_len may not divide
+        diagonal_CxC = jnp.tril(jnp.ones((C, C), dtype=bool))
+        ctx_blocks = []
+        for end in range(C, T + 1, C):
+            allowed_CxE = jnp.concatenate([jnp.ones((C, end - C), dtype=bool), diagonal_CxC], axis=1)
+            ctx_blocks.append(self._attend(q_BxHxTxQ[:, :, end - C:end], k_BxHxTxQ[:, :, :end], v_BxHxTxQ[:, :, :end],
+                                           allowed_CxE))
+        return jnp.concatenate(ctx_blocks, axis=2) if len(ctx_blocks) > 1 else ctx_blocks[0]
+
     @nn.compact
     def __call__(self, x_BxTxD, cache=None, start_B=None):
         """cache: this layer's (keys, values) [B, K, S, Q] when sampling, with start_B the position of
         x's first token in each sequence; the updated cache is then returned beside the output."""
         cfg = self.cfg
-        H, K, Q, dtype = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.dtype
+        H, K, dtype = cfg.num_heads, cfg.kv_heads, cfg.dtype
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         # Attention: QKV column-parallel over heads, output projection row-parallel.
@@ -124,28 +153,21 @@ class Block(nn.Module):
             q_BxHxTxQ, k_BxKxTxQ = (_rotate(x, pos_BxT, cfg.rope_theta) for x in (q_BxHxTxQ, k_BxKxTxQ))
         if cache is None:  # training: the keys are this sequence's own, under a causal mask
             k_BxKxSxQ, v_BxKxSxQ = k_BxKxTxQ, v_BxKxTxQ
-            allowed = jnp.tril(jnp.ones((T, T), dtype=bool))
         else:  # sampling: write this block's keys at its positions, attend to everything up to them
             k_BxKxSxQ, v_BxKxSxQ = (_write_at(c, new, start_B) for c, new in zip(cache, (k_BxKxTxQ, v_BxKxTxQ)))
             k_BxKxSxQ, v_BxKxSxQ = (self._constrain(c, ("batch", "kv_heads", "cache_length", "kv"))
                                     for c in (k_BxKxSxQ, v_BxKxSxQ))
-            S = k_BxKxSxQ.shape[2]
-            allowed = (jnp.arange(S) <= pos_BxT[:, :, None])[:, None]  # B x 1 x T x S
         new_cache = (k_BxKxSxQ, v_BxKxSxQ)
         if K != H:  # each KV head serves H/K consecutive query heads (local where both split over tensor)
             k_BxHxSxQ, v_BxHxSxQ = (self._constrain(jnp.repeat(c, H // K, axis=1), ("batch", "heads", "length", "kv"))
                                     for c in new_cache)
         else:
             k_BxHxSxQ, v_BxHxSxQ = new_cache
-        mask_bias = jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
-        scores_BxHxTxS = jnp.einsum("bhtq,bhsq->bhts", q_BxHxTxQ * (1 / math.sqrt(Q)), k_BxHxSxQ,
-                                    preferred_element_type=jnp.float32) + mask_bias
-        # Softmax with the normalisation applied after the PV matmul, to [.., Q] instead of [.., S].
-        max_BxHxTx1 = jax.lax.stop_gradient(jnp.max(scores_BxHxTxS, axis=-1, keepdims=True))
-        unnormalized_BxHxTxS = jnp.exp(scores_BxHxTxS - max_BxHxTx1)
-        sum_BxHxTx1 = jnp.sum(unnormalized_BxHxTxS, axis=-1, keepdims=True)
-        ctx_BxHxTxQ = jnp.einsum("bhts,bhsq->bhtq", self._dropout(unnormalized_BxHxTxS.astype(dtype)), v_BxHxSxQ,
-                                 preferred_element_type=jnp.float32) / sum_BxHxTx1
+        if cache is None:
+            ctx_BxHxTxQ = self._causal_attention(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ)
+        else:
+            allowed_Bx1xTxS = (jnp.arange(k_BxHxSxQ.shape[2]) <= pos_BxT[:, :, None])[:, None]
+            ctx_BxHxTxQ = self._attend(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ, allowed_Bx1xTxS)
         ctx_BxTxHxQ = jnp.transpose(ctx_BxHxTxQ.astype(dtype), (0, 2, 1, 3))
         ctx_BxTxHxQ = self._constrain(ctx_BxTxHxQ, ("batch", "length", "heads", "kv"))
         attn_BxTxD = self._dense(cfg.d_model, "proj", out_std, ("heads", "kv", "embed"), axis=(-2, -1))(ctx_BxTxHxQ)
@@ -155,6 +177,15 @@ class Block(nn.Module):
         h_BxTxD = self._constrain(_norm(cfg, "ln_mlp")(x_BxTxD), ("batch", "length", "act_embed"))
         x_BxTxD = self._constrain(x_BxTxD + self._dropout(self._mlp(h_BxTxD)), ("batch", "act_length", "act_embed"))
         return x_BxTxD if cache is None else (x_BxTxD, new_cache)
+
+
+def _cudnn_attention(q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ):
+    """cuDNN's fused causal attention (flash attention: the scores never reach memory)."""
+    if jax.default_backend() != "gpu":
+        raise UserError(f"model.attention=cudnn needs an NVIDIA GPU; this run is on {jax.default_backend()}")
+    q_BxTxHxQ, k_BxTxHxQ, v_BxTxHxQ = (jnp.swapaxes(x, 1, 2) for x in (q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ))
+    ctx_BxTxHxQ = jax.nn.dot_product_attention(q_BxTxHxQ, k_BxTxHxQ, v_BxTxHxQ, is_causal=True, implementation="cudnn")
+    return jnp.swapaxes(ctx_BxTxHxQ, 1, 2)
 
 
 def _write_at(cache_BxKxSxQ, new_BxKxTxQ, start_B):
