@@ -113,7 +113,10 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
     # matmuls that keep them) and the projection input, 8; the MLP's F-wide activations, 4·F/h for
     # GELU (its input and output: 16 at F = 4h) and 8·F/h for SwiGLU (gate, up, silu(gate), product).
     mlp = (8 if m.mlp == "swiglu" else 4) * m.d_ff / h
-    other, tp_part, scores = (10 / t if sp else 10), (8 + mlp) / t, 5 * a * s / h / t
+    # Korthikanti's 5·a·s/h holds the T x T scores, softmax and dropout mask. Blocked causal
+    # attention keeps (1 + C/T)/2 of them; cuDNN's fused attention none (its softmax statistics only).
+    scores_kept = 0 if m.attention == "cudnn" else (1 + (m.attention_block or s) / s) / 2
+    other, tp_part, scores = (10 / t if sp else 10), (8 + mlp) / t, 5 * a * s / h / t * scores_kept
     layer_input = 2 * s * b * h / (t if sp else 1)
     if m.remat == "none":
         per_layer, transient = s * b * h * (other + tp_part + scores), 0
