@@ -1,9 +1,14 @@
 """`python -m agx.train` as a user runs it: real processes, real output."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import CLI_ENV, agx_train
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
@@ -59,3 +64,13 @@ def test_default_experiment_loss_falls_within_50_steps(tmp_path):
     assert first == pytest.approx(7.62, abs=0.3)  # ln(2048): uniform over the BPE vocabulary at init
     assert last < first - 1.5, (first, last)
     assert "step     50 | loss" in result.stdout
+
+
+def test_check_attention_computes_agx_attention_then_refuses_cudnn_on_cpu_in_one_line():
+    """tools/check_attention.py gets through the fp32 and 16-bit runs of agx's attention here; cuDNN's
+    is refused in one line (its numbers are checked on a GPU; see the README's Benchmark)."""
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "check_attention.py"), "--experiment", "gpt3_tiny",
+                             "--set", "model.dtype=bfloat16", "train.steps=10"], capture_output=True, text=True,
+                            env=CLI_ENV, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == "agx: error: model.attention=cudnn needs an NVIDIA GPU; this run is on cpu"
