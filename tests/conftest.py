@@ -7,12 +7,34 @@ import sys
 import tempfile
 import time
 
-# Backend optimisation off: the tests compile ~40 programs and check numbers, not speed.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+def fast_xla_flags() -> str:
+    """The tests compile a few hundred programs and check numbers, not speed: backend optimisation
+    off and, where this XLA has the flag, the CPU's loop fusion emitters in place of the MLIR ones
+    (they compile the tests' programs in about two thirds of the time). XLA aborts on a flag it does
+    not know, so a probe process asks it, once per session (workers and subprocesses inherit it)."""
+    if "AGX_TEST_XLA_FLAGS" not in os.environ:
+        flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+        emitters = "--xla_cpu_use_fusion_emitters=false"
+        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                               env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": emitters})
+        os.environ["AGX_TEST_XLA_FLAGS"] = f"{flags} {emitters}" if probe.returncode == 0 else flags
+    return os.environ["AGX_TEST_XLA_FLAGS"]
+
+
+FAST_XLA = " " + fast_xla_flags()
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + FAST_XLA
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One cache per test session, shared with the subprocesses it starts: the built-in corpus is built once.
+# One cache per test session, shared with the subprocesses and pytest-xdist workers it starts (they
+# inherit the environment): the built-in corpus is built once.
 os.environ.setdefault("AGX_CACHE_DIR", tempfile.mkdtemp(prefix="agx-test-cache-"))
+# JAX's persistent compilation cache, made fresh for each session in the same way: a program that
+# another test, worker or `agx.train` process already compiled (the same HLO, flags and devices) is
+# loaded instead of compiled again. A size limit turns on JAX's file lock, so that processes writing
+# and reading one entry at once never see it half-written.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="agx-test-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -22,6 +44,24 @@ from agx.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from agx.data.pipeline import make_samples  # noqa: E402
 from agx.models.configs import llama_model  # noqa: E402
 from agx.training.loop import Trainer  # noqa: E402
+
+
+# Under pytest-xdist (`-n 2`, as the README's test command runs), each module runs whole on one
+# worker, so that its module-scoped fixtures are built once (--dist loadgroup with a group a module);
+# the modules that read the session's trained checkpoint share a group, so it is trained once. The
+# slowest groups go first (measured with --durations), so that the workers finish together.
+SHARED_GROUPS = {"test_export": "trained", "test_sampling": "trained"}
+SLOWEST_FIRST = ["test_trainer", "test_plan", "test_pipeline", "test_equivalence", "test_multiprocess", "trained",
+                 "test_notebooks", "test_cli", "test_data_tools", "test_model"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    group = lambda item: SHARED_GROUPS.get(item.path.stem, item.path.stem)
+    order = {name: rank for rank, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: order.get(group(item), len(order)))  # stable: else in collection order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
 
 
 def tiny_config(**mesh) -> Config:
@@ -93,7 +133,6 @@ def agx_train(*args, env=CLI_ENV, timeout=300, **popen):
                           timeout=timeout, **popen)
 
 
-FAST_XLA = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # The tiny model as a command line: gpt3_tiny cut down to tiny_config's shapes.
 TINY = ["--experiment", "gpt3_tiny"] + [arg for setting in [
     "model.num_layers=2", "model.d_model=64", "model.seq_len=32", "model.scan_unroll=1", "train.batch_size=16",
@@ -163,3 +202,37 @@ def steps_recorded(workdir) -> int:
     path = workdir / "metrics.jsonl"
     return sum('"step"' in line and '"event"' not in line for line in path.read_text().splitlines()) \
         if path.exists() else 0
+
+
+# --- which stack a test can fail on ---------------------------------------------------------------
+
+# What differs between the two dependency stacks (pyproject's `xpu` pins against the newest releases).
+STACK_PACKAGES = {"jax", "jaxlib", "flax", "optax", "chex", "orbax", "grain", "tensorstore",
+                  "intel_extension_for_openxla"}
+AGX = __import__("pathlib").Path(__file__).resolve().parent.parent / "agx"
+
+
+def agx_imports(module: str, seen=None) -> set[str]:
+    """Every top-level package that `module` (agx.x.y) imports, following agx's own imports."""
+    import ast
+
+    seen = set() if seen is None else seen
+    if module in seen:
+        return set()
+    seen.add(module)
+    path = AGX.parent.joinpath(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found = set()
+    if not path.is_file():  # a namespace package: only its modules import anything
+        return found
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:  # `from agx import x`: agx.x
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module.startswith("agx")
+                                     and AGX.parent.joinpath(*node.module.split("."), a.name).with_suffix(".py").is_file()]
+        else:
+            names = []
+        for name in names:
+            found |= agx_imports(name, seen) if name.split(".")[0] == "agx" else {name.split(".")[0]}
+    return found

@@ -1,14 +1,27 @@
-"""The data pipeline against straightforward references: indexed files, samples, blending, errors."""
+"""The data pipeline against straightforward references: indexed files, samples, blending, errors.
+
+Stack-independent, so CI runs this file on the newest stack only: the modules it tests build their
+indices with numpy alone and import none of the packages the `xpu` pins change (the first test
+checks it). numpy itself is pinned below 2 there; on that stack the same modules build the samples
+of every `agx.train` run the other tests make."""
 
 import struct
 
 import numpy as np
 import pytest
+from conftest import STACK_PACKAGES, agx_imports
 
 from agx.data.blend import BlendedSamples, blending_indices, parse_sources
 from agx.data.gpt_samples import SEPARATE_FINAL_EPOCH_BELOW, GPTSamples, split_ranges
 from agx.data.indexed import IndexedDataset, IndexedDatasetBuilder, token_dtype
 from agx.errors import UserError
+
+pytestmark = pytest.mark.stack_independent
+UNDER_TEST = ("agx.data.blend", "agx.data.gpt_samples", "agx.data.indexed", "agx.errors")
+
+
+def test_the_modules_under_test_import_nothing_that_differs_between_the_stacks():
+    assert not STACK_PACKAGES & set().union(*map(agx_imports, UNDER_TEST))
 
 
 def random_documents(rng, count, max_len=40, vocab=1000):

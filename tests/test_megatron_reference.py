@@ -1,10 +1,15 @@
 """agx's data against megatron-core itself (its Python readers and writers and its compiled helpers):
-the files are interchangeable both ways and a split's samples are the very ones Megatron draws."""
+the files are interchangeable both ways and a split's samples are the very ones Megatron draws.
+
+Stack-independent, so CI runs this file on the newest stack only: torch and megatron-core are the
+same releases on both stacks, and the agx modules compared with them import none of the packages
+the `xpu` pins change (the first test checks it); numpy is pinned below 2 there."""
 
 import warnings
 
 import numpy as np
 import pytest
+from conftest import STACK_PACKAGES, agx_imports
 
 from agx.data.gpt_samples import GPTSamples, split_ranges
 from agx.data.indexed import IndexedDataset, IndexedDatasetBuilder
@@ -15,6 +20,12 @@ with warnings.catch_warnings():
     from megatron.core.datasets import indexed_dataset as megatron_indexed
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+pytestmark = pytest.mark.stack_independent
+
+
+def test_the_modules_under_test_import_nothing_that_differs_between_the_stacks():
+    assert not STACK_PACKAGES & (agx_imports("agx.data.gpt_samples") | agx_imports("agx.data.indexed"))
 
 
 def documents(seed, count=60, vocab=50000):

@@ -22,6 +22,7 @@ MESH = ("mesh.data=2", "mesh.fsdp=4", "checkpoint.every=5", "eval.every=5", "eva
 LAUNCH = [sys.executable, "-m", "agx.launch", "--nproc", "2", "--devices-per-process", "4", "--"]
 TRAIN = [sys.executable, "-m", "agx.train", *TINY]
 MPIEXEC = shutil.which("mpiexec")
+pytestmark = pytest.mark.slow  # every test here starts a job of several processes
 
 
 def run(command, workdir, *settings, env=None, timeout=300):

@@ -22,6 +22,7 @@ def test_there_are_four_notebooks_stored_without_outputs():
                 assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: stored with outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_the_notebook_runs_on_a_fresh_kernel_and_draws_its_pictures(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)

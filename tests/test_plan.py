@@ -143,6 +143,7 @@ def test_the_trillion_parameter_model_fits_on_64_aurora_nodes_planned_in_under_a
     assert elapsed < 60, elapsed
 
 
+@pytest.mark.slow
 def test_the_search_ranges_over_pipeline_stages_for_the_trillion_on_aurora(tmp_path):
     result = plan_cli("--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64", "--search", "--no-compile",
                       "--output", str(tmp_path))
@@ -168,6 +169,7 @@ def compiled_gib(out: str) -> float:
     return float(next(line for line in out.splitlines() if line.strip().startswith("total")).split()[3])
 
 
+@pytest.mark.slow
 def test_auroragpt_70b_on_8_aurora_nodes_is_out_of_memory_with_pp8_tp1_and_the_search_shows_what_fits(tmp_path):
     """Megatron-DeepSpeed's layout: 8 pipeline stages, no tensor parallelism, ZeRO-1 over data (its
     pipeline engine allows no higher stage). A stage's weights and gradients alone exceed a tile."""
@@ -200,6 +202,7 @@ def test_auroragpt_70b_on_8_aurora_nodes_is_out_of_memory_with_pp8_tp1_and_the_s
     assert "fits in 64 GiB: yes (compiled figure)" in fits.stdout, fits.stdout
 
 
+@pytest.mark.slow
 def test_search_writes_a_csv_and_a_plot(tmp_path):
     result = plan_cli("--experiment", "gpt3_small", "--system", "h100x8", "--nodes", "1", "--search", "--no-compile",
                       "--output", str(tmp_path))

@@ -228,6 +228,7 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_as_they_were(corpu
     assert not bool(metrics["skipped"]) and np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
     import orbax.checkpoint as ocp
 
@@ -288,6 +289,7 @@ ls "$WORKDIR/checkpoints" > "$OUT/after.ls"
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_save_leaves_the_previous_checkpoints_intact(tmp_path):
     """A real ENOSPC: a 24 MB tmpfs mounted in a private user and mount namespace."""
     workdir, out = tmp_path / "workdir", tmp_path / "out"

@@ -71,14 +71,13 @@ class MetricsWriter:
         self.total_steps, self.started = total_steps, self.enabled
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
         self.jsonl_path = self.workdir / "metrics.jsonl"
         _keep_records_up_to(self.jsonl_path, first_step)  # a resumed run replaces what came after
         self.jsonl = open(self.jsonl_path, "a")
         # purge_step: TensorBoard drops the events a killed run wrote after the step resumed from.
-        self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=first_step + 1)
+        self.tensorboard = _summary_writer()(str(self.workdir / "tensorboard"), purge_step=first_step + 1)
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
                         disable=None, file=sys.stderr)
 
@@ -164,3 +163,18 @@ def _keep_records_up_to(path: Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported with torch hidden: where torch is installed,
+    tensorboardX imports it (about 3 s of every start) for torch tensors that agx never passes.
+    torch stays importable afterwards."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
