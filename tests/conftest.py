@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def fast_xla_flags() -> str:
@@ -214,7 +215,7 @@ def steps_recorded(workdir) -> int:
 # What differs between the two dependency stacks (pyproject's `xpu` pins against the newest releases).
 STACK_PACKAGES = {"jax", "jaxlib", "flax", "optax", "chex", "orbax", "grain", "tensorstore",
                   "intel_extension_for_openxla"}
-AGX = __import__("pathlib").Path(__file__).resolve().parent.parent / "agx"
+AGX = Path(__file__).resolve().parent.parent / "agx"
 
 
 def agx_imports(module: str, seen=None) -> set[str]:
