@@ -13,7 +13,7 @@ from pathlib import Path
 def fast_xla_flags() -> str:
     """The tests compile a few hundred programs and check numbers, not speed: backend optimisation
     off and, where this XLA has the flag, the CPU's loop fusion emitters in place of the MLIR ones
-    (they compile the tests' programs in about two thirds of the time). XLA aborts on a flag it does
+    (a sharded tiny step built and ran in about two thirds of the time). XLA aborts on a flag it does
     not know, so a probe process asks it, once per session (workers and subprocesses inherit it)."""
     if "AGX_TEST_XLA_FLAGS" not in os.environ:
         flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
