@@ -3,6 +3,7 @@
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One cache per test session, shared with the subprocesses and pytest-xdist workers it starts (they
 # inherit the environment): the built-in corpus is built once.
 os.environ.setdefault("AGX_CACHE_DIR", tempfile.mkdtemp(prefix="agx-test-cache-"))
+# What more than one worker reads is made once, in a folder of the session's own.
+SESSION_DIR = Path(os.environ.setdefault("AGX_TEST_SESSION_DIR", tempfile.mkdtemp(prefix="agx-test-session-")))
 # JAX's persistent compilation cache, made fresh for each session in the same way: a program that
 # another test, worker or `agx.train` process already compiled (the same HLO, flags and devices) is
 # loaded instead of compiled again. A size limit turns on JAX's file lock, so that processes writing
@@ -53,21 +56,16 @@ from agx.training.loop import Trainer  # noqa: E402
 
 
 # Under pytest-xdist (`-n 2`, as the README's test command runs), each module runs whole on one
-# worker, so that its module-scoped fixtures are built once (--dist loadgroup with a group a module);
-# the modules that read the session's trained checkpoint share a group, so it is trained once. The
-# slowest groups go first (measured with --durations), so that the workers finish together.
-SHARED_GROUPS = {"test_export": "trained", "test_sampling": "trained"}
-SLOWEST_FIRST = ["test_trainer", "test_plan", "test_pipeline", "test_equivalence", "test_multiprocess", "trained",
-                 "test_notebooks", "test_cli", "test_data_tools", "test_model"]
+# worker (--dist loadfile), so that its module-scoped fixtures are built once. The slowest modules
+# go first (measured with --durations), so that the workers finish together. (Not xdist_group
+# markers: with pytest 9.2 and pytest-xdist 3.8 they group nothing.)
+SLOWEST_FIRST = ["test_trainer", "test_multiprocess", "test_plan", "test_pipeline", "test_equivalence",
+                 "test_notebooks", "test_sampling", "test_export", "test_cli", "test_model", "test_data_tools"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    group = lambda item: SHARED_GROUPS.get(item.path.stem, item.path.stem)
+def pytest_collection_modifyitems(items):
     order = {name: rank for rank, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: order.get(group(item), len(order)))  # stable: else in collection order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: order.get(item.path.stem, len(order)))  # stable: else in collection order
 
 
 def tiny_config(**mesh) -> Config:
@@ -154,14 +152,20 @@ def sets(*settings: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """A workdir of the tiny model trained 8 steps on fsdp=8 (sharded checkpoints at steps 4 and 8)."""
-    workdir = tmp_path_factory.mktemp("trained")
-    result = agx_train(*TINY, "--workdir", str(workdir), *sets("mesh.data=1", "mesh.fsdp=8", "train.steps=8",
-                                                               "checkpoint.every=4", "optim.lr=3e-3",
-                                                               "optim.warmup_steps=2"),
-                       env=env_for(8))
-    assert result.returncode == 0, result.stderr[-3000:]
+def trained():
+    """A workdir of the tiny model trained 8 steps on fsdp=8 (sharded checkpoints at steps 4 and 8),
+    trained once a session by whichever worker asks first; the tests only read it."""
+    from filelock import FileLock
+
+    workdir = SESSION_DIR / "trained"
+    with FileLock(SESSION_DIR / "trained.lock"):
+        if not (SESSION_DIR / "trained.done").exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # what a failed try left
+            result = agx_train(*TINY, "--workdir", str(workdir),
+                               *sets("mesh.data=1", "mesh.fsdp=8", "train.steps=8", "checkpoint.every=4",
+                                     "optim.lr=3e-3", "optim.warmup_steps=2"), env=env_for(8))
+            assert result.returncode == 0, result.stderr[-3000:]
+            (SESSION_DIR / "trained.done").touch()
     return workdir
 
 

@@ -2,6 +2,7 @@
 disk, Grain worker processes): exact resume, reshard on restore, eval, metrics, TensorBoard, the
 profiler, and what happens on SIGTERM, kill -9, non-finite steps and bad workdirs."""
 
+import json
 import math
 import os
 import shutil
@@ -119,6 +120,24 @@ def test_eval_metrics_and_startup_times_are_recorded(base):
     (startup,) = events(base, "startup")
     assert startup["time_to_first_step_s"] > startup["compile_s"] + startup["first_step_s"] > 0
     assert startup["init_s"] > 0
+
+
+def test_the_cpu_peak_is_measured_once_then_read_and_measured_again_if_unreadable(tmp_path):
+    import jax
+
+    from agx.training.metrics import CPU_PEAKS, peak_tflops_per_device
+
+    cpu, local = jax.devices()[0], jax.local_device_count()
+    measured, source = peak_tflops_per_device(cpu, "float32", None, tmp_path)
+    assert measured > 0 and str(tmp_path / CPU_PEAKS) in source
+    (key, value), = json.loads((tmp_path / CPU_PEAKS).read_text()).items()
+    assert value / local == measured and "float32" in key
+    (tmp_path / CPU_PEAKS).write_text(json.dumps({key: 123.0}))  # what the next run reads, not measures
+    assert peak_tflops_per_device(cpu, "float32", None, tmp_path)[0] == 123.0 / local
+    (tmp_path / CPU_PEAKS).write_text("{not json")
+    again, _ = peak_tflops_per_device(cpu, "float32", None, tmp_path)
+    (rewritten, stored), = json.loads((tmp_path / CPU_PEAKS).read_text()).items()
+    assert again > 0 and rewritten == key and stored / local == again
 
 
 def test_a_plain_orbax_user_lists_and_restores_the_arrays_without_agx(base):

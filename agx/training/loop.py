@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from agx.checkpoint import Checkpoints
 from agx.config import Config
+from agx.data.cache import cache_root
 from agx.data.pipeline import make_loader
 from agx.errors import RunError, UserError
 from agx.models.configs import flops_per_token
@@ -58,7 +59,7 @@ class Trainer:
         return cls(cfg, mesh, tx, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh), pipeline)
 
     def init(self) -> TrainState:
-        return init_state(self.cfg, self.tx, self.plan)
+        return init_state(self.plan, self.cfg.train.seed)
 
     def put_batch(self, tokens):
         return jax.device_put(tokens, batch_sharding(self.mesh))
@@ -90,7 +91,8 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
                 f"groups span hosts ({', '.join(sorted(spread[0]))}, ...): their all-reduces cross the network; "
                 "make mesh.tensor divide the devices per host")
         # Before the loader's workers start: on a CPU the peak is measured, and they would share its cores.
-        peak, peak_source = peak_tflops_per_device(device, cfg.model.dtype, cfg.train.peak_tflops_per_device)
+        peak, peak_source = peak_tflops_per_device(device, cfg.model.dtype, cfg.train.peak_tflops_per_device,
+                                                    cache_root(cfg.data.cache_dir))
         log(f"agx: MFU against {peak:.4g} TFLOP/s per device ({peak_source})")
         loader = make_loader(cfg, batch_sharding(mesh), log=log)  # bad data fails before compiling
         timer = time.perf_counter()

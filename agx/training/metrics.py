@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from agx.data.cache import write_atomic
 from agx.errors import RunError
 
 # Dense peak TFLOP/s per JAX device by compute dtype, from the vendors' data sheets. An Aurora
@@ -41,9 +43,11 @@ def measured_matmul_tflops(dtype: str, size: int = 2048, repeats: int = 5) -> fl
     return 2 * size**3 / sorted(times)[repeats // 2] / 1e12
 
 
-def peak_tflops_per_device(device, dtype: str, override: float | None) -> tuple[float, str]:
+def peak_tflops_per_device(device, dtype: str, override: float | None,
+                           cache_dir: Path | None = None) -> tuple[float, str]:
     """(peak, where it came from). CPU devices share the host's cores, so each gets its share of
-    the measured matmul rate."""
+    the measured matmul rate. With `cache_dir` (a training run) a CPU is measured once and the figure
+    reused, so that every run on it divides by the same peak; without (a benchmark) it is measured now."""
     if override:
         return override, "train.peak_tflops_per_device"
     for kind, peaks in PEAK_TFLOPS.items():
@@ -51,8 +55,38 @@ def peak_tflops_per_device(device, dtype: str, override: float | None) -> tuple[
             return peaks[dtype], f"{kind} data sheet"
     if device.platform == "cpu":
         local = jax.local_device_count()
-        return measured_matmul_tflops(dtype) / local, f"measured CPU matmul / {local} devices"
+        if cache_dir is None:
+            return measured_matmul_tflops(dtype) / local, f"measured CPU matmul / {local} devices"
+        return _cached_cpu_matmul_tflops(dtype, cache_dir) / local, \
+            f"CPU matmul measured once, in {cache_dir / CPU_PEAKS} / {local} devices"
     return math.nan, f"unknown device kind {device.device_kind!r}: set train.peak_tflops_per_device"
+
+
+CPU_PEAKS = "cpu-matmul-tflops.json"
+
+
+def _cached_cpu_matmul_tflops(dtype: str, cache_dir: Path) -> float:
+    """measured_matmul_tflops, keyed by what it depends on: the CPU, its cores, the devices, the dtype."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    key = f"{cpu}, {os.cpu_count()} cores, {jax.local_device_count()} devices, {dtype}, jax {jax.__version__}"
+    path = cache_dir / CPU_PEAKS
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or unreadable: measured again
+        known = {}
+    if not isinstance(known.get(key), float):
+        known[key] = measured_matmul_tflops(dtype)
+        with contextlib.suppress(OSError):  # a read-only cache costs a measurement next time, nothing more
+            write_atomic(path, lambda f: f.write(json.dumps(known, indent=1).encode()))
+    return known[key]
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 class MetricsWriter:

@@ -1,8 +1,8 @@
 """The train state and where each of its arrays lives.
 
-The state is planned from abstract shapes first (jax.eval_shape: nothing allocated), so that its
+The state is planned from abstract shapes first (the init traced, nothing allocated), so that its
 shardings, its parameter count and any mesh that does not divide it are known before a byte is
-placed; then it is initialised directly into those shardings by one jitted call.
+placed; then that same traced init runs as one jitted call straight into those shardings.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 from flax import struct
 from jax.sharding import Mesh
 
@@ -34,6 +35,7 @@ class StatePlan:
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # NamedShardings, per ZeRO stage
     grad_shardings: Any  # NamedShardings for a params-shaped gradient tree
+    init: ClosedJaxpr  # rng -> the state's leaves: the model's init, traced once (tracing it costs more than compiling it)
 
     @property
     def target(self) -> TrainState:
@@ -71,7 +73,7 @@ def plan_params(cfg: Config, mesh: Mesh):
 
 
 def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StatePlan:
-    boxed = jax.eval_shape(init_fn(cfg, tx), jax.random.key(0))
+    init, boxed = jax.make_jaxpr(init_fn(cfg, tx), return_shape=True)(jax.random.key(0))
     logical = nn.get_partition_spec(boxed)
     layouts = zero_layouts(mesh, cfg)
     shardings = TrainState(step=replicated(mesh), bad_steps=replicated(mesh),
@@ -81,10 +83,11 @@ def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> Sta
     check_divisible(abstract.params, shardings.params, "parameter")
     check_divisible(abstract.opt_state, shardings.opt_state, "optimizer state")
     return StatePlan(abstract=abstract, shardings=shardings,
-                     grad_shardings=layouts.grads.tree_shardings(logical.params))
+                     grad_shardings=layouts.grads.tree_shardings(logical.params), init=init)
 
 
-def init_state(cfg: Config, tx: optax.GradientTransformation, plan: StatePlan) -> TrainState:
-    init = init_fn(cfg, tx)
-    return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=plan.shardings)(
-        jax.random.key(cfg.train.seed))
+def init_state(plan: StatePlan, seed: int) -> TrainState:
+    """The planned init, run once on the devices: each array is made in its own sharding."""
+    init, state_tree = jaxpr_as_fun(plan.init), jax.tree_util.tree_structure(plan.abstract)
+    return jax.jit(lambda rng: jax.tree_util.tree_unflatten(state_tree, init(rng)), out_shardings=plan.shardings)(
+        jax.random.key(seed))
