@@ -30,7 +30,7 @@ ATTENTIONS = ("xla", "cudnn")
 @dataclass
 class ModelConfig:
     """The defaults are GPT-3's architecture; the Llama/AuroraGPT one is rope, rmsnorm, swiglu,
-    fewer KV heads, no biases and untied embeddings (agx.models.configs.llama_model)."""
+    fewer KV heads, no biases and untied embeddings (agx.recipes.llama_model)."""
 
     num_layers: int = 4
     d_model: int = 128

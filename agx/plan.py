@@ -41,7 +41,7 @@ def _gib(n) -> str:
 
 
 def report(plan, system) -> str:
-    from agx.models.configs import flops_per_token
+    from agx.models.sizes import flops_per_token
 
     c, lines = plan.cfg, []
     lines.append(f"{c.name} on {plan.nodes} {system.name} node(s), {plan.devices} devices of {system.memory_gib:g} GiB: "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -17,18 +16,16 @@ from agx import runtime
 
 def dry_run(cfg: Config) -> dict:
     """Plans the run from abstract shapes only: nothing is allocated, so any size works anywhere."""
-    import jax
-
-    from agx.models.configs import flops_per_token, param_count
+    from agx.models.sizes import flops_per_token, param_count
+    from agx.parallel import zero
     from agx.planning.analytic import activation_bytes
     from agx.training.loop import Trainer
 
     trainer = Trainer.build(cfg)  # checks the mesh, the batch and the model's divisibility
     plan, mesh = trainer.plan, trainer.mesh
-    bytes_per_device = {
-        part: sum(_shard_bytes(a, s) for a, s in zip(jax.tree_util.tree_leaves(getattr(plan.abstract, part)),
-                                                     jax.tree_util.tree_leaves(getattr(plan.shardings, part))))
-        for part in ("params", "opt_state")}
+    bytes_per_device = {part: zero.bytes_per_device(getattr(plan.abstract, part),
+                                                    zero.mesh_specs(getattr(plan.shardings, part)), mesh.shape, part)
+                        for part in ("params", "opt_state")}
     assert plan.num_params == param_count(cfg.model), "the analytic count disagrees with the model"
     return {"experiment": cfg.name, "params": plan.num_params, "flops_per_token": flops_per_token(cfg.model),
             "mesh": dict(mesh.shape), "devices": mesh.devices.size, "zero_stage": cfg.mesh.zero_stage,
@@ -36,10 +33,6 @@ def dry_run(cfg: Config) -> dict:
             "opt_state_bytes_per_device": bytes_per_device["opt_state"],
             "activation_bytes_per_device": activation_bytes(cfg, dict(mesh.shape)),
             "pipeline": trainer.pipeline.describe() if trainer.pipeline else None}
-
-
-def _shard_bytes(abstract, sharding) -> int:
-    return math.prod(sharding.shard_shape(abstract.shape)) * abstract.dtype.itemsize
 
 
 def _print_config(cfg: Config) -> None:

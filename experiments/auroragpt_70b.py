@@ -1,6 +1,6 @@
-"""AuroraGPT-70B: shapes and recipe from agx.models.configs.AURORAGPT."""
+"""AuroraGPT-70B: shapes and recipe from agx.recipes.AURORAGPT."""
 
-from agx.models.configs import auroragpt_experiment
+from agx.recipes import auroragpt_experiment
 
 
 def config():

@@ -1,6 +1,6 @@
-"""GPT-3 175b: shapes and recipe from agx.models.configs.PUBLISHED."""
+"""GPT-3 175b: shapes and recipe from agx.recipes.PUBLISHED."""
 
-from agx.models.configs import gpt3_experiment
+from agx.recipes import gpt3_experiment
 
 
 def config():

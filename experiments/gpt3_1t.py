@@ -1,6 +1,6 @@
-"""The trillion-parameter GPT (Megatron-LM, Aurora): shapes and recipe from agx.models.configs.PUBLISHED."""
+"""The trillion-parameter GPT (Megatron-LM, Aurora): shapes and recipe from agx.recipes.PUBLISHED."""
 
-from agx.models.configs import gpt3_experiment
+from agx.recipes import gpt3_experiment
 
 
 def config():

@@ -3,7 +3,7 @@ standard library's source. 8 query heads share 2 KV heads; heads, widths, vocabu
 divisible by 8, so every layout of 8 devices applies (tensor > 2 keeps the KV heads whole)."""
 
 from agx.config import CheckpointConfig, Config, EvalConfig, MeshConfig, OptimConfig, TrainConfig
-from agx.models.configs import llama_model
+from agx.recipes import llama_model
 
 
 def config() -> Config:

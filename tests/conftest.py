@@ -50,8 +50,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from agx.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
-from agx.data.pipeline import make_samples  # noqa: E402
-from agx.models.configs import llama_model  # noqa: E402
+from agx.data.dataset import make_samples  # noqa: E402
+from agx.recipes import llama_model  # noqa: E402
 from agx.training.loop import Trainer  # noqa: E402
 
 

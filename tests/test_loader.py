@@ -6,7 +6,7 @@ import pytest
 from conftest import batch, tiny_config
 
 from agx.data.loader import BatchLoader, LoadRows, device_rows
-from agx.data.pipeline import make_samples
+from agx.data.dataset import make_samples
 from agx.parallel.mesh import build_mesh
 from agx.training.step import batch_sharding
 

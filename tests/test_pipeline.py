@@ -12,10 +12,11 @@ from conftest import (TINY, agx_train, assert_same_run, batch, env_for, llama_ti
                       run_steps, sets, tiny_config)
 
 from agx.parallel import pipeline
+from agx.parallel.batch import batch_sharding
 from agx.parallel.mesh import Layout, build_mesh, logical_rules
 from agx.planning.compiled import compile_step
 from agx.training.loop import Trainer
-from agx.training.step import batch_sharding, loss_function
+from agx.training.step import loss_function
 
 LAYERS = 8  # divisible by every stages × repeats below
 
@@ -47,7 +48,7 @@ def plain(make_config=tiny_config):
 
 def loss_and_grads(cfg, corpus, devices, bubble_value=0.0):
     trainer = Trainer.build(cfg, devices)
-    loss_fn = loss_function(cfg, trainer.mesh, train=True, bubble_value=bubble_value)
+    loss_fn = loss_function(cfg, trainer.plan.layouts.params, trainer.pipeline, train=True, bubble_value=bubble_value)
     value_and_grad = jax.jit(jax.value_and_grad(lambda params, tokens: loss_fn(params, tokens, None)),
                              in_shardings=(trainer.plan.shardings.params, batch_sharding(trainer.mesh)))
     loss, grads = value_and_grad(trainer.init().params, trainer.put_batch(batch(corpus, 0, cfg.train.batch_size)))

@@ -9,7 +9,8 @@ import pytest
 from conftest import llama_tiny_config, tiny_config
 
 from agx.config import load_experiment
-from agx.models.configs import AURORAGPT, PUBLISHED, flops_per_token, megatron_flops_per_token, param_count
+from agx.models.sizes import flops_per_token, megatron_flops_per_token, param_count
+from agx.recipes import AURORAGPT, PUBLISHED
 from agx.models.gpt import GPT
 from agx.training.step import cross_entropy
 

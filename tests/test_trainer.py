@@ -53,7 +53,7 @@ def test_resume_in_a_new_process_is_bit_identical_and_tensorboard_holds_each_ste
 def test_lr_schedule_and_samples_do_not_depend_on_train_steps():
     from conftest import tiny_config
 
-    from agx.data.pipeline import make_samples
+    from agx.data.dataset import make_samples
     from agx.training.optimizer import lr_schedule
 
     short, long = tiny_config(), tiny_config()
@@ -102,7 +102,7 @@ def test_restore_onto_another_mesh_continues_the_same_run(base, tmp_path, device
 
 def test_eval_metrics_and_startup_times_are_recorded(base):
     from agx.config import load_experiment
-    from agx.models.configs import flops_per_token
+    from agx.models.sizes import flops_per_token
 
     by_step = records(base)
     assert [s for s, r in by_step.items() if "eval_loss" in r] == [3, 6]

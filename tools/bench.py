@@ -60,11 +60,11 @@ def main(argv=None) -> int:
         cfg = load_experiment(args.experiment, args.set)
         import jax
 
-        from agx.data.pipeline import make_loader
-        from agx.models.configs import flops_per_token
+        from agx.data.dataset import make_loader
+        from agx.models.sizes import flops_per_token
         from agx.training.loop import Trainer
         from agx.training.metrics import peak_tflops_per_device
-        from agx.training.step import batch_sharding
+        from agx.parallel.batch import batch_sharding
 
         trainer = Trainer.build(cfg)
         state = trainer.init()

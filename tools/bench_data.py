@@ -59,9 +59,9 @@ def bench_index_build(num_datasets: int, num_samples: int, scratch: Path) -> dic
 def bench_loader(batches: int, workers: int) -> dict:
     import jax
 
-    from agx.data.pipeline import make_loader
+    from agx.data.dataset import make_loader
     from agx.parallel.mesh import build_mesh
-    from agx.training.step import batch_sharding
+    from agx.parallel.batch import batch_sharding
 
     cfg = load_experiment("gpt3_tiny", [f"data.workers={workers}"])
     loader = make_loader(cfg, batch_sharding(build_mesh(cfg.mesh, jax.devices())), num_batches=batches + 10,

@@ -41,9 +41,10 @@ def main(argv=None) -> int:
         cfg = load_experiment(args.experiment, args.set + ["model.attention=xla", "model.attention_block=0"])
         import jax
 
-        from agx.data.pipeline import make_loader
+        from agx.data.dataset import make_loader
         from agx.training.loop import Trainer
-        from agx.training.step import batch_sharding, loss_function
+        from agx.parallel.batch import batch_sharding
+        from agx.training.step import loss_function
 
         trainer = Trainer.build(cfg)
         params = trainer.init().params
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         for name, attention, dtype in [("reference", "xla", "float32"), ("xla", "xla", cfg.model.dtype),
                                        ("cudnn", "cudnn", cfg.model.dtype)]:
             variant = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention, dtype=dtype))
-            loss_fn = loss_function(variant.validate(), trainer.mesh, train=False)
+            loss_fn = loss_function(variant.validate(), trainer.plan.layouts.params, trainer.pipeline, train=False)
             results[name] = jax.jit(jax.value_and_grad(loss_fn))(params, tokens, None)
     except UserError as e:
         print(f"agx: error: {e}", file=sys.stderr)

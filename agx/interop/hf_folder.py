@@ -13,41 +13,17 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from agx.config import Config, ModelConfig
 from agx.errors import UserError
+from agx.interop import hf_gpt2, hf_llama
+from agx.interop.hf_architecture import Architecture
 from agx.interop.safetensors import SafetensorsFile, SafetensorsWriter, sync_file
 
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # transformers' default max_shard_size
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One Hugging Face tensor as a piece of an agx parameter."""
-
-    agx: str  # 'layers.qkv.kernel', 'wte.embedding', ...
-    layer: int | None = None  # which layer of the stacked [L, ...] weight
-    part: tuple[int, int] | None = None  # (axis, index) of a fused axis, in the layer's coordinates
-    split: int | None = None  # leading axes that form the input dimension; None: flattened to 1-D
-    transpose: bool = False  # stored [out, in] (torch's Linear) rather than [in, out] (agx, GPT-2's Conv1D)
-    vocab_axis: int | None = None  # the padded vocabulary's axis, cut to the real vocabulary
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What an agx model is called on the Hugging Face side."""
-
-    model_type: str
-    prefix: str  # stored before every name by *ForCausalLM.save_pretrained, optional on import
-    unfit: Callable[[ModelConfig], list[str]]  # the agx options this architecture cannot express
-    pieces: Callable[[ModelConfig], dict[str, Piece]]  # HF name (without prefix) -> Piece, in file order
-    config: Callable[[ModelConfig, str, int | None], dict]  # config.json
-    model_shape: Callable[[dict, Path], dict]  # config.json -> ModelConfig fields; refuses what agx cannot compute
 
 
 class TensorMap:
@@ -102,8 +78,6 @@ class TensorMap:
 
 
 def _architectures() -> dict[str, Architecture]:
-    from agx.interop import hf_gpt2, hf_llama
-
     return {arch.model_type: arch for arch in (hf_gpt2.ARCHITECTURE, hf_llama.ARCHITECTURE)}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agx.config import ModelConfig
 from agx.errors import UserError
-from agx.interop.hf_folder import Architecture, Piece
+from agx.interop.hf_architecture import Architecture, Piece
 
 # agx name -> (GPT-2 name, how many leading agx axes form GPT-2's first axis; None: flattened to 1-D)
 TOP = {"wte.embedding": ("wte.weight", 1), "wpe": ("wpe.weight", 1),

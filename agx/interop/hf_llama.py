@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agx.config import ModelConfig
 from agx.errors import UserError
-from agx.interop.hf_folder import Architecture, Piece
+from agx.interop.hf_architecture import Architecture, Piece
 
 
 def unfit(m: ModelConfig) -> list[str]:

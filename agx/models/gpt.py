@@ -5,7 +5,9 @@ GPT-3: pre-LayerNorm blocks, causal multi-head attention, GELU(tanh) MLP of 4·d
 positions, LM head tied to the embedding. The options of ModelConfig turn it into Llama: rotary
 positions, RMSNorm, a SwiGLU MLP of its own width, grouped-query attention, no biases, an untied head.
 Layers are stacked and run by lax.scan so that depth costs no compile time. Sampling runs the same
-blocks over a key/value cache holding the KV heads only.
+blocks over a key/value cache holding the KV heads only. The model knows no schedule: for one that
+runs the layers apart from the rest (the pipeline), it offers its pieces as functions of their
+parameters (embed_fn, layers_fn, head_fn).
 Shape suffixes: B batch, T sequence, D d_model, H heads, K KV heads, Q head dim, F d_ff, V padded
 vocab, L layers, S cached positions.
 """
@@ -20,10 +22,7 @@ from flax import linen as nn
 
 from agx.config import ModelConfig
 from agx.errors import UserError
-from agx.models.loss import cross_entropy
-from agx.parallel import one_f_one_b, pipeline
 from agx.parallel.mesh import Layout
-from agx.parallel.pipeline import Schedule
 
 # Activation checkpointing (model.remat, named in agx.config.REMAT_POLICIES): which intermediates
 # of a layer the backward pass may keep.
@@ -197,103 +196,15 @@ def _write_at(cache_BxKxSxQ, new_BxKxTxQ, start_B):
 class GPT(nn.Module):
     cfg: ModelConfig
     layout: Layout | None = None  # None: no sharding constraints (single device, abstract shapes)
-    pipeline: Schedule | None = None  # None: the layers run in one loop on every device
-    bubble_value: float = 0.0  # what the pipeline's idle stages start from (a test sets NaN)
-
-    def _init_stack(self, rng):
-        """The block stack: one set of weights with a leading 'layers' axis, run by lax.scan.
-
-        A plain scan over stacked weights (rather than nn.scan) works the same on every Flax/JAX
-        pair we support, and leaves the stack as one array per weight, which the pipeline splits
-        into stages.
-        """
-        cfg = self.cfg
-        x_1xTxD = jnp.zeros((1, cfg.seq_len, cfg.d_model), cfg.dtype)
-        init_one = lambda key: Block(cfg, None, True).init(key, x_1xTxD)["params"]
-        stacked = jax.vmap(init_one)(jax.random.split(rng, cfg.num_layers))
-        return jax.tree_util.tree_map(lambda box: box.replace(names=("layers",) + box.names), stacked,
-                                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-    def _stack_axes(self):
-        return nn.get_partition_spec(jax.eval_shape(self._init_stack, jax.random.key(0)))
-
-    def _run_layers(self, deterministic: bool):
-        """(stack_lxW, x_BxTxD, rng) -> x_BxTxD: consecutive layers of the stack, by lax.scan."""
-        cfg = self.cfg
-        dropout = bool(cfg.dropout) and not deterministic
-        block = Block(cfg, self.layout, not dropout, parent=None)
-
-        def one_layer(x_BxTxD, params_and_rng):
-            params, rng = params_and_rng
-            return block.apply({"params": params}, x_BxTxD, rngs={"dropout": rng} if dropout else None), None
-
-        if cfg.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=CHECKPOINT_POLICIES[cfg.remat], prevent_cse=False)
-
-        def run_layers(stack_lxW, x_BxTxD, rng):
-            layers = jax.tree_util.tree_leaves(stack_lxW)[0].shape[0]
-            rngs_l = jax.random.split(rng, layers) if dropout else jnp.zeros((layers,))
-            return jax.lax.scan(one_layer, x_BxTxD, (stack_lxW, rngs_l), unroll=cfg.scan_unroll)[0]
-
-        return run_layers
-
-    def _layers(self, x_BxTxD, deterministic: bool, cache=None, start_B=None):
-        stack_LxW = self.param("layers", self._init_stack)
-        if cache is not None:  # sampling: each layer reads and returns its slice of the stacked cache
-            block = Block(self.cfg, self.layout, True, parent=None)
-
-            def cached_layer(x_BxTxD, params_and_cache):
-                params, layer_cache = params_and_cache
-                return block.apply({"params": params}, x_BxTxD, layer_cache, start_B)
-
-            return jax.lax.scan(cached_layer, x_BxTxD, (stack_LxW, cache))
-
-        run_layers = self._run_layers(deterministic)
-        rng = self.make_rng("dropout") if self.cfg.dropout and not deterministic else None
-        if self.pipeline is None:
-            return run_layers(stack_LxW, x_BxTxD, rng)
-        return pipeline.run(run_layers, stack_LxW, self._stack_axes(), x_BxTxD, self.pipeline, self._constrain, rng,
-                            bubble_value=self.bubble_value)
-
-    def _constrain(self, x, logical):
-        return x if self.layout is None else self.layout.constrain(x, logical)
-
-    def _one_f_one_b_loss(self, tokens_BxT, targets_BxT):
-        """The mean loss, its gradient computed by the 1F1B schedule: the embedding and the head run
-        inside its loop, as functions of their parameters."""
-        cfg, T = self.cfg, tokens_BxT.shape[1]
-        params = dict(self.variables["params"])
-        stack_LxW = params.pop("layers")
-        embedding, norm, lm_head = _embedding(cfg), _norm(cfg), _lm_head(cfg)
-        unconstrained = lambda x, logical: x  # inside the schedule's vmap over stages
-
-        def embed_fn(p, tokens_bxT):
-            lookup = lambda t: embedding.apply({"params": p["wte"]}, t)
-            return _embed(cfg, lookup, p["wpe"][:T] if "wpe" in p else None, tokens_bxT, unconstrained)
-
-        def head_loss_fn(p, y_bxTxD, targets_bxT):
-            if cfg.tie_embeddings:
-                head = lambda h: embedding.apply({"params": p["wte"]}, h, method="attend")
-            else:
-                head = lambda h: lm_head.apply({"params": p["lm_head"]}, h)
-            logits = _logits(cfg, lambda y: norm.apply({"params": p["ln_f"]}, y), head, y_bxTxD, unconstrained)
-            return cross_entropy(logits, targets_bxT, cfg.vocab_size)
-
-        run_layers = self._run_layers(deterministic=True)
-        return one_f_one_b.loss(embed_fn, lambda w, x: run_layers(w, x, None), head_loss_fn, params, stack_LxW,
-                                self._stack_axes(), tokens_BxT, targets_BxT, self.pipeline, self._constrain)
 
     @nn.compact
-    def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None, targets_BxT=None):
+    def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None):
         """Returns float32 logits over the padded vocabulary.
 
         Sampling passes `cache`, the (keys, values) of every layer [L, B, K, S, Q], and `start_B`, each
-        sequence's position of tokens_BxT[:, 0]; it gets (logits, updated cache) back. Training with
-        the 1F1B pipeline schedule passes `targets_BxT` and gets the mean loss.
+        sequence's position of tokens_BxT[:, 0]; it gets (logits, updated cache) back.
         """
         cfg = self.cfg
-        if targets_BxT is not None:
-            return self._one_f_one_b_loss(tokens_BxT, targets_BxT)
         T = tokens_BxT.shape[1]
         embed = _embedding(cfg, "wte")
         pos_BxTxD = None  # rotary positions are applied inside attention
@@ -304,13 +215,102 @@ class GPT(nn.Module):
         if cfg.dropout:
             x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
 
+        stack_LxW = self.param("layers", lambda rng: _init_stack(cfg, rng))
         if cache is None:
-            x_BxTxD = self._layers(x_BxTxD, deterministic)
-        else:
-            x_BxTxD, cache = self._layers(x_BxTxD, deterministic, cache, start_B)
+            rng = self.make_rng("dropout") if cfg.dropout and not deterministic else None
+            x_BxTxD = layers_fn(cfg, self.layout, deterministic)(stack_LxW, x_BxTxD, rng)
+        else:  # sampling: each layer reads and returns its slice of the stacked cache
+            block = Block(cfg, self.layout, True, parent=None)
+
+            def cached_layer(x_BxTxD, params_and_cache):
+                params, layer_cache = params_and_cache
+                return block.apply({"params": params}, x_BxTxD, layer_cache, start_B)
+
+            x_BxTxD, cache = jax.lax.scan(cached_layer, x_BxTxD, (stack_LxW, cache))
         head = embed.attend if cfg.tie_embeddings else _lm_head(cfg, "lm_head")
         logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), head, x_BxTxD, self._constrain)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+    def _constrain(self, x, logical):
+        return _constrainer(self.layout)(x, logical)
+
+
+def _constrainer(layout: Layout | None):
+    return (lambda x, logical: x) if layout is None else layout.constrain
+
+
+def _init_stack(cfg: ModelConfig, rng):
+    """The block stack: one set of weights with a leading 'layers' axis, run by lax.scan.
+
+    A plain scan over stacked weights (rather than nn.scan) works the same on every Flax/JAX pair we
+    support, and leaves the stack as one array per weight, which the pipeline splits into stages.
+    """
+    x_1xTxD = jnp.zeros((1, cfg.seq_len, cfg.d_model), cfg.dtype)
+    init_one = lambda key: Block(cfg, None, True).init(key, x_1xTxD)["params"]
+    stacked = jax.vmap(init_one)(jax.random.split(rng, cfg.num_layers))
+    return jax.tree_util.tree_map(lambda box: box.replace(names=("layers",) + box.names), stacked,
+                                  is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+# --- the pieces, for a schedule that runs them apart ------------------------------------------------
+# `params` below is the model's parameters without the stack (params['layers']), which layers_fn
+# takes alone, so that each stage holds its own layers only.
+
+def stack_axes(cfg: ModelConfig):
+    """Each stacked weight's logical axes, as a PartitionSpec whose first axis is 'layers'."""
+    return nn.get_partition_spec(jax.eval_shape(lambda rng: _init_stack(cfg, rng), jax.random.key(0)))
+
+
+def layers_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool):
+    """(stack_lxW, x_BxTxD, rng) -> x_BxTxD: the consecutive layers of a stack (the whole model's
+    or one stage's), by lax.scan. rng: dropout's, or None."""
+    dropout = bool(cfg.dropout) and not deterministic
+    block = Block(cfg, layout, not dropout, parent=None)
+
+    def one_layer(x_BxTxD, params_and_rng):
+        params, rng = params_and_rng
+        return block.apply({"params": params}, x_BxTxD, rngs={"dropout": rng} if dropout else None), None
+
+    if cfg.remat != "none":
+        one_layer = jax.checkpoint(one_layer, policy=CHECKPOINT_POLICIES[cfg.remat], prevent_cse=False)
+
+    def run_layers(stack_lxW, x_BxTxD, rng):
+        layers = jax.tree_util.tree_leaves(stack_lxW)[0].shape[0]
+        rngs_l = jax.random.split(rng, layers) if dropout else jnp.zeros((layers,))
+        return jax.lax.scan(one_layer, x_BxTxD, (stack_lxW, rngs_l), unroll=cfg.scan_unroll)[0]
+
+    return run_layers
+
+
+def embed_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool):
+    """(params, tokens_BxT, rng) -> x_BxTxD: the token (and learned position) embedding, as
+    GPT.__call__ computes it; rng: dropout's, or None."""
+    embedding = _embedding(cfg)
+
+    def embed(params, tokens_BxT, rng):
+        lookup = lambda t: embedding.apply({"params": params["wte"]}, t)
+        pos_TxD = params["wpe"][:tokens_BxT.shape[1]] if "wpe" in params else None
+        x_BxTxD = _embed(cfg, lookup, pos_TxD, tokens_BxT, _constrainer(layout))
+        if cfg.dropout and not deterministic:
+            x_BxTxD = nn.Dropout(cfg.dropout).apply({}, x_BxTxD, deterministic=False, rngs={"dropout": rng})
+        return x_BxTxD
+
+    return embed
+
+
+def head_fn(cfg: ModelConfig, layout: Layout | None):
+    """(params, x_BxTxD) -> float32 logits over the padded vocabulary, as GPT.__call__ computes them."""
+    embedding, norm, lm_head = _embedding(cfg), _norm(cfg), _lm_head(cfg)
+
+    def head(params, x_BxTxD):
+        if cfg.tie_embeddings:
+            project = lambda h: embedding.apply({"params": params["wte"]}, h, method="attend")
+        else:
+            project = lambda h: lm_head.apply({"params": params["lm_head"]}, h)
+        final_norm = lambda y: norm.apply({"params": params["ln_f"]}, y)
+        return _logits(cfg, final_norm, project, x_BxTxD, _constrainer(layout))
+
+    return head
 
 
 def _embedding(cfg: ModelConfig, name: str | None = None) -> nn.Embed:

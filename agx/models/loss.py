@@ -1,5 +1,5 @@
-"""The training objective, shared by the plain model and the 1F1B pipeline (which computes it one
-micro-batch at a time at its last stage)."""
+"""The training objective. agx.training.step applies it to the model's logits, whichever schedule
+ran the layers (1F1B computes it one micro-batch at a time at its last stage)."""
 
 import jax
 import jax.numpy as jnp

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from agx.config import Config
 from agx.errors import UserError
 from agx.models.gpt import GPT
-from agx.parallel.mesh import BATCH_AXES
+from agx.parallel.batch import batch_sharding, data_parallel_size
 from agx.parallel.zero import zero_layouts
 
 
@@ -62,13 +62,13 @@ class Sampler:
                  opts: SamplingOptions, eod: int | None):
         m = cfg.model
         self.cfg, self.opts, self.eod = cfg, opts, eod
-        self.layout = zero_layouts(mesh, cfg).params
+        self.layout = zero_layouts(mesh, cfg.mesh, cfg.model.kv_heads).params
         self.model = GPT(m, self.layout)
         self.length = prompt_len + opts.max_new_tokens  # cached positions
-        data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+        data_parallel = data_parallel_size(mesh.shape)
         self.batch = -(-batch // data_parallel) * data_parallel  # padded to the data-parallel degree
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-        tokens = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+        self.batch_sharding = batch_sharding(mesh, ndim=1)
+        tokens = batch_sharding(mesh)
         self._generate = jax.jit(self._run, in_shardings=(param_shardings, tokens, self.batch_sharding, None),
                                  out_shardings=tokens)
         self._compiled = None

@@ -10,6 +10,7 @@ makes the embedding and the tied LM head vocab-parallel.
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass
 
 import jax
@@ -53,6 +54,17 @@ def build_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 
 def kv_heads_split(kv_heads: int, tensor: int) -> bool:
     return kv_heads % tensor == 0
+
+
+def process_hosts() -> list[str]:
+    """Each process's host name, in process order: one all-gather, which every process must join."""
+    if jax.process_count() == 1:
+        return [socket.gethostname()]
+    from jax.experimental import multihost_utils
+
+    name = np.frombuffer(socket.gethostname().encode()[:255].ljust(256, b"\0"), np.uint8)
+    names = np.asarray(multihost_utils.process_allgather(name)).reshape(jax.process_count(), -1)
+    return [bytes(row).rstrip(b"\0").decode() for row in names]
 
 
 def tensor_groups_across_hosts(mesh: Mesh, host_of_process) -> list[set[str]]:

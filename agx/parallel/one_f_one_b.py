@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from agx.parallel.batch import split_microbatches
 from agx.parallel.pipeline import Schedule, stage_view
 
 
@@ -26,9 +27,6 @@ def loss(embed_fn, stage_fn, head_loss_fn, params, stack_LxW, logical_W, tokens_
     head_loss_fn(params, y_bxTxD, targets_bxT) -> mean loss. `params` holds everything but the stack.
     """
     P, M = schedule.stages, schedule.microbatches
-    B, T = tokens_BxT.shape
-    b = B // M
-    micro = lambda a_BxT: a_BxT.reshape(b, M, T).swapaxes(0, 1)  # micro-batch m: rows m, m+M, ...
 
     @jax.custom_vjp
     def forward_loss(params, stack_LxW, tokens_BxT, targets_BxT):
@@ -36,8 +34,8 @@ def loss(embed_fn, stage_fn, head_loss_fn, params, stack_LxW, logical_W, tokens_
 
     def with_gradients(params, stack_LxW, tokens_BxT, targets_BxT):
         stack_PxlxW = jax.tree_util.tree_map(lambda w: w[0], stage_view(stack_LxW, logical_W, 1, P, constrain))
-        value, grads = _ticks(embed_fn, stage_fn, head_loss_fn, params, stack_PxlxW, micro(tokens_BxT),
-                              micro(targets_BxT), P, M, constrain)
+        value, grads = _ticks(embed_fn, stage_fn, head_loss_fn, params, stack_PxlxW, split_microbatches(tokens_BxT, M),
+                              split_microbatches(targets_BxT, M), P, M, constrain)
         d_params, d_stack_PxlxW = grads
         d_stack_LxW = jax.tree_util.tree_map(lambda g, w: g.reshape(w.shape), d_stack_PxlxW, stack_LxW)
         return value, (d_params, d_stack_LxW)

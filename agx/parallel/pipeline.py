@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 
 from agx.config import Config
 from agx.errors import UserError
+from agx.parallel.batch import data_parallel_size, join_microbatches, split_microbatches
 
 STAGE_INPUT = "pipeline_stage_input"
 # The backward pass keeps only each iteration's stage input and recomputes the stage from it.
@@ -78,7 +79,7 @@ def plan_schedule(cfg: Config, mesh_shape: dict) -> Schedule | None:
     if one_f_one_b and (R > 1 or cfg.model.dropout):
         raise UserError("train.pipeline_schedule=1f1b takes model.pipeline_repeats=1 and model.dropout=0")
     per_step = cfg.train.batch_size // cfg.train.microbatches
-    data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
+    data_parallel = data_parallel_size(mesh_shape)
     if per_step % (M * data_parallel):
         raise UserError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} = "
                         f"{per_step} sequences do not split into {M} pipeline micro-batches divisible by "
@@ -116,8 +117,7 @@ def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, 
     stack_RxPxlxW = stage_view(stack_LxW, logical_W, R, P, constrain)
     io_logical = ("stage", None, "batch", "act_length", "act_embed")
     state_logical = ("stage", "batch", "act_length", "act_embed")
-    # Micro-batch m takes rows m, m+M, ...: each data-parallel shard splits evenly, with no reshuffle.
-    x_MxbxTxD = x_BxTxD.reshape(b, M, T, D).swapaxes(0, 1)
+    x_MxbxTxD = split_microbatches(x_BxTxD, M)
     # Slot row p holds the micro-batches k·P + (-p mod P): the rows reversed, then rotated by one.
     # (Reversal and rotation partition into local slices and collective-permutes; an indexed
     # gather would become an all-reduce.)
@@ -158,6 +158,5 @@ def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, 
     (_, io_PxKxbxTxD), _ = jax.lax.scan(iteration, (state_PxbxTxD, io_PxKxbxTxD), jnp.arange(N))
     # Micro-batches k·P + q are now in row (N - q) mod P: reverse, rotate by N + 1.
     io_PxKxbxTxD = jnp.roll(jnp.flip(io_PxKxbxTxD, 0), N + 1, axis=0)
-    y_MxbxTxD = io_PxKxbxTxD.swapaxes(0, 1).reshape(M, b, T, D)
-    return y_MxbxTxD.swapaxes(0, 1).reshape(B, T, D)
+    return join_microbatches(io_PxKxbxTxD.swapaxes(0, 1).reshape(M, b, T, D))
 

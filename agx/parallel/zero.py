@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from agx.config import Config
+from agx.config import MeshConfig
 from agx.errors import UserError
 from agx.parallel.mesh import Layout, kv_heads_split, logical_rules
 
@@ -26,33 +26,46 @@ class ZeroLayouts:
     opt_state: Layout
 
 
-def zero_layouts(mesh: Mesh, cfg: Config) -> ZeroLayouts:
-    split_kv = kv_heads_split(cfg.model.kv_heads, mesh.shape["tensor"])
+def zero_layouts(mesh: Mesh, mesh_cfg: MeshConfig, kv_heads: int) -> ZeroLayouts:
+    """The layouts of the parameters, gradients and optimizer state under mesh_cfg's ZeRO stage."""
+    split_kv = kv_heads_split(kv_heads, mesh.shape["tensor"])
 
     def layout(min_stage: int) -> Layout:
-        return Layout(mesh, logical_rules(cfg.mesh.zero_stage >= min_stage, cfg.mesh.sequence_parallel, split_kv))
+        return Layout(mesh, logical_rules(mesh_cfg.zero_stage >= min_stage, mesh_cfg.sequence_parallel, split_kv))
 
     return ZeroLayouts(params=layout(3), grads=layout(2), opt_state=layout(1))
 
 
+def bytes_per_device(arrays, specs, mesh_shape, what: str, itemsize: int | None = None) -> int:
+    """The bytes of one device's shards of `arrays` (ShapeDtypeStructs, each in its own dtype or in
+    `itemsize`-byte elements) laid out by `specs` (a tree of mesh PartitionSpecs) on a mesh of
+    `mesh_shape`. Raises a one-line UserError for the first array whose dimensions the mesh does
+    not divide: JAX shards evenly only."""
+    total = 0
+    flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for (path, array), spec in zip(jax.tree_util.tree_leaves_with_path(arrays), flat_specs):
+        shard = list(array.shape)
+        for i, axes in enumerate(spec):
+            names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            size = math.prod(mesh_shape[name] for name in names)
+            if shard[i] % size:
+                raise UserError(f"mesh axes {axes} of size {size} do not divide dimension {shard[i]} of {what} "
+                                f"{jax.tree_util.keystr(path)} {tuple(array.shape)}: choose mesh sizes that divide "
+                                "the model's dimensions")
+            shard[i] //= size
+        total += math.prod(shard) * (itemsize or array.dtype.itemsize)
+    return total
+
+
+def mesh_specs(shardings):
+    """The mesh PartitionSpecs of a tree of NamedShardings."""
+    return jax.tree_util.tree_map(lambda s: s.spec, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def check_divisible(shapes, shardings, what: str) -> None:
     """Raises a one-line UserError for the first array whose dimensions the mesh does not divide."""
-    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
-    flat_shardings = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    for (path, shape), sharding in zip(flat_shapes, flat_shardings):
-        for dim, axes in zip(shape.shape, sharding.spec):
-            size = _mesh_size(sharding.mesh, axes)
-            if dim % size:
-                name = jax.tree_util.keystr(path)
-                raise UserError(f"mesh axes {axes} of size {size} do not divide dimension {dim} of {what} {name} "
-                                f"{tuple(shape.shape)}: choose mesh sizes that divide the model's dimensions")
-
-
-def _mesh_size(mesh: Mesh, axes) -> int:
-    if axes is None:
-        return 1
-    names = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[name] for name in names)
+    mesh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
+    bytes_per_device(shapes, mesh_specs(shardings), mesh.shape, what)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

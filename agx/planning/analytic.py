@@ -14,7 +14,6 @@ gathered for FSDP/ZeRO-3.
 
 from __future__ import annotations
 
-import math
 
 import jax
 from flax import linen as nn
@@ -23,6 +22,7 @@ from jax.sharding import PartitionSpec
 from agx.config import Config
 from agx.errors import UserError
 from agx.parallel.mesh import kv_heads_split, logical_rules
+from agx.parallel.zero import bytes_per_device
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -57,20 +57,12 @@ class StateShapes:
         """The bytes, or why the layout does not divide an array."""
         rules = logical_rules(sharded_over_data, cfg.mesh.sequence_parallel,
                               kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"]))
-        leaves = jax.tree_util.tree_leaves_with_path(getattr(self.abstract, part))
-        specs = jax.tree_util.tree_leaves(getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
-        total = 0
-        for (path, array), logical in zip(leaves, specs):
-            shard = list(array.shape)
-            for i, axes in enumerate(nn.logical_to_mesh_axes(tuple(logical), rules)):
-                names = () if axes is None else (axes,) if isinstance(axes, str) else axes
-                size = math.prod(mesh_shape[n] for n in names)
-                if shard[i] % size:
-                    return (f"mesh axes {axes} of size {size} do not divide dimension {shard[i]} of "
-                            f"{jax.tree_util.keystr(path)} {tuple(array.shape)}")
-                shard[i] //= size
-            total += math.prod(shard) * (itemsize or array.dtype.itemsize)
-        return total
+        specs = jax.tree_util.tree_map(lambda logical: nn.logical_to_mesh_axes(tuple(logical), rules),
+                                       getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
+        try:
+            return bytes_per_device(getattr(self.abstract, part), specs, mesh_shape, part, itemsize)
+        except UserError as e:
+            return str(e)
 
 
 def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:

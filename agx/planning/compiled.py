@@ -15,9 +15,6 @@ import re
 import time
 from dataclasses import dataclass, field
 
-import jax
-import jax.numpy as jnp
-
 from agx.config import Config
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -42,13 +39,10 @@ class CompiledStep:
 def compile_step(cfg: Config, devices=None) -> CompiledStep:
     """AOT-compiles cfg's training step on `devices` (default: all) from ShapeDtypeStructs."""
     from agx.training.loop import Trainer
-    from agx.training.step import batch_sharding
 
     started = time.perf_counter()
     trainer = Trainer.build(cfg, devices)
-    B, T = cfg.train.batch_size, cfg.model.seq_len
-    tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=batch_sharding(trainer.mesh))
-    compiled = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile()
+    compiled = trainer.compile()
     m = compiled.memory_analysis()
     memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
               "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}

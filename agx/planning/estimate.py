@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from agx.config import Config
-from agx.models.configs import flops_per_token
+from agx.models.sizes import flops_per_token
 from agx.parallel.pipeline import plan_schedule
 from agx.planning import analytic
 from agx.planning.systems import System

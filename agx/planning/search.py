@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agx.config import Config
 from agx.errors import UserError
-from agx.models.configs import param_count
+from agx.models.sizes import param_count
 from agx.planning.systems import System
 
 ADAM_BYTES_PER_PARAM = 16  # fp32 weights, gradients and two moments: the floor for every layout

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
-
-import numpy as np
 
 from agx.config import RuntimeConfig
 from agx.errors import RunError, UserError
@@ -24,7 +21,7 @@ from agx.runtime.launchers import Processes, discover
 from agx.runtime.platform import choose_platform, silence_plugin_failure, started_platform
 from agx.runtime.rendezvous import bind_address, rendezvous
 
-__all__ = ["Processes", "choose_platform", "process_hosts", "silence_plugin_failure", "start"]
+__all__ = ["Processes", "choose_platform", "silence_plugin_failure", "start"]
 
 
 def start(cfg: RuntimeConfig, env=os.environ) -> Processes:
@@ -65,20 +62,6 @@ def _join(cfg: RuntimeConfig, processes: Processes, per_process: int | None, env
         raise RunError(f"{processes}: jax.distributed.initialize failed ({reason})") from None
     if jax.process_count() != processes.num_processes:
         raise UserError(f"{processes}: JAX's coordinator started {jax.process_count()} processes")
-
-
-def process_hosts() -> list[str]:
-    """Each process's host name, in process order: one all-gather, which every process must join."""
-    import jax
-
-    if jax.process_count() == 1:
-        return [socket.gethostname()]
-    from jax.experimental import multihost_utils
-
-    name = np.frombuffer(socket.gethostname().encode()[:255].ljust(256, b"\0"), np.uint8)
-
-    names = np.asarray(multihost_utils.process_allgather(name)).reshape(jax.process_count(), -1)
-    return [bytes(row).rstrip(b"\0").decode() for row in names]
 
 
 def _devices_per_process(env) -> int | None:

@@ -10,14 +10,16 @@ import jax
 from agx.config import Config
 from agx.data.loader import BatchLoader
 from agx.data.gpt_samples import parse_split
-from agx.data.pipeline import make_samples
+from agx.data.dataset import make_samples
 from agx.errors import UserError
+from agx.parallel.batch import batch_sharding
+from agx.parallel.pipeline import Schedule
 from agx.training.state import StatePlan
-from agx.training.step import batch_sharding, make_eval_step
+from agx.training.step import make_eval_step
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, plan: StatePlan, mesh, log=print):
+    def __init__(self, cfg: Config, plan: StatePlan, mesh, schedule: Schedule | None, log=print):
         self.cfg, self.sharding = cfg, batch_sharding(mesh)
         B, T = cfg.train.batch_size, cfg.model.seq_len
         if parse_split(cfg.data.split)[1] == 0:
@@ -25,7 +27,7 @@ class Evaluator:
                             "documents; give the split a validation share or set eval.every=0")
         self.samples = make_samples(cfg, "valid", cfg.eval.batches * B, log)
         tokens = jax.ShapeDtypeStruct((B, T + 1), "int32", sharding=self.sharding)
-        self.eval_step = make_eval_step(cfg, plan, mesh).lower(plan.abstract.params, tokens).compile()
+        self.eval_step = make_eval_step(cfg, plan, mesh, schedule).lower(plan.abstract.params, tokens).compile()
 
     def due(self, step: int) -> bool:
         every = self.cfg.eval.every

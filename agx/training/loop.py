@@ -15,20 +15,19 @@ from jax.sharding import Mesh
 from agx.checkpoint import Checkpoints
 from agx.config import Config
 from agx.data.cache import cache_root
-from agx.data.pipeline import make_loader
+from agx.data.dataset import make_loader
 from agx.errors import RunError, UserError
-from agx.models.configs import flops_per_token
-from agx.parallel.mesh import build_mesh, tensor_groups_across_hosts
+from agx.models.sizes import flops_per_token
+from agx.parallel.batch import batch_sharding, data_parallel_size
+from agx.parallel.mesh import build_mesh, process_hosts, tensor_groups_across_hosts
 from agx.parallel.pipeline import Schedule, plan_schedule
-from agx.planning.analytic import activation_bytes
-from agx.runtime import process_hosts
 from agx.training.evaluate import Evaluator
 from agx.training.metrics import MetricsWriter, peak_tflops_per_device
 from agx.training.optimizer import lr_schedule, make_optimizer
 from agx.training.preemption import StopRequest
 from agx.training.profile import Profile
 from agx.training.state import StatePlan, TrainState, init_state, plan_state
-from agx.training.step import batch_sharding, make_train_step
+from agx.training.step import make_train_step
 
 
 @dataclass
@@ -45,7 +44,7 @@ class Trainer:
     @classmethod
     def build(cls, cfg: Config, devices=None) -> Trainer:
         mesh = build_mesh(cfg.mesh, devices)
-        data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+        data_parallel = data_parallel_size(mesh.shape)
         per_replica = cfg.train.batch_size // cfg.train.microbatches
         if per_replica % data_parallel:
             raise UserError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} "
@@ -56,10 +55,16 @@ class Trainer:
         pipeline = plan_schedule(cfg, dict(mesh.shape))  # refuses a pipeline it cannot run, before the shapes do
         tx = make_optimizer(cfg)
         plan = plan_state(cfg, tx, mesh)
-        return cls(cfg, mesh, tx, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh), pipeline)
+        return cls(cfg, mesh, tx, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh, pipeline), pipeline)
 
     def init(self) -> TrainState:
         return init_state(self.plan, self.cfg.train.seed)
+
+    def compile(self):
+        """The step, lowered and compiled from abstract shapes alone: nothing is allocated."""
+        B, T = self.cfg.train.batch_size, self.cfg.model.seq_len
+        tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=batch_sharding(self.mesh))
+        return self.step_fn.lower(self.plan.abstract, tokens).compile()
 
     def put_batch(self, tokens):
         return jax.device_put(tokens, batch_sharding(self.mesh))
@@ -83,8 +88,8 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
         schedule = trainer.pipeline
         if schedule:
             log(f"agx: pipeline: {schedule.name} schedule, {schedule.stages} stages, {schedule.microbatches} "
-                f"micro-batches, {schedule.repeats} repeat(s): bubble {schedule.bubble_fraction:.1%} of each step; "
-                f"activations ~{activation_bytes(cfg, dict(mesh.shape)) / 2**20:.1f} MiB per device (analytic)")
+                f"micro-batches, {schedule.repeats} repeat(s): bubble {schedule.bubble_fraction:.1%} of each step "
+                "(--dry-run and agx.plan estimate its activation memory)")
         spread = tensor_groups_across_hosts(mesh, process_hosts()) if jax.process_count() > 1 else []
         if spread:
             log(f"agx: warning: {len(spread)} of the {mesh.devices.size // mesh.shape['tensor']} tensor-parallel "
@@ -107,10 +112,9 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
             log(f"agx: already at step {first_step} of train.steps={cfg.train.steps}; nothing to do")
             return state
 
-        evaluator = Evaluator(cfg, trainer.plan, mesh, log) if cfg.eval.every else None
+        evaluator = Evaluator(cfg, trainer.plan, mesh, trainer.pipeline, log) if cfg.eval.every else None
         timer = time.perf_counter()
-        tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=batch_sharding(mesh))
-        step_fn = trainer.step_fn.lower(trainer.plan.abstract, tokens).compile()  # from shapes alone
+        step_fn = trainer.compile()
         compile_s = time.perf_counter() - timer
         log(f"agx: compiled the training step in {compile_s:.1f}s")
 

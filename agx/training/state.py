@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from agx.config import Config
 from agx.models.gpt import GPT
-from agx.parallel.zero import check_divisible, replicated, zero_layouts
+from agx.parallel.zero import ZeroLayouts, check_divisible, replicated, zero_layouts
 
 
 class TrainState(struct.PyTreeNode):
@@ -35,6 +35,7 @@ class StatePlan:
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # NamedShardings, per ZeRO stage
     grad_shardings: Any  # NamedShardings for a params-shaped gradient tree
+    layouts: ZeroLayouts  # the rules behind them; the model constrains its activations by layouts.params
     init: ClosedJaxpr  # rng -> the state's leaves: the model's init, traced once (tracing it costs more than compiling it)
 
     @property
@@ -66,7 +67,7 @@ def plan_params(cfg: Config, mesh: Mesh):
     from or to export: the training layout of cfg.mesh on `mesh`."""
     boxed = jax.eval_shape(lambda rng: GPT(cfg.model).init(rng, jnp.zeros((1, cfg.model.seq_len), jnp.int32)),
                            jax.random.key(0))["params"]
-    shardings = zero_layouts(mesh, cfg).params.tree_shardings(nn.get_partition_spec(boxed))
+    shardings = zero_layouts(mesh, cfg.mesh, cfg.model.kv_heads).params.tree_shardings(nn.get_partition_spec(boxed))
     abstract = nn.meta.unbox(boxed)
     check_divisible(abstract, shardings, "parameter")
     return abstract, shardings
@@ -75,7 +76,7 @@ def plan_params(cfg: Config, mesh: Mesh):
 def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StatePlan:
     init, boxed = jax.make_jaxpr(init_fn(cfg, tx), return_shape=True)(jax.random.key(0))
     logical = nn.get_partition_spec(boxed)
-    layouts = zero_layouts(mesh, cfg)
+    layouts = zero_layouts(mesh, cfg.mesh, cfg.model.kv_heads)
     shardings = TrainState(step=replicated(mesh), bad_steps=replicated(mesh),
                            params=layouts.params.tree_shardings(logical.params),
                            opt_state=layouts.opt_state.tree_shardings(logical.opt_state))
@@ -83,7 +84,7 @@ def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> Sta
     check_divisible(abstract.params, shardings.params, "parameter")
     check_divisible(abstract.opt_state, shardings.opt_state, "optimizer state")
     return StatePlan(abstract=abstract, shardings=shardings,
-                     grad_shardings=layouts.grads.tree_shardings(logical.params), init=init)
+                     grad_shardings=layouts.grads.tree_shardings(logical.params), layouts=layouts, init=init)
 
 
 def init_state(plan: StatePlan, seed: int) -> TrainState:

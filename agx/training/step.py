@@ -10,49 +10,65 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import Config
+from agx.models import gpt
 from agx.models.gpt import GPT
 from agx.models.loss import cross_entropy
-from agx.parallel.mesh import BATCH_AXES
-from agx.parallel.pipeline import plan_schedule
-from agx.parallel.zero import replicated, zero_layouts
+from agx.parallel import one_f_one_b, pipeline
+from agx.parallel.batch import batch_sharding, split_microbatches
+from agx.parallel.mesh import BATCH_AXES, Layout
+from agx.parallel.pipeline import Schedule
+from agx.parallel.zero import replicated
 from agx.training.state import StatePlan, TrainState
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Token batches [B, T+1] are split over the data-parallel axes."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
-
-
-def loss_function(cfg: Config, mesh: Mesh, train: bool, bubble_value: float = 0.0):
+def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train: bool, bubble_value: float = 0.0):
     """(params, tokens_Bx(T+1), rng) -> mean next-token loss; dropout only when training.
+
+    The one place where the model's layers are scheduled: the model's own loop without pipeline
+    stages, else its pieces run by the pipeline (GPipe or circular), or by 1F1B when training,
+    whose loop computes each micro-batch's loss and gradients at once.
     bubble_value: what idle pipeline stages start from (a test fills them with NaN)."""
-    schedule = plan_schedule(cfg, dict(mesh.shape))
-    model = GPT(cfg.model, zero_layouts(mesh, cfg).params, schedule, bubble_value)
-    dropout = train and cfg.model.dropout > 0
+    m = cfg.model
+    dropout = train and m.dropout > 0
+    loss = lambda logits_BxTxV, targets_BxT: cross_entropy(logits_BxTxV, targets_BxT, m.vocab_size)
 
     def loss_fn(params, tokens_BxT1, rng):
-        if train and schedule and schedule.one_f_one_b:  # the schedule computes the loss itself
-            return model.apply({"params": params}, tokens_BxT1[:, :-1], targets_BxT=tokens_BxT1[:, 1:])
-        logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1], deterministic=not dropout,
-                                   rngs={"dropout": rng} if dropout else None)
-        return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:], cfg.model.vocab_size)
+        tokens_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+        if schedule is None:
+            logits_BxTxV = GPT(m, layout).apply({"params": params}, tokens_BxT, deterministic=not dropout,
+                                                rngs={"dropout": rng} if dropout else None)
+            return loss(logits_BxTxV, targets_BxT)
+        params = dict(params)
+        stack_LxW = params.pop("layers")
+        layers = gpt.layers_fn(m, layout, deterministic=not dropout)
+        if train and schedule.one_f_one_b:  # the embedding and the head run inside its loop, unconstrained
+            embed, head = gpt.embed_fn(m, None, deterministic=True), gpt.head_fn(m, None)
+            return one_f_one_b.loss(lambda p, t: embed(p, t, None), lambda w, x: layers(w, x, None),
+                                    lambda p, y, t: loss(head(p, y), t), params, stack_LxW, gpt.stack_axes(m),
+                                    tokens_BxT, targets_BxT, schedule, layout.constrain)
+        embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
+        x_BxTxD = gpt.embed_fn(m, layout, deterministic=not dropout)(params, tokens_BxT, embed_rng)
+        y_BxTxD = pipeline.run(layers, stack_LxW, gpt.stack_axes(m), x_BxTxD, schedule, layout.constrain,
+                               layers_rng, bubble_value=bubble_value)
+        return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
 
     return loss_fn
 
 
-def make_eval_step(cfg: Config, plan: StatePlan, mesh: Mesh):
+def make_eval_step(cfg: Config, plan: StatePlan, mesh: Mesh, schedule: Schedule | None):
     """Returns jitted (params, tokens_Bx(T+1)) -> mean loss."""
-    loss_fn = loss_function(cfg, mesh, train=False)
+    loss_fn = loss_function(cfg, plan.layouts.params, schedule, train=False)
     return jax.jit(lambda params, tokens_BxT1: loss_fn(params, tokens_BxT1, None),
                    in_shardings=(plan.shardings.params, batch_sharding(mesh)), out_shardings=replicated(mesh))
 
 
-def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    plan: StatePlan, mesh: Mesh):
-    """Returns jitted (state, tokens_Bx(T+1)) -> (state, metrics); the state argument is donated."""
+def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                    plan: StatePlan, mesh: Mesh, schedule: Schedule | None):
+    """Returns jitted (state, tokens_Bx(T+1)) -> (state, metrics); the state argument is donated.
+    schedule: the pipeline's, or None."""
     M = cfg.train.microbatches
     constrain_grads = lambda g: jax.lax.with_sharding_constraint(g, plan.grad_shardings)
-    loss_fn = loss_function(cfg, mesh, train=True)
+    loss_fn = loss_function(cfg, plan.layouts.params, schedule, train=True)
 
     def step_loss(params, tokens_BxT1, rng, step):
         loss = loss_fn(params, tokens_BxT1, rng)
@@ -68,11 +84,8 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
             loss, grads = grad_fn(state.params, tokens_BxT1, rng, state.step)
             grads = constrain_grads(grads)
         else:
-            # Micro-batch m takes rows m, m+M, ...: each device's rows split evenly, no reshuffle.
-            B, T1 = tokens_BxT1.shape
-            micro_MxbxT1 = tokens_BxT1.reshape(B // M, M, T1).swapaxes(0, 1)
-            micro_MxbxT1 = jax.lax.with_sharding_constraint(
-                micro_MxbxT1, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None)))
+            micro_MxbxT1 = jax.lax.with_sharding_constraint(split_microbatches(tokens_BxT1, M),
+                                                           NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None)))
 
             def accumulate(carry, xs):
                 loss_sum, grad_sum = carry
@@ -93,7 +106,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: opt
             params=jax.tree_util.tree_map(keep_if_bad, optax.apply_updates(state.params, updates), state.params),
             opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state, state.opt_state))
         # The optimizer's own count stops on skipped steps, so its schedule runs bad_steps behind.
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.bad_steps),
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step - state.bad_steps),
                            "skipped": ~finite, "bad_steps": new_state.bad_steps}
 
     return jax.jit(step, in_shardings=(plan.shardings, batch_sharding(mesh)),

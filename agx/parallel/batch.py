@@ -1,0 +1,32 @@
+"""Where a batch of sequences lives: split over the data-parallel axes, and cut into micro-batches
+(for gradient accumulation and for the pipeline) without moving a row between devices."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from agx.parallel.mesh import BATCH_AXES
+
+
+def data_parallel_size(mesh_shape: Mapping[str, int]) -> int:
+    """How many ways the batch is split: data × fsdp."""
+    return mesh_shape["data"] * mesh_shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """An array [B, ...] of `ndim` dimensions split over the data-parallel axes by its rows: token
+    batches [B, T+1], and the sampler's per-sequence positions [B]."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (ndim - 1)))
+
+
+def split_microbatches(x_BxX, M: int):
+    """[B, ...] -> [M, B/M, ...]: micro-batch m takes rows m, m+M, ..., so that each data-parallel
+    shard of the rows splits evenly on its own device."""
+    return x_BxX.reshape(x_BxX.shape[0] // M, M, *x_BxX.shape[1:]).swapaxes(0, 1)
+
+
+def join_microbatches(x_MxbxX):
+    """The inverse of split_microbatches: [M, b, ...] -> [M·b, ...]."""
+    return x_MxbxX.swapaxes(0, 1).reshape(-1, *x_MxbxX.shape[2:])
