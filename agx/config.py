@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from agx.errors import UserError
 REMAT_POLICIES = ("none", "full", "selective")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PLATFORMS = ("auto", "xpu", "cuda", "cpu")
-PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # gpipe becomes circular with model.pipeline_repeats > 1
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # gpipe becomes circular with pipeline.repeats > 1
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -55,7 +56,6 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters, softmax and loss stay in float32
     remat: str = "none"  # activation checkpointing policy, one of REMAT_POLICIES
     scan_unroll: int = 1  # layers per iteration of the layer loop; 1 keeps compile time flat in depth
-    pipeline_repeats: int = 1  # R: chunks of layers per pipeline stage; R > 1 is the circular (interleaved) schedule
     init_std: float = 0.02
 
     @property
@@ -80,7 +80,7 @@ class MeshConfig:
     """Device mesh axes; -1 takes the devices left over. `fsdp` always shards params, grads and
     optimizer state (ZeRO-3 on that axis); `zero_stage` says what is also sharded over `data`."""
 
-    pipeline: int = 1  # pipeline stages; the layer stack is split over this axis
+    pipeline: int = 1  # pipeline stages; the layer stack is split over this axis (how: the `pipeline` section)
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
@@ -89,12 +89,24 @@ class MeshConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """How the layer stack runs over the mesh.pipeline stages (the axis's size is the mesh's)."""
+
+    schedule: str = "gpipe"  # one of PIPELINE_SCHEDULES
+    microbatches: int | None = None  # M per accumulation step; None: mesh.pipeline
+    repeats: int = 1  # R: chunks of layers per stage; R > 1 is the circular (interleaved) schedule
+
+
+# Keys that moved: the old name still works, with a one-line notice.
+RENAMED = {"model.pipeline_repeats": "pipeline.repeats", "train.pipeline_microbatches": "pipeline.microbatches",
+           "train.pipeline_schedule": "pipeline.schedule"}
+
+
+@dataclass
 class TrainConfig:
     steps: int = 300
     batch_size: int = 32  # global sequences per step
     microbatches: int = 1  # gradient accumulation steps inside one training step
-    pipeline_microbatches: int | None = None  # M per accumulation step when mesh.pipeline > 1; None: mesh.pipeline
-    pipeline_schedule: str = "gpipe"  # one of PIPELINE_SCHEDULES
     seed: int = 0
     log_every: int = 1
     max_bad_steps: int = 10  # non-finite loss or grad norm this many steps in a row stops the run
@@ -166,6 +178,7 @@ class Config:
     name: str = "unnamed"
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,7 +187,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> Config:
-        m, t = self.model, self.train
+        m, t, pipe = self.model, self.train, self.pipeline
         if m.d_model % m.num_heads:
             raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
         if m.kv_heads < 1 or m.num_heads % m.kv_heads:
@@ -194,14 +207,14 @@ class Config:
             raise UserError(f"model.remat={m.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if m.dtype not in COMPUTE_DTYPES:
             raise UserError(f"model.dtype={m.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-        if t.pipeline_schedule not in PIPELINE_SCHEDULES:
-            raise UserError(f"train.pipeline_schedule={t.pipeline_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
+        if pipe.schedule not in PIPELINE_SCHEDULES:
+            raise UserError(f"pipeline.schedule={pipe.schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
         if self.mesh.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"mesh.zero_stage={self.mesh.zero_stage} must be 0, 1, 2 or 3")
         for name, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size),
                             ("train.microbatches", t.microbatches), ("model.seq_len", m.seq_len),
-                            ("model.scan_unroll", m.scan_unroll), ("model.pipeline_repeats", m.pipeline_repeats),
-                            ("train.pipeline_microbatches", 1 if t.pipeline_microbatches is None else t.pipeline_microbatches)]:
+                            ("model.scan_unroll", m.scan_unroll), ("pipeline.repeats", pipe.repeats),
+                            ("pipeline.microbatches", 1 if pipe.microbatches is None else pipe.microbatches)]:
             if value < 1:
                 raise UserError(f"{name}={value} must be at least 1")
         c = self.checkpoint
@@ -229,7 +242,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, saved: dict) -> Config:
-        """The inverse of to_dict (a saved config); fields this version does not know are ignored."""
+        """The inverse of to_dict (a saved config); fields this version does not know are ignored, and
+        those saved under an old name (RENAMED) are read under the new one."""
+        saved = {name: dict(value) if isinstance(value, dict) else value for name, value in saved.items()}
+        for old, new in RENAMED.items():
+            (old_section, old_field), (new_section, new_field) = old.split("."), new.split(".")
+            if old_field in saved.get(old_section, {}):
+                saved.setdefault(new_section, {})[new_field] = saved[old_section].pop(old_field)
         sections = {}
         for f in dataclasses.fields(cls):
             if f.name != "name":  # every other field is a section
@@ -268,6 +287,9 @@ def apply_override(cfg: Config, assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise UserError(f"--set {assignment!r}: expected key=value, for example train.steps=100")
+    if key in RENAMED:
+        print(f"agx: note: {key} is now {RENAMED[key]}; the old name still works, for now", file=sys.stderr)
+        key = RENAMED[key]
     node, parts = cfg, key.split(".")
     for depth, part in enumerate(parts):
         names = {f.name: f for f in dataclasses.fields(node)}

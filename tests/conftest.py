@@ -59,8 +59,9 @@ from agx.training.loop import Trainer  # noqa: E402
 # worker (--dist loadfile), so that its module-scoped fixtures are built once. The slowest modules
 # go first (measured with --durations), so that the workers finish together. (Not xdist_group
 # markers: with pytest 9.2 and pytest-xdist 3.8 they group nothing.)
-SLOWEST_FIRST = ["test_trainer", "test_multiprocess", "test_plan", "test_pipeline", "test_equivalence",
-                 "test_notebooks", "test_sampling", "test_export", "test_cli", "test_model", "test_data_tools"]
+SLOWEST_FIRST = ["test_checkpoint", "test_multiprocess", "test_plan", "test_pipeline", "test_equivalence",
+                 "test_notebooks", "test_sampling", "test_export", "test_cli", "test_trainer", "test_model",
+                 "test_data_tools"]
 
 
 def pytest_collection_modifyitems(items):
@@ -151,22 +152,52 @@ def sets(*settings: str) -> list[str]:
     return [arg for setting in settings for arg in ("--set", setting)]
 
 
-@pytest.fixture(scope="session")
-def trained():
-    """A workdir of the tiny model trained 8 steps on fsdp=8 (sharded checkpoints at steps 4 and 8),
-    trained once a session by whichever worker asks first; the tests only read it."""
+def shared_run(name: str, *settings) -> Path:
+    """A workdir of the tiny model trained with `settings` on 8 devices, once a session, by whichever
+    worker asks first (under a file lock); the tests only read it, or copy it (copy_of)."""
     from filelock import FileLock
 
-    workdir = SESSION_DIR / "trained"
-    with FileLock(SESSION_DIR / "trained.lock"):
-        if not (SESSION_DIR / "trained.done").exists():
+    workdir = SESSION_DIR / name
+    with FileLock(SESSION_DIR / f"{name}.lock"):
+        if not (SESSION_DIR / f"{name}.done").exists():
             shutil.rmtree(workdir, ignore_errors=True)  # what a failed try left
-            result = agx_train(*TINY, "--workdir", str(workdir),
-                               *sets("mesh.data=1", "mesh.fsdp=8", "train.steps=8", "checkpoint.every=4",
-                                     "optim.lr=3e-3", "optim.warmup_steps=2"), env=env_for(8))
-            assert result.returncode == 0, result.stderr[-3000:]
-            (SESSION_DIR / "trained.done").touch()
+            train_tiny(workdir, *settings)
+            (SESSION_DIR / f"{name}.done").touch()
     return workdir
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """The tiny model trained 8 steps on fsdp=8 (sharded checkpoints at steps 4 and 8)."""
+    return shared_run("trained", "mesh.data=1", "mesh.fsdp=8", "train.steps=8", "checkpoint.every=4",
+                      "optim.lr=3e-3", "optim.warmup_steps=2")
+
+
+@pytest.fixture(scope="session")
+def base():
+    """The tiny model trained 6 steps on fsdp=8, checkpoints and evals at 3 and 6, MFU against 0.01."""
+    return shared_run("base", *BASE, "train.peak_tflops_per_device=0.01")
+
+
+def train_tiny(workdir, *settings, devices=8, expect=0):
+    result = agx_train(*TINY, "--workdir", str(workdir), *sets(*settings), env=env_for(devices))
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+BASE = ["mesh.data=1", "mesh.fsdp=8", "train.steps=6", "checkpoint.every=3", "eval.every=3", "eval.batches=2"]
+
+
+def copy_of(base, tmp_path):
+    shutil.copytree(base, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def start_training(workdir, *settings):
+    """A trainer in its own process group (kill -9 takes its loader workers too, as a node failure does)."""
+    return subprocess.Popen([sys.executable, "-m", "agx.train", *TINY, "--workdir", str(workdir), *sets(*settings)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(8),
+                            start_new_session=True)
 
 
 # --- reading a run's results ----------------------------------------------------------------------

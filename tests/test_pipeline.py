@@ -16,7 +16,7 @@ from agx.parallel.batch import batch_sharding
 from agx.parallel.mesh import Layout, build_mesh, logical_rules
 from agx.planning.compiled import compile_step
 from agx.training.loop import Trainer
-from agx.training.step import loss_function
+from agx.training.step import loss_function, pipeline_schedule
 
 LAYERS = 8  # divisible by every stages × repeats below
 
@@ -35,8 +35,8 @@ CASES = [
 
 def pipelined(P, R, M, zero_stage=1, sequence_parallel=False, schedule="gpipe", make_config=tiny_config, **mesh):
     cfg = make_config(pipeline=P, zero_stage=zero_stage, sequence_parallel=sequence_parallel, **mesh)
-    cfg.model.num_layers, cfg.model.pipeline_repeats, cfg.train.pipeline_microbatches = LAYERS, R, M
-    cfg.train.pipeline_schedule = schedule
+    cfg.model.num_layers, cfg.pipeline.repeats, cfg.pipeline.microbatches = LAYERS, R, M
+    cfg.pipeline.schedule = schedule
     return cfg
 
 
@@ -176,7 +176,7 @@ def test_stages_pass_activations_by_collective_permute_in_the_loop(schedule, sen
     (here one micro-batch). 1F1B: every tick, the forward outputs onward and the gradients back."""
     cfg = pipelined(4, 1, 4, data=2, schedule=schedule)
     compiled = compile_step(cfg, jax.devices())
-    loop = pipeline.plan_schedule(cfg, {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 1})
+    loop = pipeline_schedule(cfg, {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 1})
     permutes = compiled.collectives["collective-permute"]
     assert permutes["count"] >= 2 * sent * loop.iterations
     micro_batch = cfg.train.batch_size // loop.microbatches // 2 * cfg.model.seq_len * cfg.model.d_model * 4
@@ -188,13 +188,13 @@ def test_no_pipeline_no_collective_permute():
 
 
 @pytest.mark.parametrize("settings,message", [
-    (["model.num_layers=6"], "model.num_layers=6 is not divisible by mesh.pipeline × model.pipeline_repeats = 4×1"),
-    (["train.pipeline_microbatches=6"], "train.pipeline_microbatches=6 is not a multiple of mesh.pipeline=4"),
-    (["train.pipeline_microbatches=2", "model.pipeline_repeats=2"], "train.pipeline_microbatches=2 is less than "
+    (["model.num_layers=6"], "model.num_layers=6 is not divisible by mesh.pipeline × pipeline.repeats = 4×1"),
+    (["pipeline.microbatches=6"], "pipeline.microbatches=6 is not a multiple of mesh.pipeline=4"),
+    (["pipeline.microbatches=2", "pipeline.repeats=2"], "pipeline.microbatches=2 is less than "
      "mesh.pipeline=4: the circular schedule"),
-    (["train.pipeline_schedule=1f1b", "model.pipeline_repeats=2"], "train.pipeline_schedule=1f1b takes "
-     "model.pipeline_repeats=1 and model.dropout=0"),
-    (["train.pipeline_schedule=interleaved"], "train.pipeline_schedule='interleaved' is not one of gpipe, 1f1b"),
+    (["pipeline.schedule=1f1b", "pipeline.repeats=2"], "pipeline.schedule=1f1b takes "
+     "pipeline.repeats=1 and model.dropout=0"),
+    (["pipeline.schedule=interleaved"], "pipeline.schedule='interleaved' is not one of gpipe, 1f1b"),
 ])
 def test_pipelines_that_cannot_run_get_one_line(settings, message):
     result = agx_train(*TINY, "--dry-run", *sets("mesh.pipeline=4", "mesh.data=2", "model.num_layers=8", *settings),
@@ -204,10 +204,15 @@ def test_pipelines_that_cannot_run_get_one_line(settings, message):
 
 
 def test_dry_run_reports_the_schedule_and_activation_memory():
+    """Set by the keys' old names, which still work, each with a one-line notice."""
     result = agx_train(*TINY, "--dry-run", *sets("mesh.pipeline=4", "mesh.data=2", "model.num_layers=8",
                                                  "model.pipeline_repeats=2", "train.pipeline_microbatches=4"),
                        env=env_for(8))
     assert result.returncode == 0, result.stderr
+    notices = [line for line in result.stderr.splitlines() if line.startswith("agx: note: ")]
+    assert notices == ["agx: note: model.pipeline_repeats is now pipeline.repeats; the old name still works, for now",
+                       "agx: note: train.pipeline_microbatches is now pipeline.microbatches; the old name still "
+                       "works, for now"]
     import json
 
     plan = json.loads(result.stdout.splitlines()[-1])
@@ -220,7 +225,7 @@ def test_dry_run_reports_the_schedule_and_activation_memory():
 def test_checkpoints_move_between_pipelined_and_plain_layouts(tmp_path):
     """Four stages to none and back: the resumed runs continue the uninterrupted one."""
     common = [*TINY, *sets("model.num_layers=8", "checkpoint.every=3", "checkpoint.async_save=false")]
-    staged = sets("mesh.pipeline=4", "mesh.data=2", "train.pipeline_microbatches=8")
+    staged = sets("mesh.pipeline=4", "mesh.data=2", "pipeline.microbatches=8")
     flat = sets("mesh.pipeline=1", "mesh.data=8")
     first = tmp_path / "pipelined"
     result = agx_train(*common, "--workdir", str(first), *staged, *sets("train.steps=9"), env=env_for(8))

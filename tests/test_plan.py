@@ -65,7 +65,7 @@ def test_tensor_parallel_all_reduces_are_megatrons():
 def test_pipeline_sends_are_what_the_compiled_step_permutes():
     """Forward and backward, every iteration: the stage outputs and the micro-batch buffer."""
     minimum, compiled, _ = both(small("model.num_layers=4", "mesh.pipeline=4", "mesh.data=2",
-                                      "train.pipeline_microbatches=8"))
+                                      "pipeline.microbatches=8"))
     assert compiled["collective-permute"]["bytes"] == pytest.approx(minimum["pipeline send/receive"], rel=0.1)
 
 
@@ -143,12 +143,16 @@ def test_the_trillion_parameter_model_fits_on_64_aurora_nodes_planned_in_under_a
     assert elapsed < 60, elapsed
 
 
+def search(tmp_path, *args):
+    """`agx.plan ARGS --search --no-compile --output tmp_path`: the finished process and the CSV's rows."""
+    result = plan_cli(*args, "--search", "--no-compile", "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, list(csv.DictReader(open(tmp_path / "search.csv")))
+
+
 @pytest.mark.slow
 def test_the_search_ranges_over_pipeline_stages_for_the_trillion_on_aurora(tmp_path):
-    result = plan_cli("--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64", "--search", "--no-compile",
-                      "--output", str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "search.csv")))
+    result, rows = search(tmp_path, "--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64")
     staged = [r for r in rows if int(r["pipeline"]) > 1]
     assert {int(r["pipeline"]) for r in staged} >= {2, 4, 8, 16, 32, 64, 128}
     assert {r["repeats"] for r in staged} == {"1", "2"} and all(int(r["pipeline_microbatches"]) > 0 for r in staged)
@@ -174,16 +178,14 @@ def test_auroragpt_70b_on_8_aurora_nodes_is_out_of_memory_with_pp8_tp1_and_the_s
     """Megatron-DeepSpeed's layout: 8 pipeline stages, no tensor parallelism, ZeRO-1 over data (its
     pipeline engine allows no higher stage). A stage's weights and gradients alone exceed a tile."""
     megatron = plan_cli(*aurora_70b("mesh.pipeline=8", "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1",
-                                    "mesh.zero_stage=1", "train.pipeline_microbatches=64", "model.remat=full"))
+                                    "mesh.zero_stage=1", "pipeline.microbatches=64", "model.remat=full"))
     assert megatron.returncode == 0, megatron.stderr[-3000:]
     assert "fits in 64 GiB: NO (compiled figure)" in megatron.stdout
     gib = {line.split()[0]: float(line.split()[1]) for line in megatron.stdout.splitlines()
            if line.strip().startswith(("params", "grads"))}
     assert gib["params"] + gib["grads"] > 64 and compiled_gib(megatron.stdout) > 64
 
-    search = plan_cli(*aurora_70b(), "--search", "--no-compile", "--output", str(tmp_path))
-    assert search.returncode == 0, search.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "search.csv")))
+    _, rows = search(tmp_path, *aurora_70b())
     pp8_tp1 = [r for r in rows if (r["pipeline"], r["tensor"]) == ("8", "1")]
     deepspeed_allows = [r for r in pp8_tp1 if int(r["zero"]) <= 1 and r["fsdp"] == "1"]
     assert deepspeed_allows and not any(r["fits"] == "True" for r in deepspeed_allows)
@@ -196,18 +198,15 @@ def test_auroragpt_70b_on_8_aurora_nodes_is_out_of_memory_with_pp8_tp1_and_the_s
     fits = plan_cli(*aurora_70b(*(f"mesh.{axis}={best[axis]}" for axis in AXES), f"mesh.zero_stage={best['zero']}",
                                 f"model.remat={best['remat']}", f"train.microbatches={best['microbatches']}",
                                 f"mesh.sequence_parallel={best['sequence_parallel']}",
-                                *([f"train.pipeline_microbatches={best['pipeline_microbatches']}",
-                                   f"model.pipeline_repeats={best['repeats']}"] if best["pipeline"] != "1" else [])))
+                                *([f"pipeline.microbatches={best['pipeline_microbatches']}",
+                                   f"pipeline.repeats={best['repeats']}"] if best["pipeline"] != "1" else [])))
     assert fits.returncode == 0, fits.stderr[-3000:]
     assert "fits in 64 GiB: yes (compiled figure)" in fits.stdout, fits.stdout
 
 
 @pytest.mark.slow
 def test_search_writes_a_csv_and_a_plot(tmp_path):
-    result = plan_cli("--experiment", "gpt3_small", "--system", "h100x8", "--nodes", "1", "--search", "--no-compile",
-                      "--output", str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "search.csv")))
+    _, rows = search(tmp_path, "--experiment", "gpt3_small", "--system", "h100x8", "--nodes", "1")
     assert rows and all(int(r["pipeline"]) * int(r["data"]) * int(r["fsdp"]) * int(r["tensor"]) == int(r["devices"]) for r in rows)
     fitting = [r for r in rows if r["fits"] == "True"]
     assert fitting and float(fitting[0]["analytic_gib"]) <= 80

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from agx.config import Config
+from agx.config import PipelineConfig
 from agx.errors import UserError
 from agx.parallel.batch import data_parallel_size, join_microbatches, split_microbatches
 
@@ -60,30 +60,31 @@ class Schedule:
                 "repeats": self.repeats, "bubble_fraction": round(self.bubble_fraction, 4)}
 
 
-def plan_schedule(cfg: Config, mesh_shape: dict) -> Schedule | None:
-    """The schedule of cfg on a mesh of `mesh_shape`, or None without pipeline stages. Refuses in one
-    line what the loop cannot run."""
-    P, R, L = mesh_shape["pipeline"], cfg.model.pipeline_repeats, cfg.model.num_layers
+def plan_schedule(pipe: PipelineConfig, mesh_shape: dict, num_layers: int, dropout: float, batch_size: int,
+                  accumulation: int) -> Schedule | None:
+    """The schedule on a mesh of `mesh_shape` for num_layers layers and batch_size sequences a step in
+    `accumulation` accumulation steps, or None without pipeline stages. Refuses in one line what the
+    loop cannot run."""
+    P, R, L = mesh_shape["pipeline"], pipe.repeats, num_layers
     if P == 1:
         return None
-    M = cfg.train.pipeline_microbatches or P
+    M = pipe.microbatches or P
     if L % (P * R):
-        raise UserError(f"model.num_layers={L} is not divisible by mesh.pipeline × model.pipeline_repeats = "
+        raise UserError(f"model.num_layers={L} is not divisible by mesh.pipeline × pipeline.repeats = "
                         f"{P}×{R}: every stage of every repeat needs the same number of layers")
     if R > 1 and M < P:
-        raise UserError(f"train.pipeline_microbatches={M} is less than mesh.pipeline={P}: the circular schedule "
-                        "(model.pipeline_repeats > 1) needs at least one micro-batch per stage")
+        raise UserError(f"pipeline.microbatches={M} is less than mesh.pipeline={P}: the circular schedule "
+                        "(pipeline.repeats > 1) needs at least one micro-batch per stage")
     if M % P:
-        raise UserError(f"train.pipeline_microbatches={M} is not a multiple of mesh.pipeline={P}")
-    one_f_one_b = cfg.train.pipeline_schedule == "1f1b"
-    if one_f_one_b and (R > 1 or cfg.model.dropout):
-        raise UserError("train.pipeline_schedule=1f1b takes model.pipeline_repeats=1 and model.dropout=0")
-    per_step = cfg.train.batch_size // cfg.train.microbatches
+        raise UserError(f"pipeline.microbatches={M} is not a multiple of mesh.pipeline={P}")
+    one_f_one_b = pipe.schedule == "1f1b"
+    if one_f_one_b and (R > 1 or dropout):
+        raise UserError("pipeline.schedule=1f1b takes pipeline.repeats=1 and model.dropout=0")
+    per_step = batch_size // accumulation
     data_parallel = data_parallel_size(mesh_shape)
     if per_step % (M * data_parallel):
-        raise UserError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} = "
-                        f"{per_step} sequences do not split into {M} pipeline micro-batches divisible by "
-                        f"data×fsdp={data_parallel}")
+        raise UserError(f"train.batch_size={batch_size} / train.microbatches={accumulation} = {per_step} sequences "
+                        f"do not split into {M} pipeline micro-batches divisible by data×fsdp={data_parallel}")
     return Schedule(P, M, R, one_f_one_b)
 
 

@@ -67,13 +67,13 @@ class StateShapes:
 
 def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
     """Bytes per device: params, grads, optimizer state, activations, temporaries, total."""
-    from agx.parallel.pipeline import plan_schedule
+    from agx.training.step import pipeline_schedule
 
     m, zero, t = cfg.model, cfg.mesh.zero_stage, mesh_shape["tensor"]
     b = cfg.train.batch_size // cfg.train.microbatches // (mesh_shape["data"] * mesh_shape["fsdp"])
     # float32 logits and their gradient; the head is split over pipeline stages too, and 1F1B runs it
     # on one micro-batch at a time
-    schedule = plan_schedule(cfg, mesh_shape)
+    schedule = pipeline_schedule(cfg, mesh_shape)
     rows = b / schedule.microbatches if schedule and schedule.one_f_one_b else b / mesh_shape["pipeline"]
     logits = 2 * rows * m.seq_len * m.padded_vocab / t * 4
     gathered = 0
@@ -93,7 +93,7 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
     With pipeline stages: every loop iteration's stage input (one micro-batch) and the micro-batch
     buffer (1F1B: 2P-1 stashed stage inputs), and one stage's layers rebuilt at a time under the
     model's remat policy."""
-    from agx.parallel.pipeline import plan_schedule
+    from agx.training.step import pipeline_schedule
 
     m = cfg.model
     t, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
@@ -116,7 +116,7 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
         per_layer, transient = s * b * h * (other + tp_part), s * b * h * scores
     else:  # full: only each layer's input is kept; one layer is rebuilt at a time in the backward
         per_layer, transient = layer_input, s * b * h * (other + tp_part + scores)
-    schedule = plan_schedule(cfg, mesh_shape)
+    schedule = pipeline_schedule(cfg, mesh_shape)
     if schedule is None:
         return int(c * (L * per_layer + transient))
     P, M, R = schedule.stages, schedule.microbatches, schedule.repeats
@@ -130,12 +130,12 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
 
 def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
     """The least each device must send per step for this layout (ring algorithms), by purpose."""
-    from agx.parallel.pipeline import plan_schedule
+    from agx.training.step import pipeline_schedule
 
     m = cfg.model
     p, d, f, t = mesh_shape["pipeline"], mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
     micro = cfg.train.microbatches
-    schedule = plan_schedule(cfg, mesh_shape)
+    schedule = pipeline_schedule(cfg, mesh_shape)
     ring = lambda n: (n - 1) / n
     # float32, per tensor rank; each pipeline stage holds 1/p of the layers
     layer_weights = shapes.layer_params / p / t * 4

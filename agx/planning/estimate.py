@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from agx.config import Config
 from agx.models.sizes import flops_per_token
-from agx.parallel.pipeline import plan_schedule
 from agx.planning import analytic
 from agx.planning.systems import System
+from agx.training.step import pipeline_schedule
 
 RECOMPUTE = {"none": 1.0, "selective": 1.03, "full": 4 / 3}  # extra forward work, as a factor on 6N
 
@@ -39,8 +39,8 @@ class Plan:
         c = self.cfg
         row = {"nodes": self.nodes, "devices": self.devices, "per_node": self.devices // self.nodes, **{k: v for k, v in self.mesh.items()},
                "zero": c.mesh.zero_stage, "remat": c.model.remat, "microbatches": c.train.microbatches,
-               "pipeline_microbatches": c.train.pipeline_microbatches if self.mesh["pipeline"] > 1 else "",
-               "repeats": c.model.pipeline_repeats if self.mesh["pipeline"] > 1 else "",
+               "pipeline_microbatches": c.pipeline.microbatches if self.mesh["pipeline"] > 1 else "",
+               "repeats": c.pipeline.repeats if self.mesh["pipeline"] > 1 else "",
                "sequence_parallel": c.mesh.sequence_parallel,
                "analytic_gib": round(self.memory["total"] / 2**30, 2),
                "compiled_gib": round(self.compiled.memory["total"] / 2**30, 2) if self.compiled else "",
@@ -56,7 +56,7 @@ def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: 
     memory = analytic.memory(cfg, shapes, shape)
     collectives = analytic.collective_bytes(cfg, shapes, shape)
     flops = flops_per_token(cfg.model) * cfg.train.batch_size * cfg.model.seq_len
-    schedule = plan_schedule(cfg, shape)
+    schedule = pipeline_schedule(cfg, shape)
     work = RECOMPUTE[cfg.model.remat]
     if schedule:  # the stage is run once more from its saved input; bubbles idle every stage
         work = (work + 1 / 3) / (1 - schedule.bubble_fraction)

@@ -100,14 +100,14 @@ def candidates(cfg: Config, devices: int, system: System):
 
 
 def _pipeline_choices(cfg: Config, p: int, sequences: int):
-    """(model.pipeline_repeats, train.pipeline_microbatches) to try for p stages, as settings."""
+    """(pipeline.repeats, pipeline.microbatches) to try for p stages, as settings."""
     if p == 1:
         yield {}
         return
     for repeats in (1, 2):
         for per_stage in (1, 2, 4, 8, 16):
             if cfg.model.num_layers % (p * repeats) == 0 and sequences % (p * per_stage) == 0:
-                yield {"model__pipeline_repeats": repeats, "train__pipeline_microbatches": p * per_stage}
+                yield {"pipeline__repeats": repeats, "pipeline__microbatches": p * per_stage}
 
 
 def plans_for(cfg: Config, shapes, system: System, nodes: int) -> list:

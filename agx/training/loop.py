@@ -20,14 +20,14 @@ from agx.errors import RunError, UserError
 from agx.models.sizes import flops_per_token
 from agx.parallel.batch import batch_sharding, data_parallel_size
 from agx.parallel.mesh import build_mesh, process_hosts, tensor_groups_across_hosts
-from agx.parallel.pipeline import Schedule, plan_schedule
+from agx.parallel.pipeline import Schedule
 from agx.training.evaluate import Evaluator
 from agx.training.metrics import MetricsWriter, peak_tflops_per_device
 from agx.training.optimizer import lr_schedule, make_optimizer
 from agx.training.preemption import StopRequest
 from agx.training.profile import Profile
 from agx.training.state import StatePlan, TrainState, init_state, plan_state
-from agx.training.step import make_train_step
+from agx.training.step import make_train_step, pipeline_schedule
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Trainer:
         if cfg.mesh.sequence_parallel and cfg.model.seq_len % mesh.shape["tensor"]:
             raise UserError(f"model.seq_len={cfg.model.seq_len} is not divisible by mesh.tensor={mesh.shape['tensor']}"
                             " (needed by mesh.sequence_parallel)")
-        pipeline = plan_schedule(cfg, dict(mesh.shape))  # refuses a pipeline it cannot run, before the shapes do
+        pipeline = pipeline_schedule(cfg, dict(mesh.shape))  # refuses a pipeline it cannot run, before the shapes do
         tx = make_optimizer(cfg)
         plan = plan_state(cfg, tx, mesh)
         return cls(cfg, mesh, tx, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh, pipeline), pipeline)

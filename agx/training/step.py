@@ -16,9 +16,16 @@ from agx.models.loss import cross_entropy
 from agx.parallel import one_f_one_b, pipeline
 from agx.parallel.batch import batch_sharding, split_microbatches
 from agx.parallel.mesh import BATCH_AXES, Layout
-from agx.parallel.pipeline import Schedule
+from agx.parallel.pipeline import Schedule, plan_schedule
 from agx.parallel.zero import replicated
 from agx.training.state import StatePlan, TrainState
+
+
+def pipeline_schedule(cfg: Config, mesh_shape) -> Schedule | None:
+    """cfg's pipeline schedule on a mesh of `mesh_shape`, or None without stages; refuses in one line
+    what the pipeline cannot run."""
+    return plan_schedule(cfg.pipeline, mesh_shape, cfg.model.num_layers, cfg.model.dropout, cfg.train.batch_size,
+                         cfg.train.microbatches)
 
 
 def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train: bool, bubble_value: float = 0.0):

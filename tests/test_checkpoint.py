@@ -1,0 +1,187 @@
+"""Checkpoints as a user meets them (real processes, real Orbax checkpoints on disk): exact resume
+in a new process, reshard on restore, a plain Orbax reader, foreign, unreadable and set-aside runs,
+and what kill -9 at any moment and a full disk leave behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import (BASE, TINY, copy_of, env_for, one_error_line, records, saved_steps, start_training,
+                      steps_recorded, train_tiny as train, wait_for)
+
+
+def test_resume_in_a_new_process_is_bit_identical_and_tensorboard_holds_each_step_once(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["optim.decay_steps=20", "checkpoint.every=5", "data.workers=1"]
+    train(straight, "train.steps=20", *common)
+    train(resumed, "train.steps=10", *common)
+    second = train(resumed, "train.steps=20", *common)
+    assert "resumed from checkpoint step 10" in second.stdout
+
+    a, b = records(straight), records(resumed)
+    assert sorted(b) == list(range(1, 21))
+    for step in range(11, 21):
+        for key in ("loss", "grad_norm", "lr"):
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+    assert saved_steps(resumed) == [10, 15, 20]  # every 5, the newest 3 kept
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(resumed / "tensorboard"))
+    board.Reload()
+    losses = board.Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(1, 21))
+    assert [e.value for e in losses] == [np.float32(b[s]["loss"]) for s in range(1, 21)]
+    assert {"train/lr", "train/grad_norm", "train/mfu", "train/tokens_per_s"} <= set(board.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("devices,mesh", [(8, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"]),
+                                          (4, ["mesh.data=-1", "data.workers=2"])])
+def test_restore_onto_another_mesh_continues_the_same_run(base, tmp_path, devices, mesh):
+    run = copy_of(base, tmp_path)
+    result = train(run, *mesh, "train.steps=6", "checkpoint.every=3", "eval.every=3", "eval.batches=2",
+                   "checkpoint.restore_step=3", devices=devices)
+    assert "resumed from checkpoint step 3" in result.stdout
+    assert (list((run / "set_aside").glob("*-after-step-3/6")) and
+            list((run / "set_aside").glob("*-after-step-3/metrics.jsonl")))  # step 6 moved aside, not deleted
+    original, restored = records(base), records(run)
+    for step in (4, 5, 6):
+        assert restored[step]["loss"] == pytest.approx(original[step]["loss"], rel=1e-5, abs=1e-6)
+    assert restored[6]["eval_loss"] == pytest.approx(original[6]["eval_loss"], rel=1e-5)
+    assert saved_steps(run) == [3, 6]
+
+
+def test_a_plain_orbax_user_lists_and_restores_the_arrays_without_agx(base):
+    script = f"""
+import orbax.checkpoint as ocp
+manager = ocp.CheckpointManager({str(base / 'checkpoints')!r}, options=ocp.CheckpointManagerOptions(read_only=True))
+state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+config = manager.restore(manager.latest_step(), args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+import sys, numpy
+assert "agx" not in sys.modules
+print(manager.all_steps(), int(state["step"]), config["name"],
+      sum(numpy.asarray(x).size for x in __import__("jax").tree_util.tree_leaves(state["params"])))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env_for(8),
+                            cwd=base)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[3,", "6]", "6", "gpt3_tiny", "233216"]
+
+
+def test_another_experiments_checkpoints_are_refused_unless_forced(base, tmp_path):
+    run = copy_of(base, tmp_path)
+    refused = train(run, "name=other_experiment", "train.steps=7", expect=2)
+    assert "holds checkpoints of experiment 'gpt3_tiny', not 'other_experiment'" in one_error_line(refused)
+    other_shape = train(run, "model.d_model=128", "checkpoint.force=true", "train.steps=7", expect=2)
+    assert "holds a different model (model.d_model: 64 there, 128 here)" in one_error_line(other_shape)
+    forced = train(run, "name=other_experiment", "checkpoint.force=true", "train.steps=7")
+    assert "resumed from checkpoint step 6" in forced.stdout and saved_steps(run) == [3, 6, 7]
+
+
+def test_an_unreadable_checkpoint_is_set_aside_for_the_one_before(base, tmp_path):
+    run = copy_of(base, tmp_path)
+    for path in (run / "checkpoints" / "6" / "state").rglob("*"):
+        if path.is_file():  # a disk that lost the second half of every file
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = train(run, *BASE)
+    warnings = [line for line in result.stdout.splitlines() if "warning: checkpoint step 6 is unreadable" in line]
+    assert len(warnings) == 1, result.stdout
+    assert "resumed from checkpoint step 3" in result.stdout
+    assert list((run / "set_aside").glob("*-unreadable-step-6/6/state"))
+    original, again = records(base), records(run)
+    assert [again[s]["loss"] for s in (4, 5, 6)] == [original[s]["loss"] for s in (4, 5, 6)]
+    assert saved_steps(run) == [3, 6]
+
+
+def test_resume_false_starts_fresh_and_keeps_the_old_run_aside(base, tmp_path):
+    run = copy_of(base, tmp_path)
+    train(run, "train.steps=2", "checkpoint.every=1", "checkpoint.resume=false")
+    assert sorted(records(run)) == [1, 2] and saved_steps(run) == [1, 2]
+    (aside,) = (run / "set_aside").glob("*-fresh-start")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+    assert sorted(records(aside)) == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
+    import orbax.checkpoint as ocp
+
+    settings = ["train.steps=40", "optim.decay_steps=40", "checkpoint.every=1", "checkpoint.keep=3"]
+    reference = tmp_path / "reference"
+    train(reference, *settings)
+    run = tmp_path / "killed"
+    rng = np.random.default_rng(0)
+    cut_saves = 0
+    for trial in range(4):
+        newest_before = max(saved_steps(run), default=None) if (run / "checkpoints").exists() else None
+        process = start_training(run, *settings)
+        start = steps_recorded(run)
+        # Three steps on, a save has completed: Orbax starts a save only when the one before is done.
+        wait_for(lambda: steps_recorded(run) >= start + 3, process)
+        if trial % 2:  # kill while a save is being written
+            wait_for(lambda: any(".orbax-checkpoint-tmp" in p.name for p in (run / "checkpoints").glob("*")), process)
+        else:  # kill at a random moment
+            time.sleep(rng.uniform(0.0, 1.5))
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, _ = process.communicate()
+        cut_saves += any(".orbax-checkpoint-tmp" in p.name for p in (run / "checkpoints").glob("*"))
+        if newest_before is not None:
+            assert f"resumed from checkpoint step {newest_before}" in stdout
+        steps = saved_steps(run)
+        assert steps, "no complete checkpoint after a step was recorded and saved every step"
+        manager = ocp.CheckpointManager((run / "checkpoints").absolute(),
+                                        options=ocp.CheckpointManagerOptions(read_only=True))
+        for step in steps:  # every listed checkpoint is complete and readable
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+            assert int(state["step"]) == step
+    assert cut_saves >= 1, "no kill landed during a save"
+    final = train(run, *settings)
+    assert f"resumed from checkpoint step {max(steps)}" in final.stdout
+    a, b = records(reference), records(run)
+    assert sorted(b) == list(range(1, 41))
+    assert [b[s]["loss"] for s in range(1, 41)] == [a[s]["loss"] for s in range(1, 41)]
+
+
+FULL_DISK_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=24m agx-full-disk "$WORKDIR"
+train() { "$PYTHON" -m agx.train $TINY --workdir "$WORKDIR" "$@"; }
+train --set train.steps=4 --set checkpoint.every=2 > "$OUT/first.out" 2>&1; echo $? > "$OUT/first.rc"
+# Fill the disk but for what the logs need: the next checkpoint cannot fit.
+fallocate -l $(( $(df --output=avail -B1 "$WORKDIR" | tail -1) - 400000 )) "$WORKDIR/filler"
+train --set train.steps=8 --set checkpoint.every=2 > "$OUT/full.out" 2> "$OUT/full.err"; echo $? > "$OUT/full.rc"
+ls "$WORKDIR/checkpoints" > "$OUT/after_full.ls"
+"$PYTHON" -c "
+import orbax.checkpoint as ocp
+m = ocp.CheckpointManager('$WORKDIR/checkpoints', options=ocp.CheckpointManagerOptions(read_only=True))
+print(m.all_steps(), [int(m.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']['step'])
+                      for s in m.all_steps()])
+" > "$OUT/check.out" 2>&1
+rm "$WORKDIR/filler"
+train --set train.steps=8 --set checkpoint.every=2 > "$OUT/after.out" 2>&1; echo $? > "$OUT/after.rc"
+ls "$WORKDIR/checkpoints" > "$OUT/after.ls"
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_save_leaves_the_previous_checkpoints_intact(tmp_path):
+    """A real ENOSPC: a 24 MB tmpfs mounted in a private user and mount namespace."""
+    workdir, out = tmp_path / "workdir", tmp_path / "out"
+    workdir.mkdir(), out.mkdir()
+    env = {**env_for(8), "WORKDIR": str(workdir), "OUT": str(out), "PYTHON": sys.executable, "TINY": " ".join(TINY)}
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", FULL_DISK_SCRIPT],
+                   env=env, check=True, timeout=600)
+    read = lambda name: (out / name).read_text()
+    assert read("first.rc").strip() == "0", read("first.out")
+    assert read("full.rc").strip() == "1", read("full.out") + read("full.err")
+    error = one_error_line(subprocess.CompletedProcess([], 1, read("full.out"), read("full.err")), library_noise=True)
+    assert "No space left on device" in error and "the complete checkpoints [2, 4]" in error, error
+    assert "6" not in read("after_full.ls").split()  # the cut save is not a step
+    assert read("check.out").strip().splitlines()[-1] == "[2, 4] [2, 4]", read("check.out")
+    assert read("after.rc").strip() == "0", read("after.out")
+    assert "resumed from checkpoint step 4" in read("after.out")
+    assert read("after.ls").split() == ["4", "6", "8"]  # no partial save left behind
