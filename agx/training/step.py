@@ -38,6 +38,7 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     m = cfg.model
     dropout = train and m.dropout > 0
     loss = lambda logits_BxTxV, targets_BxT: cross_entropy(logits_BxTxV, targets_BxT, m.vocab_size)
+    stack_logical = gpt.stack_axes(m) if schedule else None  # traced once here, not in every trace of loss_fn
 
     def loss_fn(params, tokens_BxT1, rng):
         tokens_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
@@ -51,11 +52,11 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
         if train and schedule.one_f_one_b:  # the embedding and the head run inside its loop, unconstrained
             embed, head = gpt.embed_fn(m, None, deterministic=True), gpt.head_fn(m, None)
             return one_f_one_b.loss(lambda p, t: embed(p, t, None), lambda w, x: layers(w, x, None),
-                                    lambda p, y, t: loss(head(p, y), t), params, stack_LxW, gpt.stack_axes(m),
+                                    lambda p, y, t: loss(head(p, y), t), params, stack_LxW, stack_logical,
                                     tokens_BxT, targets_BxT, schedule, layout.constrain)
         embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
         x_BxTxD = gpt.embed_fn(m, layout, deterministic=not dropout)(params, tokens_BxT, embed_rng)
-        y_BxTxD = pipeline.run(layers, stack_LxW, gpt.stack_axes(m), x_BxTxD, schedule, layout.constrain,
+        y_BxTxD = pipeline.run(layers, stack_LxW, stack_logical, x_BxTxD, schedule, layout.constrain,
                                layers_rng, bubble_value=bubble_value)
         return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
 
