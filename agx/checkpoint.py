@@ -18,11 +18,13 @@ are moved to WORKDIR/set_aside/.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -39,6 +41,28 @@ SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "
 # that export and sampling can read a checkpoint piece by piece, never a whole stacked weight at once.
 CHUNK_BYTES = 16 << 20
 TRASH = "deleting"  # under checkpoints/: steps past checkpoint.keep, emptied at start and at close
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the data resumes: batch `start`, then, when the loader's layout is unchanged, Grain's
+    saved iterator state (which is relative to `start`)."""
+
+    start: int
+    iterator_state: dict | None = None
+
+
+class SavedIteratorState:
+    """Takes what Grain's checkpoint handler restores (the iterator state as JSON bytes), so that a
+    restore returns the data position instead of moving a loader."""
+
+    state: dict | None = None
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # the handler starts a restored iterator; there is none here
+        pass
 
 
 class Checkpoints:
@@ -62,9 +86,9 @@ class Checkpoints:
             max_to_keep=c.keep, keep_period=c.keep_period, todelete_subdir=TRASH,
             enable_async_checkpointing=c.async_save, cleanup_tmp_directories=True, create=True))
 
-    def restore(self, target, loader):
-        """The newest readable checkpoint's state (restored into `target`'s shardings), with `loader`
-        moved to its data position; None when there is none."""
+    def restore(self, target, loader_layout: dict) -> tuple[object, DataPosition] | None:
+        """The newest readable checkpoint's state (restored into `target`'s shardings) and where the
+        data resumes, for a loader of `loader_layout`; None when there is none."""
         if not self.cfg.checkpoint.resume:
             return None
         steps = sorted(self.manager.all_steps(), reverse=True)
@@ -83,15 +107,11 @@ class Checkpoints:
                 saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
                 self._check_same_experiment(saved.config, step)
                 saved_layout = self._saved_loader_layout(step)
-                same_layout = saved_layout is not None and {**saved_layout, "start": loader.start} == loader.layout()
+                same_layout = saved_layout is not None and {**saved_layout, "start": 0} == {**loader_layout, "start": 0}
+                items = dict(state=ocp.args.StandardRestore(target))
                 if same_layout:
-                    loader.restart_at(saved_layout["start"])
-                    restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target),
-                        data=grain.checkpoint.CheckpointRestore(loader.iterator)))
-                else:
-                    restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target)))
+                    items.update(data=grain.checkpoint.CheckpointRestore(SavedIteratorState()))
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
@@ -101,13 +121,13 @@ class Checkpoints:
             if saved_layout is None:
                 self.log(f"agx: checkpoint step {step} holds no data position (imported weights): the data "
                          f"starts at batch {step}")
-                loader.restart_at(step)
             elif not same_layout:
-                self.log(f"agx: the loader's layout changed ({saved_layout} then, {loader.layout()} now): "
+                self.log(f"agx: the loader's layout changed ({saved_layout} then, {loader_layout} now): "
                          f"it restarts at batch {step} instead of restoring Grain's state")
-                loader.restart_at(step)
             self.log(f"agx: resumed from checkpoint step {step} in {self.directory}")
-            return restored.state
+            position = (DataPosition(saved_layout["start"], restored.data.state) if same_layout
+                        else DataPosition(step))
+            return restored.state, position
         return None
 
     def _saved_loader_layout(self, step: int) -> dict | None:

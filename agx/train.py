@@ -31,7 +31,7 @@ def dry_run(cfg: Config) -> dict:
             "mesh": dict(mesh.shape), "devices": mesh.devices.size, "zero_stage": cfg.mesh.zero_stage,
             "param_bytes_per_device": bytes_per_device["params"],
             "opt_state_bytes_per_device": bytes_per_device["opt_state"],
-            "activation_bytes_per_device": activation_bytes(cfg, dict(mesh.shape)),
+            "activation_bytes_per_device": activation_bytes(cfg, dict(mesh.shape), trainer.pipeline),
             "pipeline": trainer.pipeline.describe() if trainer.pipeline else None}
 
 

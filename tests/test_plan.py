@@ -18,6 +18,7 @@ from agx.parallel.mesh import AXES
 from agx.planning import analytic
 from agx.planning.compiled import compile_step
 from agx.training.loop import Trainer
+from agx.training.step import pipeline_schedule
 
 SMALL = ["model.num_layers=2", "model.d_model=256", "model.num_heads=8", "model.seq_len=128", "model.vocab_size=1024",
          "train.batch_size=16", "model.dtype=float32", "model.scan_unroll=1"]  # a loop over layers: trip counts count
@@ -32,7 +33,7 @@ def both(cfg):
     shapes = analytic.StateShapes(cfg)
     compiled = compile_step(cfg)
     shape = {axis: getattr(cfg.mesh, axis) for axis in AXES}
-    return analytic.collective_bytes(cfg, shapes, shape), compiled.collectives, shapes
+    return analytic.collective_bytes(cfg, shapes, shape, pipeline_schedule(cfg, shape)), compiled.collectives, shapes
 
 
 def test_data_parallel_reduces_the_gradients_once_plus_the_tied_embedding_twice():
@@ -74,7 +75,7 @@ def test_pipeline_sends_are_what_the_compiled_step_permutes():
 def test_planned_state_memory_is_what_a_real_run_allocates(mesh):
     cfg = small(*mesh)
     shape = {axis: getattr(cfg.mesh, axis) for axis in AXES}
-    planned = analytic.memory(cfg, analytic.StateShapes(cfg), shape)
+    planned = analytic.memory(cfg, analytic.StateShapes(cfg), shape, pipeline_schedule(cfg, shape))
     state = Trainer.build(cfg).init()
     for part in ("params", "opt_state"):
         allocated = [sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(getattr(state, part))
@@ -98,7 +99,7 @@ def test_analytic_memory_is_within_the_margin_of_the_compiled_step(name):
                                                    "mesh.sequence_parallel=true"]):
         cfg = load_experiment(name, ["train.batch_size=8", *mesh])
         shape = {"pipeline": 1, "data": 1, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
-        planned = analytic.memory(cfg, analytic.StateShapes(cfg), shape)["total"]
+        planned = analytic.memory(cfg, analytic.StateShapes(cfg), shape, None)["total"]  # no stages
         ratios.append(planned / compile_step(cfg).memory["total"])
     print(name, [round(r, 3) for r in ratios])
     assert all(1 - MARGIN <= r <= 1 + MARGIN for r in ratios), ratios
@@ -113,7 +114,7 @@ def test_blocked_attention_saves_activation_memory_in_the_planned_proportion():
     for block in (0, 512, 1024):
         cfg = load_experiment("gpt3_small", ["train.batch_size=8", "mesh.data=1", "mesh.fsdp=8", "model.remat=none",
                                              f"model.attention_block={block}"])
-        planned[block] = analytic.activation_bytes(cfg, {"pipeline": 1, "data": 1, "fsdp": 8, "tensor": 1})
+        planned[block] = analytic.activation_bytes(cfg, {"pipeline": 1, "data": 1, "fsdp": 8, "tensor": 1}, None)
         compiled[block] = compile_step(cfg).memory["total"]
     saving_ratio = lambda totals: (totals[0] - totals[512]) / (totals[0] - totals[1024])
     assert saving_ratio(planned) == pytest.approx(1.5, rel=1e-6)

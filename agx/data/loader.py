@@ -68,6 +68,12 @@ class BatchLoader:
                                                                        per_worker_buffer_size=self.prefetch))
         self.iterator = iter(dataset)
 
+    def resume(self, start: int, iterator_state: dict | None = None) -> None:
+        """Restarts at batch `start`, then applies a saved Grain state (relative to that start)."""
+        self.restart_at(start)
+        if iterator_state is not None:
+            self.set_state(iterator_state)
+
     def layout(self) -> dict:
         """What Grain's iterator state depends on: the first batch, the workers and the processes."""
         import jax

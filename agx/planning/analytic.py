@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec
 from agx.config import Config
 from agx.errors import UserError
 from agx.parallel.mesh import kv_heads_split, logical_rules
+from agx.parallel.pipeline import Schedule
 from agx.parallel.zero import bytes_per_device
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -65,15 +66,13 @@ class StateShapes:
             return str(e)
 
 
-def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
-    """Bytes per device: params, grads, optimizer state, activations, temporaries, total."""
-    from agx.training.step import pipeline_schedule
-
+def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedule | None) -> dict:
+    """Bytes per device: params, grads, optimizer state, activations, temporaries, total. `schedule`:
+    the layout's pipeline schedule (agx.training.step.pipeline_schedule), None without stages."""
     m, zero, t = cfg.model, cfg.mesh.zero_stage, mesh_shape["tensor"]
     b = cfg.train.batch_size // cfg.train.microbatches // (mesh_shape["data"] * mesh_shape["fsdp"])
     # float32 logits and their gradient; the head is split over pipeline stages too, and 1F1B runs it
     # on one micro-batch at a time
-    schedule = pipeline_schedule(cfg, mesh_shape)
     rows = b / schedule.microbatches if schedule and schedule.one_f_one_b else b / mesh_shape["pipeline"]
     logits = 2 * rows * m.seq_len * m.padded_vocab / t * 4
     gathered = 0
@@ -82,19 +81,17 @@ def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
     result = {"params": shapes.shard_bytes("params", zero >= 3, cfg, mesh_shape),
               "grads": shapes.shard_bytes("params", zero >= 2, cfg, mesh_shape, itemsize=4),
               "opt_state": shapes.shard_bytes("opt_state", zero >= 1, cfg, mesh_shape),
-              "activations": activation_bytes(cfg, mesh_shape), "temporaries": int(logits + gathered)}
+              "activations": activation_bytes(cfg, mesh_shape, schedule), "temporaries": int(logits + gathered)}
     result["total"] = sum(result.values())
     return result
 
 
-def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
+def activation_bytes(cfg: Config, mesh_shape: dict, schedule: Schedule | None) -> int:
     """Per device: what the backward pass keeps, plus the most it rebuilds at once.
 
     With pipeline stages: every loop iteration's stage input (one micro-batch) and the micro-batch
     buffer (1F1B: 2P-1 stashed stage inputs), and one stage's layers rebuilt at a time under the
     model's remat policy."""
-    from agx.training.step import pipeline_schedule
-
     m = cfg.model
     t, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
     b = cfg.train.batch_size // cfg.train.microbatches // dp  # sequences per device per micro-batch
@@ -116,7 +113,6 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
         per_layer, transient = s * b * h * (other + tp_part), s * b * h * scores
     else:  # full: only each layer's input is kept; one layer is rebuilt at a time in the backward
         per_layer, transient = layer_input, s * b * h * (other + tp_part + scores)
-    schedule = pipeline_schedule(cfg, mesh_shape)
     if schedule is None:
         return int(c * (L * per_layer + transient))
     P, M, R = schedule.stages, schedule.microbatches, schedule.repeats
@@ -128,14 +124,11 @@ def activation_bytes(cfg: Config, mesh_shape: dict) -> int:
     return int(c * (kept + one_stage))
 
 
-def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict) -> dict:
+def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedule | None) -> dict:
     """The least each device must send per step for this layout (ring algorithms), by purpose."""
-    from agx.training.step import pipeline_schedule
-
     m = cfg.model
     p, d, f, t = mesh_shape["pipeline"], mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
     micro = cfg.train.microbatches
-    schedule = pipeline_schedule(cfg, mesh_shape)
     ring = lambda n: (n - 1) / n
     # float32, per tensor rank; each pipeline stage holds 1/p of the layers
     layer_weights = shapes.layer_params / p / t * 4

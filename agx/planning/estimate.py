@@ -53,10 +53,10 @@ def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: 
     """`nodes`: when the mesh leaves some of their devices idle. Raises UserError when the layout does
     not divide the model."""
     devices = math.prod(shape.values())
-    memory = analytic.memory(cfg, shapes, shape)
-    collectives = analytic.collective_bytes(cfg, shapes, shape)
-    flops = flops_per_token(cfg.model) * cfg.train.batch_size * cfg.model.seq_len
     schedule = pipeline_schedule(cfg, shape)
+    memory = analytic.memory(cfg, shapes, shape, schedule)
+    collectives = analytic.collective_bytes(cfg, shapes, shape, schedule)
+    flops = flops_per_token(cfg.model) * cfg.train.batch_size * cfg.model.seq_len
     work = RECOMPUTE[cfg.model.remat]
     if schedule:  # the stage is run once more from its saved input; bubbles idle every stage
         work = (work + 1 / 3) / (1 - schedule.bubble_fraction)

@@ -102,9 +102,13 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
         loader = make_loader(cfg, batch_sharding(mesh), log=log)  # bad data fails before compiling
         timer = time.perf_counter()
         checkpoints = Checkpoints(workdir, cfg, log)  # a foreign or unusable workdir fails before compiling
-        state = checkpoints.restore(trainer.plan.target, loader)
-        resumed = state is not None
-        state = state if resumed else trainer.init()
+        restored = checkpoints.restore(trainer.plan.target, loader.layout())
+        resumed = restored is not None
+        if resumed:
+            state, position = restored
+            loader.resume(position.start, position.iterator_state)
+        else:
+            state = trainer.init()
         restore_s = time.perf_counter() - timer
         first_step = int(state.step)
 
