@@ -28,11 +28,24 @@ def fast_xla_flags() -> str:
 FAST_XLA = " " + fast_xla_flags()
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + FAST_XLA
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One cache per test session, shared with the subprocesses and pytest-xdist workers it starts (they
-# inherit the environment): the built-in corpus is built once.
-os.environ.setdefault("AGX_CACHE_DIR", tempfile.mkdtemp(prefix="agx-test-cache-"))
+MADE_HERE = []  # the session's own folders, removed when it ends (pytest_sessionfinish)
+
+
+def session_folder(variable: str, prefix: str) -> str:
+    """The folder that `variable` names (one a developer keeps between runs), or else a fresh one for
+    this session: made by the process that loads this file first (pytest, or with -n 2 its
+    controller), and inherited through the environment by the workers and subprocesses it starts."""
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        MADE_HERE.append(os.environ[variable])
+    return os.environ[variable]
+
+
+# One cache per test session, shared with the subprocesses and pytest-xdist workers it starts: the
+# built-in corpus is built once.
+session_folder("AGX_CACHE_DIR", "agx-test-cache-")
 # What more than one worker reads is made once, in a folder of the session's own.
-SESSION_DIR = Path(os.environ.setdefault("AGX_TEST_SESSION_DIR", tempfile.mkdtemp(prefix="agx-test-session-")))
+SESSION_DIR = Path(session_folder("AGX_TEST_SESSION_DIR", "agx-test-session-"))
 # JAX's persistent compilation cache, made fresh for each session in the same way: a program that
 # another test, worker or `agx.train` process already compiled (the same HLO, flags and devices) is
 # loaded instead of compiled again. A size limit turns on JAX's file lock, so that processes writing
@@ -41,7 +54,7 @@ SESSION_DIR = Path(os.environ.setdefault("AGX_TEST_SESSION_DIR", tempfile.mkdtem
 # deleting its donated buffers), so that stack compiles every program.
 JAXLIB = tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
 if JAXLIB >= (0, 10):  # the newest stack, where the whole suite ran with it
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="agx-test-xla-cache-"))
+    session_folder("JAX_COMPILATION_CACHE_DIR", "agx-test-xla-cache-")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
@@ -62,6 +75,11 @@ from agx.training.loop import Trainer  # noqa: E402
 SLOWEST_FIRST = ["test_checkpoint", "test_multiprocess", "test_plan", "test_pipeline", "test_equivalence",
                  "test_notebooks", "test_sampling", "test_export", "test_cli", "test_trainer", "test_model",
                  "test_data_tools"]
+
+
+def pytest_sessionfinish(session):
+    for folder in MADE_HERE:  # in the process that made them, after its workers have finished
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
