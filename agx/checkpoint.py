@@ -1,6 +1,9 @@
 """Orbax checkpoints under WORKDIR/checkpoints/STEP, each with four items:
 
-  state   the TrainState (step, bad_steps, params, opt_state), as Orbax's standard PyTree;
+  state   the TrainState (step, bad_steps, params, opt_state), as Orbax's standard PyTree, at the
+          shapes the run stored: padded with zeros where its mesh did not divide a dimension;
+  shapes  each parameter's logical shape, as the model sees it (JSON; a plain Orbax reader cuts the
+          arrays of `state` to these);
   data    the Grain iterator's state (one file per process), so the data resumes at the next batch;
   loader  what that state depends on: the loader's first batch, its workers and processes (JSON);
   config  the resolved config, as JSON.
@@ -10,8 +13,9 @@ loader restarts at the checkpoint's step instead, which is the same batch (batch
 [s·B, (s+1)·B) whatever the layout).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a save cut
-short is never listed as a step. Restoring takes the target shardings of the run that restores,
-so a checkpoint loads directly onto another mesh or device count. Nothing is deleted by agx:
+short is never listed as a step. Restoring takes the target shardings and stored shapes of the run
+that restores, so a checkpoint loads directly onto another mesh or device count: Orbax appends
+zeros to pad an array further, or drops the padding's zeros from its end. Nothing is deleted by agx:
 checkpoints it will not use (unreadable, newer than a chosen step, or replaced by a fresh start)
 are moved to WORKDIR/set_aside/.
 """
@@ -66,8 +70,11 @@ class SavedIteratorState:
 
 
 class Checkpoints:
-    def __init__(self, workdir: Path, cfg: Config, log=print):
+    def __init__(self, workdir: Path, cfg: Config, logical_params, log=print):
+        """logical_params: the parameters' ShapeDtypeStructs as the model sees them (recorded with each step)."""
         self.cfg, self.log = cfg, log
+        self.logical_shapes = {".".join(str(k.key) for k in path): list(a.shape)
+                               for path, a in jax.tree_util.tree_leaves_with_path(logical_params)}
         self.workdir = workdir.absolute()
         self.directory = self.workdir / "checkpoints"
         c = cfg.checkpoint
@@ -108,7 +115,8 @@ class Checkpoints:
                 self._check_same_experiment(saved.config, step)
                 saved_layout = self._saved_loader_layout(step)
                 same_layout = saved_layout is not None and {**saved_layout, "start": 0} == {**loader_layout, "start": 0}
-                items = dict(state=ocp.args.StandardRestore(target))
+                # not strict: the stored shapes may be padded otherwise (the model's are checked above)
+                items = dict(state=ocp.args.StandardRestore(target, strict=False))
                 if same_layout:
                     items.update(data=grain.checkpoint.CheckpointRestore(SavedIteratorState()))
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -155,7 +163,7 @@ class Checkpoints:
         if step % self.cfg.checkpoint.every and not force:
             return False
         items = dict(state=ocp.args.StandardSave(state, save_args=chunked(state)),
-                     config=ocp.args.JsonSave(self.cfg.to_dict()))
+                     shapes=ocp.args.JsonSave(self.logical_shapes), config=ocp.args.JsonSave(self.cfg.to_dict()))
         if loader is not None:
             items.update(data=grain.checkpoint.CheckpointSave(loader.iterator),
                          loader=ocp.args.JsonSave(loader.layout()))

@@ -105,13 +105,13 @@ def import_hf(folder: Path, experiment: str, overrides: list[str], output: Path,
                         f"'{cfg.name}'; add {' '.join(differs)}")
     trainer = Trainer.build(cfg)
     plan = trainer.plan
-    source.bind(cfg.model, {name: a.shape for name, a in flat(plan.abstract.params).items()})
+    source.bind(cfg.model, {name: a.shape for name, a in flat(plan.logical.params).items()})
     params = load_params(source, plan.abstract.params, plan.shardings.params, np.float32)
     zero = jax.device_put(jnp.zeros((), jnp.int32), plan.shardings.step)
     state = TrainState(step=zero, bad_steps=zero, params=params,
                        opt_state=jax.jit(trainer.tx.init, out_shardings=plan.shardings.opt_state)(params))
     with atomic_folder(output, force) as tmp:
-        checkpoints = Checkpoints(tmp, cfg, log=lambda *_: None)
+        checkpoints = Checkpoints(tmp, cfg, plan.logical.params, log=lambda *_: None)
         checkpoints.save(0, state, force=True)
         checkpoints.wait()
         checkpoints.close()

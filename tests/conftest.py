@@ -121,14 +121,30 @@ def batch(samples, step: int, batch_size: int) -> np.ndarray:
 
 
 def run_steps(cfg: Config, corpus, devices, steps: int = 3):
-    """Trains `steps` steps; returns the losses and the final parameters on the host."""
+    """Trains `steps` steps; returns the losses and the final parameters on the host, at the model's
+    shapes. Where the mesh pads the state (agx.parallel.padding), every padded entry of every weight
+    and optimizer moment must still be exactly zero."""
     trainer = Trainer.build(cfg, devices)
     state = trainer.init()
     losses = []
     for step in range(steps):
         state, metrics = trainer.step_fn(state, trainer.put_batch(batch(corpus, step, cfg.train.batch_size)))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state.params)
+    stored = jax.device_get(state)
+    assert not np.any(padding_of(stored, trainer.plan.logical)), "the padding moved off zero"
+    cut = lambda x, a: x[tuple(slice(0, n) for n in a.shape)]
+    return np.array(losses), jax.tree_util.tree_map(cut, stored.params, trainer.plan.logical.params)
+
+
+def padding_of(stored, logical) -> np.ndarray:
+    """The padded entries of a stored tree (host arrays), beyond each leaf's logical shape."""
+    def beyond(x, a):
+        inside = np.zeros(x.shape, bool)
+        inside[tuple(slice(0, n) for n in a.shape)] = True
+        return np.asarray(x)[~inside].ravel()
+
+    return np.concatenate([beyond(x, a) for x, a in zip(jax.tree_util.tree_leaves(stored),
+                                                         jax.tree_util.tree_leaves(logical))])
 
 
 def assert_same_run(run, reference):

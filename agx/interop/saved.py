@@ -49,7 +49,10 @@ class OrbaxParams:
         self.step_dir = path
         self.cfg = Config.from_dict(json.loads(config_file.read_text()))
         self._open = {}
-        self.shapes = {name: tuple(self._store(name).shape) for name in self._saved_names()}
+        # The logical shapes: a training step records them, as its arrays may be stored padded.
+        logical = path / "shapes" / "metadata"
+        recorded = json.loads(logical.read_text()) if logical.is_file() else {}
+        self.shapes = {name: tuple(recorded.get(name, self._store(name).shape)) for name in self._saved_names()}
 
     def _saved_names(self) -> list[str]:
         """The parameters' names, from Orbax's tree metadata (its keys are tuples written as text)."""
@@ -89,9 +92,8 @@ class OrbaxParams:
         return self._open[name]
 
     def chunks(self, name: str) -> Iterator[Index]:
-        """The boxes the array is stored in: reading one reads one stored chunk."""
-        store = self._store(name)
-        shape, chunk = store.shape, store.chunk_layout.read_chunk.shape
+        """The boxes the array is stored in, within its logical shape: reading one reads one stored chunk."""
+        shape, chunk = self.shapes[name], self._store(name).chunk_layout.read_chunk.shape
         for corner in product(*(range(0, n, c) for n, c in zip(shape, chunk))):
             yield tuple(slice(start, min(start + c, n)) for start, c, n in zip(corner, chunk, shape))
 
@@ -111,15 +113,19 @@ def flat(params) -> dict:
 
 
 def load_params(source, abstract, shardings, dtype=None):
-    """Places the source's parameters onto `shardings` (a tree like `abstract`); every device reads
-    only its own shard. `dtype`: cast on load (default: as stored)."""
+    """Places the source's parameters onto `shardings` (a tree like `abstract`, at the shapes the
+    run stores); every device reads only its own shard. Beyond the source's (logical) shape a
+    shard is padded with zeros (agx.parallel.padding). `dtype`: cast on load (default: as stored)."""
 
     def load(path, leaf, sharding):
         name = ".".join(str(k.key) for k in path)
+        logical = source.shapes[name]
 
         def shard(index):
-            index = tuple(slice(*s.indices(n)) for s, n in zip(index, leaf.shape))
-            values = source.read(name, index)
+            index = [slice(*s.indices(n)) for s, n in zip(index, leaf.shape)]
+            inside = tuple(slice(min(s.start, n), min(s.stop, n)) for s, n in zip(index, logical))
+            values = source.read(name, inside)
+            values = np.pad(values, [(0, (s.stop - s.start) - (i.stop - i.start)) for s, i in zip(index, inside)])
             return values if dtype is None else values.astype(dtype)
 
         return jax.make_array_from_callback(leaf.shape, sharding, shard)

@@ -15,8 +15,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import MeshConfig
-from agx.errors import UserError
 from agx.parallel.mesh import Layout, kv_heads_split, logical_rules
+from agx.parallel.padding import axis_names
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class ZeroLayouts:
     params: Layout
     grads: Layout
     opt_state: Layout
+
+    @property
+    def all(self) -> tuple[Layout, Layout, Layout]:
+        return self.params, self.grads, self.opt_state
 
 
 def zero_layouts(mesh: Mesh, mesh_cfg: MeshConfig, kv_heads: int) -> ZeroLayouts:
@@ -39,19 +43,14 @@ def zero_layouts(mesh: Mesh, mesh_cfg: MeshConfig, kv_heads: int) -> ZeroLayouts
 def bytes_per_device(arrays, specs, mesh_shape, what: str, itemsize: int | None = None) -> int:
     """The bytes of one device's shards of `arrays` (ShapeDtypeStructs, each in its own dtype or in
     `itemsize`-byte elements) laid out by `specs` (a tree of mesh PartitionSpecs) on a mesh of
-    `mesh_shape`. Raises a one-line UserError for the first array whose dimensions the mesh does
-    not divide: JAX shards evenly only."""
+    `mesh_shape`: the stored shapes (agx.parallel.padding), which the mesh divides."""
     total = 0
     flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     for (path, array), spec in zip(jax.tree_util.tree_leaves_with_path(arrays), flat_specs):
         shard = list(array.shape)
         for i, axes in enumerate(spec):
-            names = () if axes is None else (axes,) if isinstance(axes, str) else axes
-            size = math.prod(mesh_shape[name] for name in names)
-            if shard[i] % size:
-                raise UserError(f"mesh axes {axes} of size {size} do not divide dimension {shard[i]} of {what} "
-                                f"{jax.tree_util.keystr(path)} {tuple(array.shape)}: choose mesh sizes that divide "
-                                "the model's dimensions")
+            size = math.prod(mesh_shape[name] for name in axis_names(axes))
+            assert shard[i] % size == 0, (what, jax.tree_util.keystr(path), array.shape, spec)
             shard[i] //= size
         total += math.prod(shard) * (itemsize or array.dtype.itemsize)
     return total
@@ -60,12 +59,6 @@ def bytes_per_device(arrays, specs, mesh_shape, what: str, itemsize: int | None 
 def mesh_specs(shardings):
     """The mesh PartitionSpecs of a tree of NamedShardings."""
     return jax.tree_util.tree_map(lambda s: s.spec, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-
-
-def check_divisible(shapes, shardings, what: str) -> None:
-    """Raises a one-line UserError for the first array whose dimensions the mesh does not divide."""
-    mesh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
-    bytes_per_device(shapes, mesh_specs(shardings), mesh.shape, what)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

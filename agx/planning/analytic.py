@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec
 from agx.config import Config
 from agx.errors import UserError
 from agx.parallel.mesh import kv_heads_split, logical_rules
+from agx.parallel.padding import stored_shapes
 from agx.parallel.pipeline import Schedule
 from agx.parallel.zero import bytes_per_device
 
@@ -44,9 +45,11 @@ class StateShapes:
 
     def shard_bytes(self, part: str, sharded_over_data: bool, cfg: Config, mesh_shape: dict,
                     itemsize: int | None = None) -> int:
-        """Bytes per device of `part` ('params' or 'opt_state') under the rules table; refuses a
-        layout that does not divide an array, as the trainer would."""
-        key = (part, sharded_over_data, cfg.mesh.sequence_parallel, tuple(sorted(mesh_shape.items())), itemsize)
+        """Bytes per device of `part` ('params' or 'opt_state') under the rules table, padded as the
+        trainer pads them; refuses a layout whose tensor or pipeline axes do not divide an array, as
+        the trainer would."""
+        key = (part, sharded_over_data, cfg.mesh.zero_stage >= 1, cfg.mesh.sequence_parallel,
+               tuple(sorted(mesh_shape.items())), itemsize)
         if key not in self._shard_bytes:
             self._shard_bytes[key] = self._count_shard_bytes(part, sharded_over_data, cfg, mesh_shape, itemsize)
         result = self._shard_bytes[key]
@@ -55,15 +58,19 @@ class StateShapes:
         return result
 
     def _count_shard_bytes(self, part, sharded_over_data, cfg, mesh_shape, itemsize) -> int | str:
-        """The bytes, or why the layout does not divide an array."""
-        rules = logical_rules(sharded_over_data, cfg.mesh.sequence_parallel,
-                              kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"]))
-        specs = jax.tree_util.tree_map(lambda logical: nn.logical_to_mesh_axes(tuple(logical), rules),
-                                       getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
+        """The bytes of the stored (padded) shards, or why the layout cannot hold an array."""
+        split_kv = kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"])
+        specs = lambda over_data: jax.tree_util.tree_map(
+            lambda logical: nn.logical_to_mesh_axes(tuple(logical), logical_rules(over_data, cfg.mesh.sequence_parallel,
+                                                                                 split_kv)),
+            getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
+        # stored as the trainer stores it: padded for every layout of the weights, gradients and moments
+        padded_for = [specs(False), specs(cfg.mesh.zero_stage >= 1)]
         try:
-            return bytes_per_device(getattr(self.abstract, part), specs, mesh_shape, part, itemsize)
+            stored = stored_shapes(getattr(self.abstract, part), padded_for, mesh_shape, part)
         except UserError as e:
             return str(e)
+        return bytes_per_device(stored, specs(sharded_over_data), mesh_shape, part, itemsize)
 
 
 def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedule | None) -> dict:

@@ -101,7 +101,7 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
         log(f"agx: MFU against {peak:.4g} TFLOP/s per device ({peak_source})")
         loader = make_loader(cfg, batch_sharding(mesh), log=log)  # bad data fails before compiling
         timer = time.perf_counter()
-        checkpoints = Checkpoints(workdir, cfg, log)  # a foreign or unusable workdir fails before compiling
+        checkpoints = Checkpoints(workdir, cfg, trainer.plan.logical.params, log)  # a foreign or unusable workdir fails before compiling
         restored = checkpoints.restore(trainer.plan.target, loader.layout())
         resumed = restored is not None
         if resumed:

@@ -66,7 +66,7 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
 def make_eval_step(cfg: Config, plan: StatePlan, mesh: Mesh, schedule: Schedule | None):
     """Returns jitted (params, tokens_Bx(T+1)) -> mean loss."""
     loss_fn = loss_function(cfg, plan.layouts.params, schedule, train=False)
-    return jax.jit(lambda params, tokens_BxT1: loss_fn(params, tokens_BxT1, None),
+    return jax.jit(lambda params, tokens_BxT1: loss_fn(plan.unpad_params(params), tokens_BxT1, None),
                    in_shardings=(plan.shardings.params, batch_sharding(mesh)), out_shardings=replicated(mesh))
 
 
@@ -79,7 +79,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: 
     loss_fn = loss_function(cfg, plan.layouts.params, schedule, train=True)
 
     def step_loss(params, tokens_BxT1, rng, step):
-        loss = loss_fn(params, tokens_BxT1, rng)
+        loss = loss_fn(plan.unpad_params(params), tokens_BxT1, rng)  # padding's gradient: zero
         if cfg.train.fault_nan_steps:  # the fault drill: these steps' loss, and so their gradients, are NaN
             loss = loss * jnp.where(jnp.isin(step + 1, jnp.array(cfg.train.fault_nan_steps)), jnp.nan, 1.0)
         return loss

@@ -1,0 +1,120 @@
+"""Padded sharding (agx.parallel.padding): meshes with a factor of 3, as on Aurora's 12 tiles a node,
+train exactly as one device does, though no mesh axis divides d_model = 64.
+
+Every run here goes through conftest.run_steps, which also checks that every padded entry of every
+weight and optimizer moment is still exactly zero."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from conftest import ARCHITECTURES, assert_same_run, batch, padding_of, run_steps
+
+from agx.checkpoint import Checkpoints
+from agx.planning import analytic
+from agx.training.loop import Trainer
+from agx.training.step import pipeline_schedule
+
+# name -> (mesh, devices); the batch of 12 divides by data × fsdp in each
+LAYOUTS = {
+    "fsdp3": ({"fsdp": 3}, 3),
+    "fsdp6": ({"fsdp": 6}, 6),
+    "data3-fsdp2-zero1": ({"data": 3, "fsdp": 2, "zero_stage": 1}, 6),
+    "data3-fsdp2-zero2": ({"data": 3, "fsdp": 2, "zero_stage": 2}, 6),
+    "data3-fsdp2-zero3": ({"data": 3, "fsdp": 2, "zero_stage": 3}, 6),
+    "fsdp3-tensor2": ({"fsdp": 3, "tensor": 2}, 6),
+    "pipeline2-fsdp3": ({"pipeline": 2, "fsdp": 3}, 6),
+}
+
+
+def config(arch, batch_size=12, accumulate=True, **mesh):
+    cfg = ARCHITECTURES[arch](**mesh)
+    cfg.train = dataclasses.replace(cfg.train, batch_size=batch_size, microbatches=2 if accumulate else 1)
+    if accumulate:
+        cfg.model = dataclasses.replace(cfg.model, remat="full")
+    if cfg.mesh.pipeline > 1:
+        cfg.pipeline = dataclasses.replace(cfg.pipeline, microbatches=2)
+    return cfg
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def reference(arch, corpus):
+    return run_steps(config(arch, accumulate=False), corpus, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padded_layout_with_accumulation_and_remat_matches_single_device(arch, layout, corpus, reference):
+    mesh, devices = LAYOUTS[layout]
+    cfg = config(arch, **mesh)
+    assert Trainer.build(cfg, jax.devices()[:devices]).plan.padded  # d_model 64 over 3 or 6: padded to 66
+    assert_same_run(run_steps(cfg, corpus, jax.devices()[:devices]), reference)
+
+
+def test_the_padding_stays_zero_for_five_steps_and_its_shards_are_the_planned_bytes(corpus):
+    """data=3 × fsdp=2 at ZeRO 3: every weight-shaped array over 6 devices. After 5 steps the
+    padding of each weight and moment is exactly zero (weight decay on, as in GPT-3); each device
+    holds the bytes the planner counts for the padded shapes, and the padded shard is the figure
+    by hand: the LayerNorm scale of 64 is stored as 66, 11 floats a device."""
+    cfg = config("gpt3", data=3, fsdp=2, zero_stage=3)
+    assert cfg.optim.weight_decay > 0
+    trainer = Trainer.build(cfg, jax.devices()[:6])
+    state = trainer.init()
+    for step in range(5):
+        state, metrics = trainer.step_fn(state, trainer.put_batch(batch(corpus, step, cfg.train.batch_size)))
+    padding = padding_of(jax.device_get(state), trainer.plan.logical)
+    assert padding.size > 0 and not np.any(padding)
+    assert float(metrics["grad_norm"]) > 0
+
+    norm_scale = state.params["ln_f"]["scale"]
+    assert norm_scale.shape == (66,) and {s.data.shape for s in norm_scale.addressable_shards} == {(11,)}
+    shape = dict(trainer.mesh.shape)
+    planned = analytic.memory(cfg, analytic.StateShapes(cfg), shape, pipeline_schedule(cfg, shape))
+    for part in ("params", "opt_state"):
+        held = [sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(getattr(state, part))
+                    for s in leaf.addressable_shards if s.device == device) for device in trainer.mesh.devices.flat]
+        assert held == [planned[part]] * 6, part
+
+
+def train_and_save(cfg, devices, workdir, corpus, steps=2, save_at=1):
+    """The uninterrupted run's losses, with a checkpoint of step `save_at` in workdir."""
+    trainer = Trainer.build(cfg, jax.devices()[:devices])
+    checkpoints = Checkpoints(workdir, cfg, trainer.plan.logical.params, log=lambda *_: None)
+    state, losses = trainer.init(), []
+    for step in range(steps):
+        state, metrics = trainer.step_fn(state, trainer.put_batch(batch(corpus, step, cfg.train.batch_size)))
+        losses.append(float(metrics["loss"]))
+        if step + 1 == save_at:
+            checkpoints.save(save_at, state, force=True)
+            checkpoints.wait()
+    checkpoints.close()
+    return losses
+
+
+def resume_and_step(cfg, devices, workdir, corpus):
+    """The loss of the step after the checkpoint, restored onto `devices`."""
+    trainer = Trainer.build(cfg, jax.devices()[:devices])
+    checkpoints = Checkpoints(workdir, cfg, trainer.plan.logical.params, log=lambda *_: None)
+    state, _ = checkpoints.restore(trainer.plan.target, {"start": 0, "workers": 0, "processes": 1})
+    checkpoints.close()
+    step = int(state.step)
+    state, metrics = trainer.step_fn(state, trainer.put_batch(batch(corpus, step, cfg.train.batch_size)))
+    assert not np.any(padding_of(jax.device_get(state), trainer.plan.logical))
+    return step, float(metrics["loss"])
+
+
+@pytest.mark.parametrize("source,targets", [(6, (4, 8)), (8, (6,)), (4, (6,))])
+def test_checkpoints_move_between_paddings(source, targets, corpus, tmp_path):
+    """fsdp=6 stores d_model 64 as 66; fsdp=4 and 8 store it as it is. A checkpoint of either kind
+    restores on the other, and the next step's loss is the uninterrupted run's (24 sequences a
+    batch, which 4, 6 and 8 divide: the session's 64 samples last two steps)."""
+    cfg = lambda n: config("llama", batch_size=24, accumulate=False, fsdp=n)
+    losses = train_and_save(cfg(source), source, tmp_path, corpus)
+    for target in targets:
+        step, loss = resume_and_step(cfg(target), target, tmp_path, corpus)
+        assert step == 1 and loss == pytest.approx(losses[1], rel=2e-5), target
