@@ -12,7 +12,10 @@ import pytest
 from conftest import ARCHITECTURES, assert_same_run, batch, padding_of, run_steps
 
 from agx.checkpoint import Checkpoints
+from agx.config import load_experiment
+from agx.models.sizes import param_count
 from agx.planning import analytic
+from agx.planning.compiled import compile_step
 from agx.training.loop import Trainer
 from agx.training.step import pipeline_schedule
 
@@ -118,3 +121,18 @@ def test_checkpoints_move_between_paddings(source, targets, corpus, tmp_path):
     for target in targets:
         step, loss = resume_and_step(cfg(target), target, tmp_path, corpus)
         assert step == 1 and loss == pytest.approx(losses[1], rel=2e-5), target
+
+
+def test_fsdp_over_3_gathers_no_more_than_the_padded_weights():
+    """d_model 256 over fsdp=3 is stored as 258: the compiled step's weight all-gathers are the
+    analytic minimum for the padded shapes, within 5%."""
+    cfg = load_experiment("gpt3_tiny", ["model.num_layers=2", "model.d_model=256", "model.num_heads=8",
+                                        "model.seq_len=128", "model.vocab_size=1024", "train.batch_size=12",
+                                        "model.dtype=float32", "model.scan_unroll=1", "mesh.data=1", "mesh.fsdp=3"])
+    shape = {"pipeline": 1, "data": 1, "fsdp": 3, "tensor": 1}
+    shapes = analytic.StateShapes(cfg)
+    minimum = analytic.collective_bytes(cfg, shapes, shape, None)
+    assert shapes.stored(cfg, shape).params["ln_f"]["scale"].shape == (258,)
+    assert shapes.stored_param_counts(cfg, shape)[0] > param_count(cfg.model)
+    compiled = compile_step(cfg, jax.devices()[:3]).collectives
+    assert compiled["all-gather"]["bytes"] == pytest.approx(minimum["weight all-gather"], rel=0.05)

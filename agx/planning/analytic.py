@@ -39,9 +39,7 @@ class StateShapes:
 
         boxed = jax.eval_shape(init_fn(cfg, make_optimizer(cfg)), jax.random.key(0))
         self.logical, self.abstract = nn.get_partition_spec(boxed), nn.meta.unbox(boxed)
-        self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params))
-        self.layer_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params["layers"]))
-        self._shard_bytes = {}  # a search asks for the same mesh under many settings
+        self._shard_bytes, self._stored = {}, {}  # a search asks for the same mesh under many settings
 
     def shard_bytes(self, part: str, sharded_over_data: bool, cfg: Config, mesh_shape: dict,
                     itemsize: int | None = None) -> int:
@@ -51,26 +49,44 @@ class StateShapes:
         key = (part, sharded_over_data, cfg.mesh.zero_stage >= 1, cfg.mesh.sequence_parallel,
                tuple(sorted(mesh_shape.items())), itemsize)
         if key not in self._shard_bytes:
-            self._shard_bytes[key] = self._count_shard_bytes(part, sharded_over_data, cfg, mesh_shape, itemsize)
+            stored = self.stored(cfg, mesh_shape)
+            self._shard_bytes[key] = stored if isinstance(stored, str) else bytes_per_device(
+                getattr(stored, part), self._specs(part, sharded_over_data, cfg, mesh_shape), mesh_shape, part,
+                itemsize)
         result = self._shard_bytes[key]
         if isinstance(result, str):
             raise UserError(result)
         return result
 
-    def _count_shard_bytes(self, part, sharded_over_data, cfg, mesh_shape, itemsize) -> int | str:
-        """The bytes of the stored (padded) shards, or why the layout cannot hold an array."""
-        split_kv = kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"])
-        specs = lambda over_data: jax.tree_util.tree_map(
-            lambda logical: nn.logical_to_mesh_axes(tuple(logical), logical_rules(over_data, cfg.mesh.sequence_parallel,
-                                                                                 split_kv)),
-            getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
-        # stored as the trainer stores it: padded for every layout of the weights, gradients and moments
-        padded_for = [specs(False), specs(cfg.mesh.zero_stage >= 1)]
-        try:
-            stored = stored_shapes(getattr(self.abstract, part), padded_for, mesh_shape, part)
-        except UserError as e:
-            return str(e)
-        return bytes_per_device(stored, specs(sharded_over_data), mesh_shape, part, itemsize)
+    def stored_param_counts(self, cfg: Config, mesh_shape: dict) -> tuple[int, int]:
+        """(all, the layers') parameters as the trainer stores them on this mesh: padded."""
+        stored = self.stored(cfg, mesh_shape)
+        if isinstance(stored, str):
+            raise UserError(stored)
+        count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
+        return count(stored.params), count(stored.params["layers"])
+
+    def stored(self, cfg: Config, mesh_shape: dict):
+        """The state at its stored shapes, padded for every layout of the weights, gradients and
+        moments (agx.training.state.plan_state), or why the layout cannot hold an array."""
+        key = (cfg.mesh.zero_stage >= 1, cfg.mesh.sequence_parallel, tuple(sorted(mesh_shape.items())))
+        if key not in self._stored:
+            parts = {}
+            try:
+                for part in ("params", "opt_state"):
+                    padded_for = [self._specs(part, False, cfg, mesh_shape),
+                                  self._specs(part, cfg.mesh.zero_stage >= 1, cfg, mesh_shape)]
+                    parts[part] = stored_shapes(getattr(self.abstract, part), padded_for, mesh_shape, part)
+                self._stored[key] = self.abstract.replace(**parts)
+            except UserError as e:
+                self._stored[key] = str(e)
+        return self._stored[key]
+
+    def _specs(self, part: str, over_data: bool, cfg: Config, mesh_shape: dict):
+        rules = logical_rules(over_data, cfg.mesh.sequence_parallel,
+                              kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"]))
+        return jax.tree_util.tree_map(lambda logical: nn.logical_to_mesh_axes(tuple(logical), rules),
+                                      getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedule | None) -> dict:
@@ -83,8 +99,8 @@ def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedul
     rows = b / schedule.microbatches if schedule and schedule.one_f_one_b else b / mesh_shape["pipeline"]
     logits = 2 * rows * m.seq_len * m.padded_vocab / t * 4
     gathered = 0
-    if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):
-        gathered = 2 * shapes.layer_params / m.num_layers / t * 4  # a layer's weights gathered, and the next one
+    if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):  # a layer's weights gathered, and the next
+        gathered = 2 * shapes.stored_param_counts(cfg, mesh_shape)[1] / m.num_layers / t * 4
     result = {"params": shapes.shard_bytes("params", zero >= 3, cfg, mesh_shape),
               "grads": shapes.shard_bytes("params", zero >= 2, cfg, mesh_shape, itemsize=4),
               "opt_state": shapes.shard_bytes("opt_state", zero >= 1, cfg, mesh_shape),
@@ -137,9 +153,10 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     p, d, f, t = mesh_shape["pipeline"], mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
     micro = cfg.train.microbatches
     ring = lambda n: (n - 1) / n
-    # float32, per tensor rank; each pipeline stage holds 1/p of the layers
-    layer_weights = shapes.layer_params / p / t * 4
-    weights = layer_weights + (shapes.num_params - shapes.layer_params) / t * 4
+    # float32, per tensor rank, as stored (padded); each pipeline stage holds 1/p of the layers
+    num_params, layer_params = shapes.stored_param_counts(cfg, mesh_shape)
+    layer_weights = layer_params / p / t * 4
+    weights = layer_weights + (num_params - layer_params) / t * 4
     # layer passes per micro-batch, bubbles included (idle stages compute on zeros)
     passes = schedule.iterations / (schedule.repeats * schedule.microbatches) if schedule else 1
     out = {}

@@ -111,22 +111,19 @@ def _pipeline_choices(cfg: Config, p: int, sequences: int):
 
 
 def plans_for(cfg: Config, shapes, system: System, nodes: int) -> list:
-    """Every layout on `nodes` that divides the model, fitting ones first, each group fastest first.
-    Besides all of each node's devices, the largest power of two of them is tried: a model whose
-    dimensions have no factor the node's device count has (3, on Aurora's 12 tiles) may only shard
-    evenly over fewer."""
+    """Every layout of all the devices of `nodes` that the model and the batch allow, fitting ones
+    first, each group fastest first. Weights are padded where fsdp or data do not divide them
+    (agx.parallel.padding), so a factor the model lacks (3, on Aurora's 12 tiles) goes there."""
     from agx.parallel.mesh import AXES
     from agx.planning.estimate import plan_layout
 
     plans = []
-    per_node = {system.devices_per_node, 2 ** int(math.log2(system.devices_per_node))}
-    for used in sorted(per_node, reverse=True):
-        for candidate in candidates(cfg, nodes * used, system):
-            shape = {axis: getattr(candidate.mesh, axis) for axis in AXES}
-            try:
-                plans.append(plan_layout(candidate, shapes, shape, system, nodes))
-            except UserError:  # this layout does not divide the model
-                continue
+    for candidate in candidates(cfg, nodes * system.devices_per_node, system):
+        shape = {axis: getattr(candidate.mesh, axis) for axis in AXES}
+        try:
+            plans.append(plan_layout(candidate, shapes, shape, system, nodes))
+        except UserError:  # the tensor or pipeline axis does not divide the model
+            continue
     return sorted(plans, key=lambda p: (not p.fits, p.step_s if p.fits else p.memory["total"]))
 
 

@@ -62,7 +62,7 @@ class StatePlan:
 
     @property
     def num_params(self) -> int:
-        return sum(x.size for x in jax.tree_util.tree_leaves(self.abstract.params))
+        return sum(x.size for x in jax.tree_util.tree_leaves(self.logical.params))
 
 
 def init_fn(cfg: Config, tx: optax.GradientTransformation):
