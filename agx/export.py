@@ -72,8 +72,15 @@ def export(checkpoint: Path, fmt: str, output: Path, dtype: str, force: bool, ma
 
             from agx.checkpoint import chunked
 
-            cfg.mesh = MeshConfig(data=-1, fsdp=1, tensor=1, zero_stage=3)  # spread over every device
-            abstract, shardings = plan_params(cfg, build_mesh(cfg.mesh))
+            cfg.mesh = MeshConfig(data=-1, fsdp=1, tensor=1, zero_stage=3)
+            devices = jax.devices()
+            for n in range(len(devices), 0, -1):  # spread over the most devices that divide every weight
+                try:
+                    abstract, shardings = plan_params(cfg, build_mesh(cfg.mesh, devices[:n]))
+                    break
+                except UserError:  # would pad: an export holds the logical shapes
+                    if n == 1:
+                        raise
             source.check_matches(abstract)
             tree = {"params": load_params(source, abstract, shardings, np_dtype)}
             with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:

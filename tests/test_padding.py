@@ -13,6 +13,7 @@ from conftest import ARCHITECTURES, assert_same_run, batch, padding_of, run_step
 
 from agx.checkpoint import Checkpoints
 from agx.config import load_experiment
+from agx.export import export
 from agx.models.sizes import param_count
 from agx.planning import analytic
 from agx.planning.compiled import compile_step
@@ -136,3 +137,24 @@ def test_fsdp_over_3_gathers_no_more_than_the_padded_weights():
     assert shapes.stored_param_counts(cfg, shape)[0] > param_count(cfg.model)
     compiled = compile_step(cfg, jax.devices()[:3]).collectives
     assert compiled["all-gather"]["bytes"] == pytest.approx(minimum["weight all-gather"], rel=0.05)
+
+
+def test_hf_export_of_a_padded_run_equals_the_export_of_the_same_weights_unpadded(corpus, tmp_path):
+    """A step saved by fsdp=6 (d_model stored as 66), and the same state restored onto fsdp=4 and
+    saved again (stored as 64): their Hugging Face exports are the same bytes."""
+    cfg = lambda n: config("llama", batch_size=24, accumulate=False, fsdp=n)
+    train_and_save(cfg(6), 6, tmp_path / "padded", corpus, steps=1, save_at=1)
+    trainer = Trainer.build(cfg(4), jax.devices()[:4])
+    source = Checkpoints(tmp_path / "padded", cfg(4), trainer.plan.logical.params, log=lambda *_: None)
+    state, _ = source.restore(trainer.plan.target, {"start": 0, "workers": 0, "processes": 1})
+    source.close()
+    plain = Checkpoints(tmp_path / "plain", cfg(4), trainer.plan.logical.params, log=lambda *_: None)
+    plain.save(1, state, force=True)
+    plain.wait()
+    plain.close()
+    exported = {}
+    for name in ("padded", "plain"):
+        export(tmp_path / name, "hf", tmp_path / f"hf-{name}", "float32", force=False, max_shard_bytes=5 << 30)
+        exported[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"hf-{name}").iterdir())}
+    assert any(name.endswith(".safetensors") for name in exported["plain"])
+    assert exported["padded"] == exported["plain"]

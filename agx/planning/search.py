@@ -140,8 +140,13 @@ def run_search(cfg: Config, system: System, nodes: int | None, top: int, output:
             curve.append((n, min(p.memory["total"] for p in plans)))
         fitting = [p for p in plans if p.fits]
         if compile_:  # confirm in rank order; the analytic figure runs below XLA's, so keep headroom
-            confirmed = []
-            for p in [p for p in fitting if p.memory["total"] <= HEADROOM * system.memory_bytes][:MAX_COMPILES]:
+            confirmed, tried = [], set()
+            for p in [p for p in fitting if p.memory["total"] <= HEADROOM * system.memory_bytes]:
+                if _state_twin(p) in tried:
+                    continue  # the same shards as a layout compiled already
+                if len(tried) == MAX_COMPILES:
+                    break
+                tried.add(_state_twin(p))
                 p.compiled = compile_equivalent(p.cfg, p.mesh)
                 p.fits = p.compiled is not None and p.compiled.memory["total"] <= system.memory_bytes
                 if p.fits:
@@ -179,6 +184,16 @@ def run_search(cfg: Config, system: System, nodes: int | None, top: int, output:
         _plot(sorted(curve), system, cfg.name, output / "memory.png")
         lines.append(f"wrote {output / 'search.csv'} and {output / 'memory.png'}")
     return "\n".join(lines)
+
+
+def _state_twin(plan) -> tuple:
+    """What fixes a layout's per-device state and activations: under ZeRO-3, `data` and `fsdp`
+    shard the same arrays, so only their product counts."""
+    c, m = plan.cfg, plan.mesh
+    split = m["data"] * m["fsdp"] if c.mesh.zero_stage == 3 else (m["data"], m["fsdp"])
+    return (m["pipeline"], m["tensor"], split, c.mesh.zero_stage, c.model.remat, c.train.microbatches,
+            c.mesh.sequence_parallel, c.pipeline.microbatches if m["pipeline"] > 1 else 0,
+            c.pipeline.repeats if m["pipeline"] > 1 else 0)
 
 
 def _pipeline_verdict(plans) -> str:
