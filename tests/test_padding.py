@@ -62,18 +62,26 @@ def test_padded_layout_with_accumulation_and_remat_matches_single_device(arch, l
 
 def test_the_padding_stays_zero_for_five_steps_and_its_shards_are_the_planned_bytes(corpus):
     """data=3 × fsdp=2 at ZeRO 3: every weight-shaped array over 6 devices. After 5 steps the
-    padding of each weight and moment is exactly zero (weight decay on, as in GPT-3); each device
+    padding of each weight and moment is exactly zero (weight decay on, as in GPT-3), and every
+    step's gradient norm is the one device's (clipping is active: the first norms exceed 1.0); each device
     holds the bytes the planner counts for the padded shapes, and the padded shard is the figure
     by hand: the LayerNorm scale of 64 is stored as 66, 11 floats a device."""
     cfg = config("gpt3", data=3, fsdp=2, zero_stage=3)
     assert cfg.optim.weight_decay > 0
-    trainer = Trainer.build(cfg, jax.devices()[:6])
-    state = trainer.init()
-    for step in range(5):
-        state, metrics = trainer.step_fn(state, trainer.put_batch(batch(corpus, step, cfg.train.batch_size)))
+    norms = {}
+    for devices, run in ((6, cfg), (1, config("gpt3"))):  # the gradient norm, which clips, is one device's
+        trainer = Trainer.build(run, jax.devices()[:devices])
+        state = trainer.init()
+        for step in range(5):
+            state, metrics = trainer.step_fn(state, trainer.put_batch(batch(corpus, step, cfg.train.batch_size)))
+            norms.setdefault(devices, []).append(float(metrics["grad_norm"]))
+        if devices == 6:
+            padded_trainer, padded_state = trainer, state
+    np.testing.assert_allclose(norms[6], norms[1], rtol=1e-5)
+    assert max(norms[1]) > cfg.optim.grad_clip, norms[1]
+    trainer, state = padded_trainer, padded_state
     padding = padding_of(jax.device_get(state), trainer.plan.logical)
     assert padding.size > 0 and not np.any(padding)
-    assert float(metrics["grad_norm"]) > 0
 
     norm_scale = state.params["ln_f"]["scale"]
     assert norm_scale.shape == (66,) and {s.data.shape for s in norm_scale.addressable_shards} == {(11,)}
