@@ -85,6 +85,11 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
         device = mesh.devices.flat[0]
         log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh {dict(mesh.shape)} of "
             f"{mesh.devices.size} {device.platform} devices ({device.device_kind})")
+        if trainer.plan.padded:
+            count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
+            extra = count(trainer.plan.abstract.params) / count(trainer.plan.logical.params) - 1
+            log(f"agx: the mesh does not divide every weight: they are stored padded with zeros, {extra:.2%} more "
+                "elements (see the README's padded sharding)")
         schedule = trainer.pipeline
         if schedule:
             log(f"agx: pipeline: {schedule.name} schedule, {schedule.stages} stages, {schedule.microbatches} "
