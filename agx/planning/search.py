@@ -111,19 +111,23 @@ def _pipeline_choices(cfg: Config, p: int, sequences: int):
 
 
 def plans_for(cfg: Config, shapes, system: System, nodes: int) -> list:
-    """Every layout of all the devices of `nodes` that the model and the batch allow, fitting ones
-    first, each group fastest first. Weights are padded where fsdp or data do not divide them
-    (agx.parallel.padding), so a factor the model lacks (3, on Aurora's 12 tiles) goes there."""
+    """Every layout on `nodes` that the model and the batch allow, fitting ones first, each group
+    fastest first. Weights are padded where fsdp or data do not divide them (agx.parallel.padding),
+    so all of each node's devices can hold state: a factor the model lacks (3, on Aurora's 12
+    tiles) goes to fsdp or data. The batch must still divide by data × fsdp, so the largest power
+    of two of each node's devices is tried as well (AuroraGPT's 512 sequences divide no mesh of 12)."""
     from agx.parallel.mesh import AXES
     from agx.planning.estimate import plan_layout
 
     plans = []
-    for candidate in candidates(cfg, nodes * system.devices_per_node, system):
-        shape = {axis: getattr(candidate.mesh, axis) for axis in AXES}
-        try:
-            plans.append(plan_layout(candidate, shapes, shape, system, nodes))
-        except UserError:  # the tensor or pipeline axis does not divide the model
-            continue
+    per_node = {system.devices_per_node, 2 ** int(math.log2(system.devices_per_node))}
+    for used in sorted(per_node, reverse=True):
+        for candidate in candidates(cfg, nodes * used, system):
+            shape = {axis: getattr(candidate.mesh, axis) for axis in AXES}
+            try:
+                plans.append(plan_layout(candidate, shapes, shape, system, nodes))
+            except UserError:  # the tensor or pipeline axis does not divide the model
+                continue
     return sorted(plans, key=lambda p: (not p.fits, p.step_s if p.fits else p.memory["total"]))
 
 
@@ -160,6 +164,9 @@ def run_search(cfg: Config, system: System, nodes: int | None, top: int, output:
     if chosen is None:
         raise UserError(f"no layout of {cfg.name} fits on up to {counts[-1]} {system.name} nodes")
     n, plans, fitting = chosen
+    if not plans:
+        raise UserError(f"no layout of {n} {system.name} node(s) divides {cfg.name} and its batch: "
+                        f"train.batch_size={cfg.train.batch_size} must divide by data × fsdp")
     how = "confirmed by compiling" if compile_ else "by the analytic figure"
     lines.append(f"{cfg.name} on {system.name}: {len(plans)} layouts of {n} node(s) divide the model and the batch; "
                  f"{len(fitting)} shown fit, {how} (the 16-bytes-a-parameter floor is {bound} nodes)")
