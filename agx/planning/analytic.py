@@ -39,7 +39,8 @@ class StateShapes:
 
         boxed = jax.eval_shape(init_fn(cfg, make_optimizer(cfg)), jax.random.key(0))
         self.logical, self.abstract = nn.get_partition_spec(boxed), nn.meta.unbox(boxed)
-        self._shard_bytes, self._stored = {}, {}  # a search asks for the same mesh under many settings
+        # a search asks for the same mesh under many settings
+        self._shard_bytes, self._stored, self._counts, self._spec_trees = {}, {}, {}, {}
 
     def shard_bytes(self, part: str, sharded_over_data: bool, cfg: Config, mesh_shape: dict,
                     itemsize: int | None = None) -> int:
@@ -60,11 +61,14 @@ class StateShapes:
 
     def stored_param_counts(self, cfg: Config, mesh_shape: dict) -> tuple[int, int]:
         """(all, the layers') parameters as the trainer stores them on this mesh: padded."""
-        stored = self.stored(cfg, mesh_shape)
-        if isinstance(stored, str):
-            raise UserError(stored)
-        count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
-        return count(stored.params), count(stored.params["layers"])
+        key = (cfg.mesh.zero_stage >= 1, cfg.mesh.sequence_parallel, tuple(sorted(mesh_shape.items())))
+        if key not in self._counts:
+            stored = self.stored(cfg, mesh_shape)
+            if isinstance(stored, str):
+                raise UserError(stored)
+            count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
+            self._counts[key] = count(stored.params), count(stored.params["layers"])
+        return self._counts[key]
 
     def stored(self, cfg: Config, mesh_shape: dict):
         """The state at its stored shapes, padded for every layout of the weights, gradients and
@@ -85,8 +89,11 @@ class StateShapes:
     def _specs(self, part: str, over_data: bool, cfg: Config, mesh_shape: dict):
         rules = logical_rules(over_data, cfg.mesh.sequence_parallel,
                               kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"]))
-        return jax.tree_util.tree_map(lambda logical: nn.logical_to_mesh_axes(tuple(logical), rules),
-                                      getattr(self.logical, part), is_leaf=lambda x: isinstance(x, PartitionSpec))
+        if (part, rules) not in self._spec_trees:
+            self._spec_trees[part, rules] = jax.tree_util.tree_map(
+                lambda logical: nn.logical_to_mesh_axes(tuple(logical), rules), getattr(self.logical, part),
+                is_leaf=lambda x: isinstance(x, PartitionSpec))
+        return self._spec_trees[part, rules]
 
 
 def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedule | None) -> dict:

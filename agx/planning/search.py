@@ -39,18 +39,18 @@ def compile_equivalent(cfg: Config, shape: dict):
         k += 1
     if cfg.mesh.zero_stage != 0 or k > shape["data"]:
         return None  # no smaller layout has the same shards: say so, never pretend
-    small = _with_mesh(cfg, {**shape, "data": shape["data"] // k})
-    small.train.batch_size //= k
+    small = _with_mesh(cfg, {**shape, "data": shape["data"] // k}, train__batch_size=cfg.train.batch_size // k)
     result = compile_step(small, jax.devices()[:devices // k])
     result.note = f"; equivalent to {devices}: data={shape['data'] // k} instead of {shape['data']}, same per-device shards"
     return result
 
 
 def _with_mesh(cfg: Config, shape: dict, **changes) -> Config:
-    """cfg with another mesh and `changes` ("section__field": value). Each section is copied and its
-    values shared (nothing here changes a list in place): a deep copy took most of a search's time."""
-    out = dataclasses.replace(cfg, **{f.name: copy.copy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                                      if dataclasses.is_dataclass(getattr(cfg, f.name))})
+    """cfg with another mesh and `changes` ("section__field": value). The sections changed are copied,
+    the others shared (nothing changes a result in place): copying every section, let alone a deep
+    copy, took most of a search's time."""
+    changed = {"mesh"} | {key.split("__")[0] for key in changes}
+    out = dataclasses.replace(cfg, **{name: copy.copy(getattr(cfg, name)) for name in changed})
     for axis, size in shape.items():
         setattr(out.mesh, axis, size)
     for key, value in changes.items():
