@@ -87,6 +87,12 @@ class Checkpoints:
         for name in ("absl", "asyncio"):  # asyncio: the write tasks Orbax abandons after a failure
             logging.getLogger(name).addFilter(OrbaxErrorsToFile(self.workdir / "train.log"))
         self._empty_trash()
+        if jax.process_count() == 1:
+            # Orbax splits a replicated array among its replicas, so that each host writes a part;
+            # one process writes every part anyway, and the split compiled a slicing program per
+            # array and replica: 2.8 s of a tiny model's first save on 8 devices.
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
         # Old steps are renamed into TRASH first (atomic), then deleted: a kill mid-delete must not
         # leave a half-deleted step that still lists as complete.
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
