@@ -12,4 +12,15 @@ def _drop_grain_profiler_notice(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_drop_grain_profiler_notice)
 import grain  # noqa: E402
 
-__all__ = ["grain"]
+__all__ = ["grain", "shard_map"]
+
+import jax  # noqa: E402
+
+if hasattr(jax, "shard_map"):  # the newest stack
+    def shard_map(f, mesh, in_specs, out_specs):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+else:  # jax 0.5.0
+    from jax.experimental.shard_map import shard_map as _experimental_shard_map
+
+    def shard_map(f, mesh, in_specs, out_specs):
+        return _experimental_shard_map(f, mesh, in_specs=in_specs, out_specs=out_specs)

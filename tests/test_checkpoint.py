@@ -14,6 +14,7 @@ from conftest import (BASE, TINY, copy_of, env_for, one_error_line, records, sav
                       steps_recorded, train_tiny as train, wait_for)
 
 
+@pytest.mark.slow  # a long launched run (see pyproject.toml)
 def test_resume_in_a_new_process_is_bit_identical_and_tensorboard_holds_each_step_once(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["optim.decay_steps=20", "checkpoint.every=5", "data.workers=1"]

@@ -52,6 +52,7 @@ def test_bad_mesh_fails_before_training_starts(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # a long launched run (see pyproject.toml)
 def test_default_experiment_loss_falls_within_50_steps(tmp_path):
     env = {k: v for k, v in CLI_ENV.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
     result = agx_train("--experiment", "gpt3_tiny", "--set", "train.steps=50", "--workdir", str(tmp_path), env=env)

@@ -222,6 +222,7 @@ def test_dry_run_reports_the_schedule_and_activation_memory():
     assert plan["activation_bytes_per_device"] > 0
 
 
+@pytest.mark.slow  # a long launched run (see pyproject.toml)
 def test_checkpoints_move_between_pipelined_and_plain_layouts(tmp_path):
     """Four stages to none and back: the resumed runs continue the uninterrupted one."""
     common = [*TINY, *sets("model.num_layers=8", "checkpoint.every=3", "checkpoint.async_save=false")]

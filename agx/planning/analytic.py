@@ -171,12 +171,23 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     if gathered_over > 1:  # a layer's weights are gathered in the forward and again in the backward,
         # every micro-batch; the rest (embeddings, final norm) once, and kept for the backward
         out["weight all-gather"] = micro * (2 * passes * layer_weights + (weights - layer_weights)) * ring(gathered_over)
-    if d * f > 1:  # gradients: reduce-scatter over the axes that shard them, all-reduce over the rest
-        scattered = f * (d if cfg.mesh.zero_stage >= 2 else 1)
-        replicated = d * f // scattered
-        out["gradient reduction"] = weights * ring(scattered) + 2 * weights / scattered * ring(replicated)
-        if cfg.mesh.zero_stage in (1, 2) and d > 1:  # updated shards gathered back over data
-            out["updated-weight all-gather"] = weights / f * ring(d)
+    # Gradients (ZeRO, Rajbhandari et al. 2020, sec. 5): where they are sharded, their reduce-scatter
+    # is in the backward of every micro-batch (a micro-batch's full gradient is never held); data
+    # replicas keep theirs unreduced until one reduction a step (agx.parallel.data_parallel): under
+    # ZeRO-1 a reduce-scatter onto the optimizer's shards of each weight that `data` shards there
+    # (and an all-reduce of the rest, biases, which it does not), then an all-gather of the updated
+    # shards; under ZeRO-0 an all-reduce of everything.
+    sharded_in_backward = f * (d if cfg.mesh.zero_stage >= 2 else 1)
+    if sharded_in_backward > 1:
+        out["gradient reduce-scatter"] = micro * weights * ring(sharded_in_backward)
+    if cfg.mesh.zero_stage <= 2 and d > 1:
+        whole = shapes.shard_bytes("params", False, cfg, mesh_shape, itemsize=4)  # per device, over fsdp
+        split = 0  # of which the weights that ZeRO shards over data
+        if cfg.mesh.zero_stage >= 1:
+            split = (whole - shapes.shard_bytes("params", True, cfg, mesh_shape, itemsize=4)) * d / (d - 1)
+            out["updated-weight all-gather"] = split * ring(d)  # the updated shards gathered back
+        if cfg.mesh.zero_stage <= 1:
+            out["gradient reduction"] = (2 * whole - split) * ring(d)
     b = cfg.train.batch_size // micro // (d * f)
     activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch
     if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head

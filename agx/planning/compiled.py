@@ -31,7 +31,8 @@ _TRIP = re.compile(r'known_trip_count[^0-9]*"n":"?(\d+)')
 class CompiledStep:
     devices: int
     memory: dict  # bytes per device: arguments, outputs, aliased, temporaries, total
-    collectives: dict = field(default_factory=dict)  # kind -> {"count": ops run per step, "bytes": per device}
+    # kind -> {"count": ops run per step, "bytes": per device, "in_loops": of those bytes, the ones in loop bodies}
+    collectives: dict = field(default_factory=dict)
     compile_s: float = 0.0
     note: str = ""  # how the compiled layout relates to the one planned, when it is not the same
 
@@ -64,26 +65,31 @@ def collectives_in(hlo: str, num_devices: int) -> dict:
             continue
         trip = _TRIP.search(line)
         for role, child in _CHILD.findall(line):
-            children[current].append((child, int(trip.group(1)) if trip and role == "body" else 1))
+            children[current].append((child, int(trip.group(1)) if trip and role == "body" else 1, role == "body"))
         op = _INSTRUCTION.match(line)
         if op:
             kind, n = op.group(2), _group(line, num_devices)
             factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": _senders(line) / num_devices}.get(kind, (n - 1) / n)
             per_computation[current].append((kind, _payload(kind, op.group(1), bool(op.group(3)), n), factor))
-    called = {child for kids in children.values() for child, _ in kids}
+    called = {child for kids in children.values() for child, _, _ in kids}
     runs = {name: 1 for name in per_computation if name not in called}  # ENTRY (and anything unreferenced)
+    looped = set()  # computations that run inside a loop body
     pending = list(runs)
     while pending:
         name = pending.pop()
-        for child, trip in children.get(name, []):
+        for child, trip, body in children.get(name, []):
             if child in per_computation:
                 runs[child] = runs.get(child, 0) + runs[name] * trip
+                if body or name in looped:
+                    looped.add(child)
                 pending.append(child)
-    totals = {kind: {"count": 0, "bytes": 0} for kind in KINDS}
+    totals = {kind: {"count": 0, "bytes": 0, "in_loops": 0} for kind in KINDS}
     for name, ops in per_computation.items():
         for kind, payload, factor in ops:
+            moved = int(runs.get(name, 0) * payload * factor)
             totals[kind]["count"] += runs.get(name, 0)
-            totals[kind]["bytes"] += int(runs.get(name, 0) * payload * factor)
+            totals[kind]["bytes"] += moved
+            totals[kind]["in_loops"] += moved if name in looped else 0
     return {kind: t for kind, t in totals.items() if t["count"]}
 
 

@@ -37,7 +37,8 @@ class StatePlan:
     abstract: TrainState  # ShapeDtypeStructs, as stored: padded where the mesh does not divide (agx.parallel.padding)
     logical: TrainState  # ShapeDtypeStructs, as the model and the optimizer see them
     shardings: TrainState  # NamedShardings, per ZeRO stage
-    grad_shardings: Any  # NamedShardings for a params-shaped gradient tree (stored shapes)
+    grad_shardings: Any  # NamedShardings for a params-shaped gradient tree (stored shapes), as accumulated
+    update_shardings: Any  # and as reduced for the optimizer: its state's layout (ZeRO-1 shards it over data)
     layouts: ZeroLayouts  # the rules behind them; the model constrains its activations by layouts.params
     init: ClosedJaxpr  # rng -> the state's leaves: the model's init, traced once (tracing it costs more than compiling it)
 
@@ -108,7 +109,8 @@ def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> Sta
                                opt_state=stored_shapes(logical.opt_state, every_layout(axes.opt_state), mesh.shape,
                                                        "optimizer state"))
     return StatePlan(abstract=abstract, logical=logical, shardings=shardings,
-                     grad_shardings=layouts.grads.tree_shardings(axes.params), layouts=layouts, init=init)
+                     grad_shardings=layouts.grads.tree_shardings(axes.params),
+                     update_shardings=layouts.opt_state.tree_shardings(axes.params), layouts=layouts, init=init)
 
 
 def init_state(plan: StatePlan, seed: int) -> TrainState:

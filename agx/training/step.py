@@ -15,6 +15,7 @@ from agx.models.gpt import GPT
 from agx.models.loss import cross_entropy
 from agx.parallel import one_f_one_b, pipeline
 from agx.parallel.batch import batch_sharding, split_microbatches
+from agx.parallel.data_parallel import per_replica, reduce_replicas, replica_layout, replica_shardings, replicas
 from agx.parallel.mesh import BATCH_AXES, Layout
 from agx.parallel.pipeline import Schedule, plan_schedule
 from agx.parallel.zero import replicated
@@ -74,9 +75,14 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: 
                     plan: StatePlan, mesh: Mesh, schedule: Schedule | None):
     """Returns jitted (state, tokens_Bx(T+1)) -> (state, metrics); the state argument is donated.
     schedule: the pipeline's, or None."""
-    M = cfg.train.microbatches
-    constrain_grads = lambda g: jax.lax.with_sharding_constraint(g, plan.grad_shardings)
-    loss_fn = loss_function(cfg, plan.layouts.params, schedule, train=True)
+    M, R = cfg.train.microbatches, replicas(cfg.mesh.zero_stage, mesh)
+    # With data replicas (R > 1) the gradients stay unreduced, [R, ...] with R on `data`, until the
+    # step's one reduction (agx.parallel.data_parallel); otherwise XLA reduces them in the backward.
+    layout = replica_layout(plan.layouts.params) if R > 1 else plan.layouts.params
+    accumulated = replica_shardings(plan.grad_shardings) if R > 1 else plan.grad_shardings
+    constrain_grads = lambda g: jax.lax.with_sharding_constraint(g, accumulated)
+    reduce = (lambda g: reduce_replicas(g, plan.grad_shardings, plan.update_shardings, R)) if R > 1 else (lambda g: g)
+    loss_fn = loss_function(cfg, layout, schedule, train=True)
 
     def step_loss(params, tokens_BxT1, rng, step):
         loss = loss_fn(plan.unpad_params(params), tokens_BxT1, rng)  # padding's gradient: zero
@@ -85,12 +91,14 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: 
         return loss
 
     grad_fn = jax.value_and_grad(step_loss)
+    if R > 1:
+        grad_fn = per_replica(grad_fn, R, mesh)
 
     def step(state: TrainState, tokens_BxT1):
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
         if M == 1:
             loss, grads = grad_fn(state.params, tokens_BxT1, rng, state.step)
-            grads = constrain_grads(grads)
+            loss, grads = loss.mean(), reduce(constrain_grads(grads))
         else:
             micro_MxbxT1 = jax.lax.with_sharding_constraint(split_microbatches(tokens_BxT1, M),
                                                            NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None)))
@@ -101,10 +109,11 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: 
                 loss, grads = grad_fn(state.params, tokens_bxT1, jax.random.fold_in(rng, m), state.step)
                 return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, constrain_grads(grads))), None
 
-            zeros = constrain_grads(jax.tree_util.tree_map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+            zeros = constrain_grads(jax.tree_util.tree_map(
+                lambda p: jnp.zeros(((R,) if R > 1 else ()) + p.shape, p.dtype), state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((R,) if R > 1 else (), jnp.float32), zeros),
                                             (jnp.arange(M), micro_MxbxT1))
-            loss, grads = loss / M, jax.tree_util.tree_map(lambda g: g / M, grads)
+            loss, grads = loss.mean() / M, jax.tree_util.tree_map(lambda g: g / M, reduce(grads))
         grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
