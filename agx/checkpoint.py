@@ -83,7 +83,6 @@ class Checkpoints:
         if stale:  # the old run's metrics go with its checkpoints
             self._set_aside([self.directory, self.workdir / "metrics.jsonl", self.workdir / "tensorboard"],
                             "fresh-start")
-        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
         for name in ("absl", "asyncio"):  # asyncio: the write tasks Orbax abandons after a failure
             logging.getLogger(name).addFilter(OrbaxErrorsToFile(self.workdir / "train.log"))
         self._empty_trash()
@@ -91,8 +90,10 @@ class Checkpoints:
             # Orbax splits a replicated array among its replicas, so that each host writes a part;
             # one process writes every part anyway, and the split compiled a slicing program per
             # array and replica: 2.8 s of a tiny model's first save on 8 devices.
+            logging.getLogger("absl").setLevel(logging.ERROR)  # not the warning that a handler is replaced
             ocp.type_handlers.register_type_handler(
                 jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
         # Old steps are renamed into TRASH first (atomic), then deleted: a kill mid-delete must not
         # leave a half-deleted step that still lists as complete.
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(

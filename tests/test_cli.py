@@ -65,6 +65,7 @@ def test_default_experiment_loss_falls_within_50_steps(tmp_path):
     assert first == pytest.approx(7.62, abs=0.3)  # ln(2048): uniform over the BPE vocabulary at init
     assert last < first - 1.5, (first, last)
     assert "step     50 | loss" in result.stdout
+    assert "WARNING:absl" not in result.stderr, result.stderr  # nor the libraries' notices
 
 
 def test_check_attention_computes_agx_attention_then_refuses_cudnn_on_cpu_in_one_line():

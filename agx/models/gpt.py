@@ -326,8 +326,10 @@ def _lm_head(cfg: ModelConfig, name: str | None = None) -> nn.Dense:
 
 def _embed(cfg: ModelConfig, lookup, pos_TxD, tokens_BxT, constrain):
     """Vocab-parallel lookup (each shard contributes its rows, summed), then split the sequence if
-    sequence parallel is on: without the first constraint XLA gathers the whole table."""
-    x_BxTxD = constrain(lookup(tokens_BxT), ("batch", "length", "act_embed"))
+    sequence parallel is on: without the constraints XLA gathers the whole table. The rules may
+    place the looked-up rows apart first ('lookup_batch', 'lookup_embed'; agx.parallel.mesh)."""
+    x_BxTxD = constrain(constrain(lookup(tokens_BxT), ("lookup_batch", "length", "lookup_embed")),
+                        ("batch", "length", "act_embed"))
     if pos_TxD is not None:
         x_BxTxD = x_BxTxD + pos_TxD.astype(cfg.dtype)
     return constrain(x_BxTxD, ("batch", "act_length", "act_embed"))

@@ -33,10 +33,15 @@ def replicas(zero_stage: int, mesh: Mesh) -> int:
 
 
 def replica_layout(layout: Layout) -> Layout:
-    """The rules inside one replica: the batch split over the data-parallel axes but `data`."""
+    """The rules inside one replica: the batch split over the data-parallel axes but `data`. The
+    embedding's looked-up rows are first left as the table splits d_model, then moved to the batch's
+    split: in one step XLA gathered the whole activation under the vmap ("involuntary full
+    rematerialization") where data and fsdp both exceed 1."""
+    rules = dict(layout.rules)
     drop = lambda axes: tuple(a for a in axis_names(axes) if a != REPLICA_AXIS) or None
-    return Layout(layout.mesh, tuple((name, drop(axes) if name in ("batch", "head_batch") else axes)
-                                     for name, axes in layout.rules))
+    changed = {"batch": drop(rules["batch"]), "head_batch": drop(rules["head_batch"]), "lookup_batch": None,
+               "lookup_embed": rules["embed"]}
+    return Layout(layout.mesh, tuple((name, changed.get(name, axes)) for name, axes in layout.rules))
 
 
 def per_replica(grad_fn, R: int, mesh: Mesh):

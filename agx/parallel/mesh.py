@@ -84,6 +84,8 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads
     """
     return (
         ("batch", BATCH_AXES),
+        ("lookup_batch", BATCH_AXES),  # the embedding's looked-up rows: where the batch is, unless
+        ("lookup_embed", None),        # agx.parallel.data_parallel moves them in two steps
         ("head_batch", ("pipeline", *BATCH_AXES)),  # after the layers: the head is split over stages too
         ("layers", "pipeline"),
         ("stage", "pipeline"),
