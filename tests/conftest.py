@@ -172,10 +172,13 @@ def agx_train(*args, env=CLI_ENV, timeout=300, **popen):
                           timeout=timeout, **popen)
 
 
-# The tiny model as a command line: gpt3_tiny cut down to tiny_config's shapes.
+# The tiny model as a command line: gpt3_tiny cut down to tiny_config's shapes. Loaded in the
+# training process: a Grain worker process costs 2.5 s of every start (it imports what the trainer
+# does); the tests of the worker path ask for workers themselves (resume in a new process, restore
+# onto another mesh, the kill -9 drill, the multi-process jobs, tests/test_loader.py).
 TINY = ["--experiment", "gpt3_tiny"] + [arg for setting in [
     "model.num_layers=2", "model.d_model=64", "model.seq_len=32", "model.scan_unroll=1", "train.batch_size=16",
-    "train.log_every=100", "eval.every=0"] for arg in ("--set", setting)]
+    "train.log_every=100", "eval.every=0", "data.workers=0"] for arg in ("--set", setting)]
 
 
 def env_for(devices: int) -> dict:

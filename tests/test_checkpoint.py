@@ -111,7 +111,7 @@ def test_resume_false_starts_fresh_and_keeps_the_old_run_aside(base, tmp_path):
 def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
     import orbax.checkpoint as ocp
 
-    settings = ["train.steps=40", "optim.decay_steps=40", "checkpoint.every=1", "checkpoint.keep=3"]
+    settings = ["train.steps=40", "optim.decay_steps=40", "checkpoint.every=1", "checkpoint.keep=3", "data.workers=1"]
     reference = tmp_path / "reference"
     train(reference, *settings)
     run = tmp_path / "killed"

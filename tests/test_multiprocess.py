@@ -20,7 +20,7 @@ from agx.launch import free_port
 # data=2 × fsdp=4: the process boundary splits the data axis, so every step all-reduces across it.
 MESH = ("mesh.data=2", "mesh.fsdp=4", "checkpoint.every=5", "eval.every=5", "eval.batches=2")
 LAUNCH = [sys.executable, "-m", "agx.launch", "--nproc", "2", "--devices-per-process", "4", "--"]
-TRAIN = [sys.executable, "-m", "agx.train", *TINY]
+TRAIN = [sys.executable, "-m", "agx.train", *TINY, "--set", "data.workers=1"]  # each process with its loader worker
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.slow  # every test here starts a job of several processes
 
