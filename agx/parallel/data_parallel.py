@@ -68,11 +68,10 @@ def reduce_replicas(grads_RxW, grad_shardings, target_shardings, R: int):
     """The mean over the replicas, in `target_shardings`: each leaf reduce-scattered over `data` onto
     the dimension the target splits over `data`, or all-reduced where the target keeps it whole."""
     flat, tree = jax.tree_util.tree_flatten(grads_RxW)
-    sources = [PartitionSpec(REPLICA_AXIS, *s.spec) for s in jax.tree_util.tree_leaves(
-        grad_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))]
-    targets = [s.spec for s in jax.tree_util.tree_leaves(target_shardings,
-                                                         is_leaf=lambda x: isinstance(x, NamedSharding))]
-    mesh = jax.tree_util.tree_leaves(target_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
+    leaves = lambda shardings: jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    sources = [s.spec for s in leaves(replica_shardings(grad_shardings))]
+    targets = [s.spec for s in leaves(target_shardings)]
+    mesh = leaves(target_shardings)[0].mesh
 
     def reduce_one(target: PartitionSpec):
         split = [i for i, axes in enumerate(target) if REPLICA_AXIS in axis_names(axes)]
