@@ -14,16 +14,28 @@ from conftest import (BASE, TINY, copy_of, env_for, one_error_line, records, sav
                       steps_recorded, train_tiny as train, wait_for)
 
 
+# A 40-step schedule, and the run that goes straight through it: what a run stopped and resumed at
+# any step (in a new process, or after kill -9) must reproduce bit for bit. Saving and the loader's
+# worker processes change no number, so the straight run saves once and loads in-process.
+SCHEDULE = ["optim.decay_steps=40", "train.steps=40"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    train(workdir, *SCHEDULE, "checkpoint.every=40", "data.workers=0")
+    return records(workdir)
+
+
 @pytest.mark.slow  # a long launched run (see pyproject.toml)
-def test_resume_in_a_new_process_is_bit_identical_and_tensorboard_holds_each_step_once(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["optim.decay_steps=20", "checkpoint.every=5", "data.workers=1"]
-    train(straight, "train.steps=20", *common)
-    train(resumed, "train.steps=10", *common)
-    second = train(resumed, "train.steps=20", *common)
+def test_resume_in_a_new_process_is_bit_identical_and_tensorboard_holds_each_step_once(straight, tmp_path):
+    resumed = tmp_path / "resumed"
+    common = [*SCHEDULE, "checkpoint.every=5", "data.workers=1"]
+    train(resumed, *common, "train.steps=10")
+    second = train(resumed, *common, "train.steps=20")
     assert "resumed from checkpoint step 10" in second.stdout
 
-    a, b = records(straight), records(resumed)
+    a, b = straight, records(resumed)
     assert sorted(b) == list(range(1, 21))
     for step in range(11, 21):
         for key in ("loss", "grad_norm", "lr"):
@@ -108,12 +120,10 @@ def test_resume_false_starts_fresh_and_keeps_the_old_run_aside(base, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
+def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(straight, tmp_path):
     import orbax.checkpoint as ocp
 
-    settings = ["train.steps=40", "optim.decay_steps=40", "checkpoint.every=1", "checkpoint.keep=3", "data.workers=1"]
-    reference = tmp_path / "reference"
-    train(reference, *settings)
+    settings = [*SCHEDULE, "checkpoint.every=1", "checkpoint.keep=3", "data.workers=1"]
     run = tmp_path / "killed"
     rng = np.random.default_rng(0)
     cut_saves = 0
@@ -142,7 +152,7 @@ def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp
     assert cut_saves >= 1, "no kill landed during a save"
     final = train(run, *settings)
     assert f"resumed from checkpoint step {max(steps)}" in final.stdout
-    a, b = records(reference), records(run)
+    a, b = straight, records(run)
     assert sorted(b) == list(range(1, 41))
     assert [b[s]["loss"] for s in range(1, 41)] == [a[s]["loss"] for s in range(1, 41)]
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from test_cli import agx_train
+from conftest import TINY, agx_train, env_for, sets
 
 from agx.data.indexed import IndexedDataset
 from agx.data.tokenizer import Tokenizer
@@ -42,10 +42,9 @@ def test_tokenizer_preprocessing_and_training_on_user_data(tmp_path):
     for i in (0, len(texts) - 1):  # each document decodes to its text, then the end-of-document token
         assert dataset[i][-1] == tokenizer.eod and tokenizer.decode(dataset[i][:-1]) == texts[i]
 
-    result = agx_train("--experiment", "gpt3_tiny", "--set", "train.steps=3", "--set", "model.vocab_size=640",
-                       "--set", f"data.paths=1 {tmp_path / 'data' / 'json'}", "--set",
-                       f"data.tokenizer={tmp_path / 'tok'}", "--set", "data.split=90,10,0",
-                       "--workdir", str(tmp_path / "run"))
+    result = agx_train(*TINY, *sets("train.steps=3", "model.vocab_size=640", f"data.paths=1 {tmp_path / 'data' / 'json'}",
+                                    f"data.tokenizer={tmp_path / 'tok'}", "data.split=90,10,0"),
+                       "--workdir", str(tmp_path / "run"), env=env_for(8))
     assert result.returncode == 0, result.stderr
     assert sum('"event"' not in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -77,8 +76,8 @@ def test_bad_data_gets_one_line_naming_the_file(tmp_path):
             (str(tmp_path / "wide"), 0, f"{tmp_path / 'wide'}.bin: token id"),
             (str(tmp_path / "list.txt"), 0, f"{tmp_path / 'list.txt'}:2: dataset"),
             (str(tmp_path / "wide"), 50, "data.split=100,0,0 leaves no validation documents")]:
-        result = agx_train("--experiment", "gpt3_tiny", "--set", "train.steps=2", "--set", f"data.paths={paths}",
-                           "--set", "data.split=100,0,0", "--set", f"eval.every={eval_every}",
-                           "--workdir", str(tmp_path / "run"))
+        result = agx_train(*TINY, *sets("train.steps=2", f"data.paths={paths}", "data.split=100,0,0",
+                                        f"eval.every={eval_every}"), "--workdir", str(tmp_path / "run"),
+                           env=env_for(8))
         errors = [line for line in result.stderr.splitlines() if line.startswith("agx: error: ")]
         assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr

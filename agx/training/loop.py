@@ -3,6 +3,7 @@ steps, report each one, evaluate and save when due, and stop cleanly on a signal
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,9 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
             return state
 
         evaluator = Evaluator(cfg, trainer.plan, mesh, trainer.pipeline, log) if cfg.eval.every else None
+        # The first batch before compiling: a token id outside the vocabulary fails in seconds, and
+        # the loader's workers read ahead while the step compiles.
+        batches = itertools.chain([next(loader)], loader)
         timer = time.perf_counter()
         step_fn = trainer.compile()
         compile_s = time.perf_counter() - timer
@@ -133,7 +137,7 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
         with Profile(cfg.train.profile_steps, workdir / "profile", log) as profile:
             for step in range(first_step + 1, cfg.train.steps + 1):
                 profile.before(step)
-                batch = next(loader)
+                batch = next(batches)
                 timer = time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
