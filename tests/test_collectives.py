@@ -49,12 +49,12 @@ def test_megatron_tensor_parallel_collectives(make_config, tensor):
     # Per layer: all-reduce after the row-parallel attention output and MLP output (forward), and of
     # the input gradients of the column-parallel QKV and fc (backward); plus the vocab-parallel
     # embedding (forward) and LM head (backward). Grouped-query attention with its KV heads split
-    # has the Q and KV projections' input gradients reduced apart (one combined all-reduce of two
-    # activations), where Megatron's fused layout sums them first: one activation more. With the KV
-    # heads whole, every rank computes the KV input gradient in full, and only Q's is reduced.
+    # projects Q, K and V in one matmul of the regrouped weights, as Megatron's fused layout does, so
+    # their input gradients are summed before the one reduction. With the KV heads whole, every rank
+    # computes the KV input gradient in full, and only Q's is reduced.
     cfg = make_config().model
     kv_split = cfg.kv_heads % tensor == 0
-    assert activation_sized(ops, "all-reduce") == 6 + (cfg.kv_heads != cfg.num_heads and kv_split)
+    assert activation_sized(ops, "all-reduce") == 6
     # Vocab-parallel cross-entropy reduces max and sum over the vocabulary shards: [B, T] only.
     assert ops[("all-reduce", (B, T))] >= 2
     # Weights are split, never gathered, in pure tensor parallelism. KV heads kept whole on every

@@ -60,6 +60,21 @@ def _rotate(x_BxHxTxQ, pos_BxT, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxHxTxQ.dtype)
 
 
+class _Weights(nn.Module):
+    """The parameters of a DenseGeneral from `in_features` to `features` (the same names, shapes,
+    axes and initialisers), for a matmul that the caller fuses with another's."""
+    features: tuple
+    std: float
+    axes: tuple
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", _init(self.std, self.axes), (in_features, *self.features), jnp.float32)
+        bias = (self.param("bias", _zeros(self.axes[1:]), self.features, jnp.float32) if self.use_bias else None)
+        return kernel, bias
+
+
 class Block(nn.Module):
     cfg: ModelConfig
     layout: Layout | None
@@ -86,6 +101,8 @@ class Block(nn.Module):
             qkv_BxTx3xHxQ = self._constrain(qkv_BxTx3xHxQ, ("batch", "length", "qkv", "heads", "kv"))
             # Heads-major layout for the two attention matmuls: measured 2x faster on CPU than BxTxHxQ.
             return jnp.transpose(qkv_BxTx3xHxQ, (2, 0, 3, 1, 4))
+        if self.layout is None or self.layout.spec(("kv_heads",)) == self.layout.spec(("heads",)):
+            return self._project_grouped_qkv(h_BxTxD)
         q_BxTxHxQ = self._dense((H, Q), "q", std, ("embed", "heads", "kv"))(h_BxTxD)
         q_BxTxHxQ = self._constrain(q_BxTxHxQ, ("batch", "length", "heads", "kv"))
         kv_BxTx2xKxQ = self._dense((2, K, Q), "kv", std, ("embed", "qkv", "kv_heads", "kv"))(h_BxTxD)
@@ -94,6 +111,27 @@ class Block(nn.Module):
         k_BxKxTxQ, v_BxKxTxQ = (self._constrain(c, ("batch", "kv_heads", "length", "kv"))
                                 for c in jnp.transpose(kv_BxTx2xKxQ, (2, 0, 3, 1, 4)))
         return jnp.transpose(q_BxTxHxQ, (0, 2, 1, 3)), k_BxKxTxQ, v_BxKxTxQ
+
+    def _project_grouped_qkv(self, h_BxTxD):
+        """Grouped-query attention whose KV heads lie with their query heads (split over `tensor`
+        as they are, or unsplit): the "q" and "kv" weights regrouped per KV head, [D, K, H/K + 2, Q]
+        (Megatron's fused GQA layout, local to each rank), and one matmul. Its input gradient is one
+        sum, so tensor parallelism reduces it once, not once per projection."""
+        cfg = self.cfg
+        H, K, Q, D, std = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model, cfg.init_std
+        G = H // K
+        wq, bq = _Weights((H, Q), std, ("embed", "heads", "kv"), cfg.bias, name="q")(D)
+        wkv, bkv = _Weights((2, K, Q), std, ("embed", "qkv", "kv_heads", "kv"), cfg.bias, name="kv")(D)
+        w_DxKxGp2xQ = jnp.concatenate([wq.reshape(D, K, G, Q), jnp.transpose(wkv, (0, 2, 1, 3))], axis=2)
+        qkv_BxTxKxGp2xQ = jnp.einsum("btd,dkgq->btkgq", h_BxTxD.astype(cfg.dtype), w_DxKxGp2xQ.astype(cfg.dtype))
+        if cfg.bias:
+            b_KxGp2xQ = jnp.concatenate([bq.reshape(K, G, Q), jnp.transpose(bkv, (1, 0, 2))], axis=1)
+            qkv_BxTxKxGp2xQ = qkv_BxTxKxGp2xQ + b_KxGp2xQ.astype(cfg.dtype)
+        qkv_BxTxKxGp2xQ = self._constrain(qkv_BxTxKxGp2xQ, ("batch", "length", "kv_heads", None, "kv"))
+        B, T = h_BxTxD.shape[:2]
+        q_BxHxTxQ = jnp.transpose(qkv_BxTxKxGp2xQ[:, :, :, :G].reshape(B, T, H, Q), (0, 2, 1, 3))
+        k_BxKxTxQ, v_BxKxTxQ = (jnp.transpose(qkv_BxTxKxGp2xQ[:, :, :, G + i], (0, 2, 1, 3)) for i in (0, 1))
+        return q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ
 
     def _mlp(self, h_BxTxD):
         cfg = self.cfg
