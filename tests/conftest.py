@@ -230,11 +230,19 @@ def copy_of(base, tmp_path):
     return tmp_path / "run"
 
 
-def start_training(workdir, *settings):
+def start_training(workdir, *settings, env=None):
     """A trainer in its own process group (kill -9 takes its loader workers too, as a node failure does)."""
     return subprocess.Popen([sys.executable, "-m", "agx.train", *TINY, "--workdir", str(workdir), *sets(*settings)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(8),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or env_for(8),
                             start_new_session=True)
+
+
+def to_be_killed(env: dict, cache: Path) -> dict:
+    """`env` for processes that a test kills with SIGKILL: a compilation cache of their own. JAX's
+    size-limited cache writes an entry, then its access time; an entry killed between the two makes
+    every later write to that folder fail (jax 0.10 reads every access time to evict), and the rest
+    of the session would compile again what it meant to share."""
+    return {**env, "JAX_COMPILATION_CACHE_DIR": str(cache)} if "JAX_COMPILATION_CACHE_DIR" in env else env
 
 
 # --- reading a run's results ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from conftest import (BASE, TINY, copy_of, env_for, one_error_line, records, saved_steps, start_training,
-                      steps_recorded, train_tiny as train, wait_for)
+                      steps_recorded, to_be_killed, train_tiny as train, wait_for)
 
 
 # A 40-step schedule, and the run that goes straight through it: what a run stopped and resumed at
@@ -129,7 +129,7 @@ def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(str
     cut_saves = 0
     for trial in range(4):
         newest_before = max(saved_steps(run), default=None) if (run / "checkpoints").exists() else None
-        process = start_training(run, *settings)
+        process = start_training(run, *settings, env=to_be_killed(env_for(8), tmp_path / "xla-cache"))
         start = steps_recorded(run)
         # Three steps on, a save has completed: Orbax starts a save only when the one before is done.
         wait_for(lambda: steps_recorded(run) >= start + 3, process)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, agx_train, env_for, one_error_line, records, sets
+from conftest import TINY, agx_train, env_for, one_error_line, records, sets, to_be_killed
 
 from agx.launch import free_port
 
@@ -106,10 +106,11 @@ def job_processes(coordinator: str) -> dict[int, str]:
 
 
 def start_launched(workdir, *settings):
-    """agx.launch running 2 training processes, once both are in the training loop."""
+    """agx.launch running 2 training processes, once both are in the training loop (some to be killed)."""
+    env = to_be_killed(env_for(8), workdir.with_name(workdir.name + "-xla-cache"))
     launcher = subprocess.Popen([*LAUNCH, *TRAIN, "--workdir", str(workdir),
                                  *sets(*MESH, "train.log_every=1", *settings)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for(8))
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in launcher.stdout:
         if line.startswith("[0] step      2"):
             return launcher
