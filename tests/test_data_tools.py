@@ -42,8 +42,8 @@ def test_tokenizer_preprocessing_and_training_on_user_data(tmp_path):
     for i in (0, len(texts) - 1):  # each document decodes to its text, then the end-of-document token
         assert dataset[i][-1] == tokenizer.eod and tokenizer.decode(dataset[i][:-1]) == texts[i]
 
-    result = agx_train(*TINY, *sets("train.steps=3", "model.vocab_size=640", f"data.paths=1 {tmp_path / 'data' / 'json'}",
-                                    f"data.tokenizer={tmp_path / 'tok'}", "data.split=90,10,0"),
+    result = agx_train(*TINY, *sets("train.steps=3", "model.vocab_size=640", "data.split=90,10,0",
+                                    f"data.paths=1 {tmp_path / 'data' / 'json'}", f"data.tokenizer={tmp_path / 'tok'}"),
                        "--workdir", str(tmp_path / "run"), env=env_for(8))
     assert result.returncode == 0, result.stderr
     assert sum('"event"' not in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
