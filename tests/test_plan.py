@@ -75,11 +75,15 @@ def test_tensor_parallel_all_reduces_are_megatrons():
 
 def test_pipeline_sends_are_what_the_compiled_step_permutes_and_its_loop_reduces_no_gradient():
     """Forward and backward, every iteration: the stage outputs and the micro-batch buffer. The
-    stage weights' gradients over `data` (ZeRO-1) are reduce-scattered once, after the loop."""
+    stage weights' gradients over `data` (ZeRO-1) are reduce-scattered once, after the loop; the
+    LM head's, computed on every stage, are all-reduced over the stages once, after it too."""
     minimum, compiled, _ = both(small("model.num_layers=4", "mesh.pipeline=4", "mesh.data=2",
                                       "pipeline.microbatches=8"))
     assert compiled["collective-permute"]["bytes"] == pytest.approx(minimum["pipeline send/receive"], rel=0.1)
     assert compiled["all-reduce"]["in_loops"] == 0 and compiled["reduce-scatter"]["in_loops"] == 0
+    scalars = 64  # the loss and the gradient norm's partial sums ride along
+    reduced = compiled["reduce-scatter"]["bytes"] + compiled["all-reduce"]["bytes"]  # biases over data: all-reduced
+    assert 0 <= reduced - minimum["gradient reduction"] - minimum["LM-head gradient all-reduce"] <= scalars * 8
 
 
 @pytest.mark.parametrize("mesh", [("mesh.data=1", "mesh.fsdp=8"), ("mesh.data=8", "mesh.zero_stage=1"),
