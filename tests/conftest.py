@@ -241,8 +241,11 @@ def to_be_killed(env: dict, cache: Path) -> dict:
     """`env` for processes that a test kills with SIGKILL: a compilation cache of their own. JAX's
     size-limited cache writes an entry, then its access time; an entry killed between the two makes
     every later write to that folder fail (jax 0.10 reads every access time to evict), and the rest
-    of the session would compile again what it meant to share."""
-    return {**env, "JAX_COMPILATION_CACHE_DIR": str(cache)} if "JAX_COMPILATION_CACHE_DIR" in env else env
+    of the session would compile again what it meant to share. It starts as a copy of the shared one."""
+    if "JAX_COMPILATION_CACHE_DIR" not in env:
+        return env
+    shutil.copytree(env["JAX_COMPILATION_CACHE_DIR"], cache, dirs_exist_ok=True)
+    return {**env, "JAX_COMPILATION_CACHE_DIR": str(cache)}
 
 
 # --- reading a run's results ----------------------------------------------------------------------

@@ -125,11 +125,12 @@ def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(str
 
     settings = [*SCHEDULE, "checkpoint.every=1", "checkpoint.keep=3", "data.workers=1"]
     run = tmp_path / "killed"
+    env = to_be_killed(env_for(8), tmp_path / "xla-cache")
     rng = np.random.default_rng(0)
     cut_saves = 0
     for trial in range(4):
         newest_before = max(saved_steps(run), default=None) if (run / "checkpoints").exists() else None
-        process = start_training(run, *settings, env=to_be_killed(env_for(8), tmp_path / "xla-cache"))
+        process = start_training(run, *settings, env=env)
         start = steps_recorded(run)
         # Three steps on, a save has completed: Orbax starts a save only when the one before is done.
         wait_for(lambda: steps_recorded(run) >= start + 3, process)
