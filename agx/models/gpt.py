@@ -93,7 +93,8 @@ class Block(nn.Module):
 
     def _project_qkv(self, h_BxTxD):
         """Queries [B, H, T, Q] and keys and values [B, K, T, Q]. Multi-head attention uses one fused
-        QKV matmul (GPT-3's layout); fewer KV heads a query matmul and a fused key/value one."""
+        QKV matmul (GPT-3's layout); fewer KV heads one matmul of the regrouped weights where they lie
+        with their query heads (_project_grouped_qkv), else a query matmul and a key/value one."""
         cfg = self.cfg
         H, K, Q, std = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
         if K == H:
