@@ -31,9 +31,10 @@ def axis_names(axes) -> tuple[str, ...]:
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def stored_shape(shape: tuple, specs: list[PartitionSpec], mesh_shape: dict, what: str) -> tuple[int, ...]:
+def stored_shape(shape: tuple, specs: list[PartitionSpec], mesh_shape: dict, what) -> tuple[int, ...]:
     """`shape` with each dimension rounded up to a multiple of the mesh axes that shard it in any of
-    `specs`; a UserError in one line where `tensor` or `pipeline` does not divide it."""
+    `specs`; a UserError in one line where `tensor` or `pipeline` does not divide it. `what()` names
+    the array in that line (a search sizes thousands of layouts, and naming costs more than sizing)."""
     stored = []
     for i, n in enumerate(shape):
         multiple = 1
@@ -41,7 +42,7 @@ def stored_shape(shape: tuple, specs: list[PartitionSpec], mesh_shape: dict, wha
             names = axis_names(spec[i] if i < len(spec) else None)
             strict = math.prod(mesh_shape[a] for a in names if a in MUST_DIVIDE)
             if n % strict:
-                raise UserError(f"mesh axes {spec[i]} of size {strict} do not divide dimension {n} of {what} "
+                raise UserError(f"mesh axes {spec[i]} of size {strict} do not divide dimension {n} of {what()} "
                                 f"{tuple(shape)}: tensor and pipeline sizes must divide the model's dimensions")
             multiple = math.lcm(multiple, math.prod(mesh_shape[a] for a in names))
         stored.append(-(-n // multiple) * multiple)
@@ -55,7 +56,7 @@ def stored_shapes(abstract, spec_trees: list, mesh_shape: dict, what: str):
     leaves_with_path, tree = jax.tree_util.tree_flatten_with_path(abstract)
     flat_specs = [jax.tree_util.tree_leaves(specs, is_leaf=is_spec) for specs in spec_trees]
     stored = [jax.ShapeDtypeStruct(stored_shape(leaf.shape, [specs[i] for specs in flat_specs], mesh_shape,
-                                                f"{what} {jax.tree_util.keystr(path)}"), leaf.dtype)
+                                                lambda path=path: f"{what} {jax.tree_util.keystr(path)}"), leaf.dtype)
               for i, (path, leaf) in enumerate(leaves_with_path)]
     return jax.tree_util.tree_unflatten(tree, stored)
 

@@ -82,7 +82,16 @@ def run_plan(cfg: Config, system: System, nodes: int, compile_: bool):
 
 def candidates(cfg: Config, devices: int, system: System):
     """Every layout of `devices` worth trying: tensor within a node and dividing the heads; pipeline
-    stages dividing the layers, with 1-16 micro-batches per stage and 1 or 2 repeats."""
+    stages dividing the layers, with 1-16 micro-batches per stage and 1 or 2 repeats. The layouts
+    share their sections: one copy per distinct remat policy, micro-batch count, pipeline setting
+    and mesh, not one per layout (a trillion's search sizes 200,000 of them)."""
+    def section(name: str, **fields):
+        key = (name, *sorted(fields.items()))
+        if key not in variants:
+            variants[key] = dataclasses.replace(getattr(cfg, name), **fields)
+        return variants[key]
+
+    variants = {}
     divisors = [n for n in range(1, devices + 1) if devices % n == 0]
     for p in [n for n in divisors if cfg.model.num_layers % n == 0]:
         for t in [n for n in divisors if n <= system.devices_per_node and cfg.model.num_heads % n == 0
@@ -91,23 +100,25 @@ def candidates(cfg: Config, devices: int, system: System):
                 d = devices // p // t // f
                 per_replica = cfg.train.batch_size // (d * f) if cfg.train.batch_size % (d * f) == 0 else 0
                 for zero in ((0, 1, 3) if d > 1 else (3,)):
+                    mesh = section("mesh", pipeline=p, data=d, fsdp=f, tensor=t, zero_stage=zero,
+                                   sequence_parallel=t > 1)
                     for remat in ("none", "selective", "full"):
                         for micro in [2**i for i in range(7) if per_replica and per_replica % 2**i == 0]:
                             for stages in _pipeline_choices(cfg, p, per_replica // micro):
-                                yield _with_mesh(cfg, {"pipeline": p, "data": d, "fsdp": f, "tensor": t},
-                                                 mesh__zero_stage=zero, model__remat=remat,
-                                                 train__microbatches=micro, mesh__sequence_parallel=t > 1, **stages)
+                                yield dataclasses.replace(cfg, mesh=mesh, model=section("model", remat=remat),
+                                                          train=section("train", microbatches=micro),
+                                                          pipeline=section("pipeline", **stages))
 
 
 def _pipeline_choices(cfg: Config, p: int, sequences: int):
-    """(pipeline.repeats, pipeline.microbatches) to try for p stages, as settings."""
+    """The pipeline settings to try for p stages: (repeats, micro-batches) as fields."""
     if p == 1:
         yield {}
         return
     for repeats in (1, 2):
         for per_stage in (1, 2, 4, 8, 16):
             if cfg.model.num_layers % (p * repeats) == 0 and sequences % (p * per_stage) == 0:
-                yield {"pipeline__repeats": repeats, "pipeline__microbatches": p * per_stage}
+                yield {"repeats": repeats, "microbatches": p * per_stage}
 
 
 def plans_for(cfg: Config, shapes, system: System, nodes: int) -> list:
