@@ -26,7 +26,11 @@ def fast_xla_flags() -> str:
 
 
 FAST_XLA = " " + fast_xla_flags()
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + FAST_XLA
+# Each flag once: pytest-xdist's workers load this file after their controller did, and a flag given
+# twice is another key in JAX's compilation cache, which would then share nothing between the workers
+# and the `agx.train` processes they start with the same flags (env_for).
+os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(
+    os.environ.get("XLA_FLAGS", "").split() + ["--xla_force_host_platform_device_count=8"] + FAST_XLA.split()))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 MADE_HERE = []  # the session's own folders, removed when it ends (pytest_sessionfinish)
 
