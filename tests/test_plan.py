@@ -106,6 +106,7 @@ SIZES = ["gpt3_small", "gpt3_medium", "gpt3_large", "gpt3_xl", "gpt3_2_7b", "gpt
 MARGIN = 0.30  # analytic within 30% of XLA's CPU analysis (measured 0.83-0.93 of it on jax 0.10, 0.72-0.98 on 0.5)
 
 
+@pytest.mark.slow  # the planner compiling full-size steps (see pyproject.toml)
 @pytest.mark.parametrize("name", SIZES)
 def test_analytic_memory_is_within_the_margin_of_the_compiled_step(name):
     """Each size at its published shape (2048 tokens, bf16, selective remat), one sequence per device,
@@ -150,6 +151,7 @@ AURORA_1T = ["--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64"] +
                 "pipeline.microbatches=64", "pipeline.repeats=2"] for a in ("--set", s)]
 
 
+@pytest.mark.slow
 def test_the_trillion_parameter_model_fits_on_64_aurora_nodes_planned_in_under_a_minute():
     started = time.perf_counter()
     result = plan_cli(*AURORA_1T)
@@ -245,6 +247,7 @@ def test_search_writes_a_csv_and_a_plot(tmp_path):
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_more_devices_than_the_cpu_backend_simulates_compile_an_equivalent_layout_and_say_so():
     result = plan_cli("--experiment", "gpt3_tiny", "--system", "h100x8", "--nodes", "300",
                       "--set", "mesh.zero_stage=0", "--set", "train.batch_size=2400")
