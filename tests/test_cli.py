@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI_ENV, agx_train
+from conftest import CLI_ENV, TINY, agx_train, env_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,8 +71,7 @@ def test_default_experiment_loss_falls_within_50_steps(tmp_path):
 def test_check_attention_computes_agx_attention_then_refuses_cudnn_on_cpu_in_one_line():
     """tools/check_attention.py gets through the fp32 and 16-bit runs of agx's attention here; cuDNN's
     is refused in one line (its numbers are checked on a GPU; see the README's Benchmark)."""
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "check_attention.py"), "--experiment", "gpt3_tiny",
-                             "--set", "model.dtype=bfloat16", "train.steps=10"], capture_output=True, text=True,
-                            env=CLI_ENV, timeout=300)
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "check_attention.py"), *TINY,
+                             "--set", "model.dtype=bfloat16"], capture_output=True, text=True, env=env_for(8), timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == "agx: error: model.attention=cudnn needs an NVIDIA GPU; this run is on cpu"
