@@ -6,10 +6,12 @@ a derived schedule is ordinary code; `--set a.b=value` then overrides any field 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
 import sys
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -315,6 +317,22 @@ def experiment_names() -> list[str]:
     return sorted({p.stem for d in EXPERIMENTS_DIRS for p in d.glob("*.py") if not p.stem.startswith("_")})
 
 
+@contextlib.contextmanager
+def _experiment_errors(path: Path):
+    """A mistake in a hand-written experiment file is one line, `file:line: error`, not a traceback:
+    a syntax error where Python found it, anything else at the file's deepest line in the traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except SyntaxError as e:
+        raise UserError(f"{e.filename}:{e.lineno}: {type(e).__name__}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the file's own code raised
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if Path(frame.filename).resolve() == path.resolve()]
+        where = f"{path}:{lines[-1]}" if lines else str(path)
+        raise UserError(f"{where}: {type(e).__name__}: {e}") from None
+
+
 def load_experiment(name_or_path: str, overrides: list[str] = ()) -> Config:
     """Loads `experiments/NAME.py` (or a path to such a module), calls its `config()`, applies overrides."""
     path = Path(name_or_path)
@@ -325,10 +343,11 @@ def load_experiment(name_or_path: str, overrides: list[str] = ()) -> Config:
                         "or give a path to a .py file")
     spec = importlib.util.spec_from_file_location(f"agx_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "config", None)):
-        raise UserError(f"experiment {path} defines no config() function")
-    cfg = module.config()
+    with _experiment_errors(path):
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "config", None)):
+            raise UserError(f"{path}: defines no config() function")
+        cfg = module.config()
     if not isinstance(cfg, Config):
         raise UserError(f"experiment {path}: config() returned {type(cfg).__name__}, not agx.config.Config")
     for assignment in overrides:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,30 @@ def _print_config(cfg: Config) -> None:
     walk("", cfg)
 
 
+def writable_workdir(workdir: Path) -> Path:
+    """The workdir, made if need be and shown to take a write, before anything starts: a file in its
+    place, a read-only or a full file system is one line now, not a traceback after compiling."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--workdir {workdir} is a file, not a folder") from None
+    except OSError as e:
+        raise UserError(f"--workdir {workdir} cannot be made: {e.strerror}") from None
+    if not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is a file, not a folder")
+    probe = workdir / f".agx-write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)  # one block: a full file system has none to give
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"--workdir {workdir} is not writable: {e.strerror}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    return workdir
+
+
 def main(argv=None) -> int:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python -m agx.train", description=__doc__)
@@ -64,10 +89,11 @@ def main(argv=None) -> int:
             _print_config(cfg)
             print(json.dumps(dry_run(cfg)))
             return 0
+        workdir = writable_workdir(args.workdir or Path("runs") / cfg.name)
         runtime.start(cfg.runtime)
         from agx.training.loop import train
 
-        train(cfg, args.workdir or Path("runs") / cfg.name, started)
+        train(cfg, workdir, started)
         return 0
     except (UserError, RunError) as e:
         return cli_exit(e)

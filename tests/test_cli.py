@@ -75,3 +75,51 @@ def test_check_attention_computes_agx_attention_then_refuses_cudnn_on_cpu_in_one
                              "--set", "model.dtype=bfloat16"], capture_output=True, text=True, env=env_for(8), timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == "agx: error: model.attention=cudnn needs an NVIDIA GPU; this run is on cpu"
+
+
+@pytest.mark.parametrize("source,message", [
+    ("from agx.config import Config\ndef config(:\n    return Config()\n", "bad.py:2: SyntaxError: "),
+    ("from agx.config import Config\n\n\ndef config():\n    return Confg()\n",
+     "bad.py:5: NameError: name 'Confg' is not defined"),
+    ("from agx.config import Config\nCONFIG = Config()\n", "bad.py: defines no config() function"),
+])
+def test_a_mistake_in_an_experiment_file_is_one_line_naming_its_file_and_line(tmp_path, source, message):
+    (tmp_path / "bad.py").write_text(source)
+    result = agx_train("--experiment", str(tmp_path / "bad.py"), "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("agx: error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# A file where the workdir goes, a read-only file system and a full one (tmpfs mounts in a private
+# user and mount namespace, as the full-disk drill makes them).
+WORKDIR_SCRIPT = r"""
+set -u
+train() { "$PYTHON" -m agx.train --experiment gpt3_tiny --workdir "$1" > /dev/null 2> "$OUT/$2.err"; echo $? > "$OUT/$2.rc"; }
+touch "$ROOT/a_file"
+train "$ROOT/a_file" file
+mkdir "$ROOT/ro" "$ROOT/full"
+mount -t tmpfs -o size=1m,ro agx-read-only "$ROOT/ro"
+train "$ROOT/ro/run" read_only
+mount -t tmpfs -o size=1m agx-full "$ROOT/full"
+mkdir "$ROOT/full/run"
+fallocate -l $(( $(df --output=avail -B1 "$ROOT/full" | tail -1) )) "$ROOT/full/filler"
+train "$ROOT/full/run" full
+ls -A "$ROOT/full/run" > "$OUT/full.ls"
+"""
+
+
+def test_a_workdir_that_is_a_file_read_only_or_full_is_refused_in_one_line_before_anything_starts(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**CLI_ENV, "ROOT": str(tmp_path), "OUT": str(out), "PYTHON": sys.executable}
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", WORKDIR_SCRIPT],
+                   env=env, check=True, timeout=300)
+    for name, message in [("file", "is a file, not a folder"), ("read_only", "cannot be made: Read-only file system"),
+                          ("full", "is not writable: No space left on device")]:
+        stderr = (out / f"{name}.err").read_text()
+        assert (out / f"{name}.rc").read_text().strip() == "2", stderr
+        assert stderr.splitlines() == [f"agx: error: --workdir {tmp_path}/" + {
+            "file": "a_file", "read_only": "ro/run", "full": "full/run"}[name] + f" {message}"], stderr
+    assert (out / "full.ls").read_text() == ""  # nothing left behind
