@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,51 @@ def test_a_full_disk_on_save_leaves_the_previous_checkpoints_intact(tmp_path):
     assert read("after.rc").strip() == "0", read("after.out")
     assert "resumed from checkpoint step 4" in read("after.out")
     assert read("after.ls").split() == ["4", "6", "8"]  # no partial save left behind
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc."""
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += children - found
+            found |= children
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_loader_workers_of_a_trainer_killed_by_sigkill_exit_on_their_own(tmp_path):
+    """kill -9 of the trainer alone, as the OOM killer does it (not its process group): every process
+    it started (the Grain worker, multiprocessing's resource tracker) is gone within 10 s."""
+    env = to_be_killed(env_for(8), tmp_path / "xla-cache")
+    run = tmp_path / "run"
+    process = start_training(run, "train.steps=1000", "data.workers=1", env=env)
+    def workers():
+        cmdlines = {p: Path(f"/proc/{p}/cmdline") for p in descendants(process.pid)}
+        return {p for p, c in cmdlines.items() if c.exists() and b"spawn_main" in c.read_bytes()}
+
+    try:
+        wait_for(lambda: steps_recorded(run) >= 3 and workers(), process)  # the worker's buffer full, idle
+        started = descendants(process.pid)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in started if alive(p)], "left running after the trainer's SIGKILL"
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left, so that the session goes on
+        except ProcessLookupError:
+            pass
