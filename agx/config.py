@@ -352,4 +352,31 @@ def load_experiment(name_or_path: str, overrides: list[str] = ()) -> Config:
         raise UserError(f"experiment {path}: config() returned {type(cfg).__name__}, not agx.config.Config")
     for assignment in overrides:
         apply_override(cfg, assignment)
-    return cfg.validate()
+    cfg.validate()
+    refuse_unused(cfg, [RENAMED.get(a.partition("=")[0], a.partition("=")[0]) for a in overrides])
+    return cfg
+
+
+# Settings that do nothing in some runs, and why: given on the command line with a value other than
+# the default, such a setting is refused, for its user meant it to change something.
+NO_EFFECT = [
+    (("data.tokenizer", "data.eod_token"), lambda c: c.data.paths is None,
+     "the built-in corpus brings its own tokenizer (these are for data.paths)"),
+    (("eval.batches",), lambda c: c.eval.every == 0, "eval.every=0: no evaluation runs"),
+    (("pipeline.schedule", "pipeline.microbatches", "pipeline.repeats"), lambda c: c.mesh.pipeline == 1,
+     "mesh.pipeline=1: there are no pipeline stages"),
+    (("mesh.sequence_parallel",), lambda c: c.mesh.tensor == 1, "mesh.tensor=1: there is no tensor axis to split over"),
+    (("checkpoint.restore_step", "checkpoint.force"), lambda c: not c.checkpoint.resume,
+     "checkpoint.resume=false: nothing is restored"),
+    (("model.attention_block",), lambda c: c.model.attention == "cudnn", "cuDNN's attention blocks on its own"),
+]
+
+
+def refuse_unused(cfg: Config, keys: list[str]) -> None:
+    """A UserError for the first of `keys` (given explicitly) that has no effect in this run."""
+    for names, idle, why in NO_EFFECT:
+        for key in (k for k in keys if k in names):
+            section, field_name = key.split(".")
+            value = getattr(getattr(cfg, section), field_name)
+            if value != getattr(type(getattr(cfg, section))(), field_name) and idle(cfg):
+                raise UserError(f"--set {key}={value} has no effect in this run: {why}")

@@ -36,6 +36,12 @@ def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
     (["--experiment", "gpt3_tiny", "--set", "model.attention=cudnn"], "model.attention=cudnn needs model.dtype bfloat16"),
     (["--experiment", "gpt3_tiny", "--set", "model.attention=cudnn", "model.dtype=bfloat16"],
      "model.attention=cudnn needs an NVIDIA GPU; this run is on cpu"),
+    # given, but without effect in this run (agx.config.NO_EFFECT)
+    (["--experiment", "gpt3_tiny", "--set", "data.tokenizer=/no/such/tokenizer.json"],
+     "data.tokenizer=/no/such/tokenizer.json has no effect in this run: the built-in corpus brings its own"),
+    (["--experiment", "gpt3_tiny", "--set", "eval.every=0", "eval.batches=8"], "eval.batches=8 has no effect"),
+    (["--experiment", "gpt3_tiny", "--set", "pipeline.repeats=2"], "mesh.pipeline=1: there are no pipeline stages"),
+    (["--experiment", "gpt3_tiny", "--set", "mesh.sequence_parallel=true"], "mesh.tensor=1: there is no tensor axis"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
     result = agx_train(*args, "--dry-run")
