@@ -118,18 +118,10 @@ class Checkpoints:
             steps = [wanted]
         for step in steps:
             try:
-                saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-                self._check_same_experiment(saved.config, step)
-                saved_layout = self._saved_loader_layout(step)
-                same_layout = saved_layout is not None and {**saved_layout, "start": 0} == {**loader_layout, "start": 0}
-                # not strict: the stored shapes may be padded otherwise (the model's are checked above)
-                items = dict(state=ocp.args.StandardRestore(target, strict=False))
-                if same_layout:
-                    items.update(data=grain.checkpoint.CheckpointRestore(SavedIteratorState()))
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                restored, saved_layout, same_layout = self._read_with_retries(step, target, loader_layout)
             except UserError:
                 raise
-            except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
+            except Exception as e:  # noqa: BLE001 - any failure to read, after the retries, means: not usable
                 self.log(f"agx: warning: checkpoint step {step} is unreadable ({_reason(e)}); trying the one before")
                 self._set_aside([self.directory / str(step)], f"unreadable-step-{step}")
                 continue
@@ -144,6 +136,36 @@ class Checkpoints:
                         else DataPosition(step))
             return restored.state, position
         return None
+
+    def _read_with_retries(self, step: int, target, loader_layout: dict):
+        """_read, tried again checkpoint.read_retries times, waiting checkpoint.retry_wait_s, then
+        twice that, and so on: a busy or briefly failing file system (EIO, a stale view) must not
+        cost the steps since the checkpoint before. A different model is no read error: no retry."""
+        retries, wait = self.cfg.checkpoint.read_retries, self.cfg.checkpoint.retry_wait_s
+        for attempt in range(retries + 1):
+            try:
+                return self._read(step, target, loader_layout)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever the storage raised
+                if attempt == retries:
+                    raise
+                self.log(f"agx: warning: reading checkpoint step {step} failed ({_reason(e)}); "
+                         f"retry {attempt + 1} of {retries} in {wait:g} s")
+                time.sleep(wait)
+                wait *= 2
+
+    def _read(self, step: int, target, loader_layout: dict):
+        """(state, the saved loader layout, whether it is this loader's) of checkpoint `step`."""
+        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        self._check_same_experiment(saved.config, step)
+        saved_layout = self._saved_loader_layout(step)
+        same_layout = saved_layout is not None and {**saved_layout, "start": 0} == {**loader_layout, "start": 0}
+        # not strict: the stored shapes may be padded otherwise (the model's are checked above)
+        items = dict(state=ocp.args.StandardRestore(target, strict=False))
+        if same_layout:
+            items.update(data=grain.checkpoint.CheckpointRestore(SavedIteratorState()))
+        return self.manager.restore(step, args=ocp.args.Composite(**items)), saved_layout, same_layout
 
     def _saved_loader_layout(self, step: int) -> dict | None:
         """The loader layout saved with `step`; None for a checkpoint without a data position."""

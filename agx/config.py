@@ -155,6 +155,8 @@ class CheckpointConfig:
     resume: bool = True  # false: start fresh; existing checkpoints are moved aside, not deleted
     restore_step: int | None = None  # resume from this step instead of the newest
     force: bool = False  # restore even if the checkpoints are another experiment's
+    read_retries: int = 3  # a checkpoint that fails to read is tried again this many times before it is set aside
+    retry_wait_s: float = 2.0  # the wait before the first retry; each next one waits twice as long
 
 
 @dataclass
@@ -228,6 +230,8 @@ class Config:
             raise UserError(f"eval.every={self.eval.every} must be 0 (never) or positive")
         if t.profile_steps is not None and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
             raise UserError(f"train.profile_steps={t.profile_steps} must be [first, last] with 1 <= first <= last")
+        if c.read_retries < 0 or c.retry_wait_s < 0:
+            raise UserError("checkpoint.read_retries and checkpoint.retry_wait_s must be at least 0")
         if self.data.workers < 0 or self.data.prefetch < 1:
             raise UserError("data.workers must be at least 0 and data.prefetch at least 1")
         r = self.runtime
@@ -366,7 +370,8 @@ NO_EFFECT = [
     (("pipeline.schedule", "pipeline.microbatches", "pipeline.repeats"), lambda c: c.mesh.pipeline == 1,
      "mesh.pipeline=1: there are no pipeline stages"),
     (("mesh.sequence_parallel",), lambda c: c.mesh.tensor == 1, "mesh.tensor=1: there is no tensor axis to split over"),
-    (("checkpoint.restore_step", "checkpoint.force"), lambda c: not c.checkpoint.resume,
+    (("checkpoint.restore_step", "checkpoint.force", "checkpoint.read_retries", "checkpoint.retry_wait_s"),
+     lambda c: not c.checkpoint.resume,
      "checkpoint.resume=false: nothing is restored"),
     (("model.attention_block",), lambda c: c.model.attention == "cudnn", "cuDNN's attention blocks on its own"),
 ]

@@ -101,14 +101,36 @@ def test_an_unreadable_checkpoint_is_set_aside_for_the_one_before(base, tmp_path
     for path in (run / "checkpoints" / "6" / "state").rglob("*"):
         if path.is_file():  # a disk that lost the second half of every file
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    result = train(run, *BASE)
+    result = train(run, *BASE, "checkpoint.read_retries=1", "checkpoint.retry_wait_s=0.1")
     warnings = [line for line in result.stdout.splitlines() if "warning: checkpoint step 6 is unreadable" in line]
     assert len(warnings) == 1, result.stdout
+    assert "reading checkpoint step 6 failed" in result.stdout and "retry 1 of 1 in 0.1 s" in result.stdout
     assert "resumed from checkpoint step 3" in result.stdout
     assert list((run / "set_aside").glob("*-unreadable-step-6/6/state"))
     original, again = records(base), records(run)
     assert [again[s]["loss"] for s in (4, 5, 6)] == [original[s]["loss"] for s in (4, 5, 6)]
     assert saved_steps(run) == [3, 6]
+
+
+@pytest.mark.slow  # a fault drill (see pyproject.toml)
+def test_a_checkpoint_that_fails_to_read_for_a_moment_is_retried_not_set_aside(base, tmp_path):
+    """The newest checkpoint's arrays vanish from the file system's view (a stale or busy file
+    system) and come back while the run waits to retry: it resumes from that step, losing nothing."""
+    run = copy_of(base, tmp_path)
+    state, hidden = run / "checkpoints" / "6" / "state", tmp_path / "hidden-state"
+    state.rename(hidden)
+    process = start_training(run, *BASE, "train.steps=7", "checkpoint.retry_wait_s=2")
+    try:
+        log = run / "train.log"
+        wait_for(lambda: "retry 1 of 3" in log.read_text(), process)
+        hidden.rename(state)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert "reading checkpoint step 6 failed" in out and "resumed from checkpoint step 6" in out, out
+    assert "unreadable" not in out and not (run / "set_aside").exists()
+    assert saved_steps(run) == [3, 6, 7]
 
 
 def test_resume_false_starts_fresh_and_keeps_the_old_run_aside(base, tmp_path):
