@@ -332,7 +332,8 @@ def _experiment_errors(path: Path):
     except SyntaxError as e:
         raise UserError(f"{e.filename}:{e.lineno}: {type(e).__name__}: {e.msg}") from None
     except Exception as e:  # noqa: BLE001 - whatever the file's own code raised
-        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if Path(frame.filename).resolve() == path.resolve()]
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+                 if Path(frame.filename).resolve() == path.resolve()]
         where = f"{path}:{lines[-1]}" if lines else str(path)
         raise UserError(f"{where}: {type(e).__name__}: {e}") from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,10 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(rank: int, nproc: int, port: int, devices_per_process: int | None) -> dict:
+def child_env(rank: int, nproc: int, port: int, token: str, devices_per_process: int | None) -> dict:
     env = dict(os.environ, AGX_COORDINATOR=f"{LOOPBACK}:{port}", AGX_NUM_PROCESSES=str(nproc),
                AGX_PROCESS_ID=str(rank), AGX_LOCAL_RANK=str(rank), AGX_LOCAL_SIZE=str(nproc),
-               PYTHONUNBUFFERED="1")
+               AGX_JOB_TOKEN=token, PYTHONUNBUFFERED="1")
     if devices_per_process:
         env["AGX_DEVICES_PER_PROCESS"] = str(devices_per_process)
     return env
@@ -42,11 +43,11 @@ class Job:
     def __init__(self, command: list[str], nproc: int, devices_per_process: int | None, grace_s: float):
         self.grace_s = grace_s
         self.lock = threading.Lock()
-        port = free_port()
+        port, token = free_port(), secrets.token_hex(16)  # the job's identity at the rendezvous
         self.procs = []
         for rank in range(nproc):
             try:
-                proc = subprocess.Popen(command, env=child_env(rank, nproc, port, devices_per_process),
+                proc = subprocess.Popen(command, env=child_env(rank, nproc, port, token, devices_per_process),
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
             except OSError as e:

@@ -78,7 +78,8 @@ def test_check_attention_computes_agx_attention_then_refuses_cudnn_on_cpu_in_one
     """tools/check_attention.py gets through the fp32 and 16-bit runs of agx's attention here; cuDNN's
     is refused in one line (its numbers are checked on a GPU; see the README's Benchmark)."""
     result = subprocess.run([sys.executable, str(REPO / "tools" / "check_attention.py"), *TINY,
-                             "--set", "model.dtype=bfloat16"], capture_output=True, text=True, env=env_for(8), timeout=300)
+                             "--set", "model.dtype=bfloat16"], capture_output=True, text=True, env=env_for(8),
+                            timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == "agx: error: model.attention=cudnn needs an NVIDIA GPU; this run is on cpu"
 
@@ -102,7 +103,9 @@ def test_a_mistake_in_an_experiment_file_is_one_line_naming_its_file_and_line(tm
 # user and mount namespace, as the full-disk drill makes them).
 WORKDIR_SCRIPT = r"""
 set -u
-train() { "$PYTHON" -m agx.train --experiment gpt3_tiny --workdir "$1" > /dev/null 2> "$OUT/$2.err"; echo $? > "$OUT/$2.rc"; }
+train() {
+  "$PYTHON" -m agx.train --experiment gpt3_tiny --workdir "$1" > /dev/null 2> "$OUT/$2.err"; echo $? > "$OUT/$2.rc"
+}
 touch "$ROOT/a_file"
 train "$ROOT/a_file" file
 mkdir "$ROOT/ro" "$ROOT/full"

@@ -298,3 +298,52 @@ def test_tensor_groups_that_straddle_hosts_are_found():
     assert tensor_groups_across_hosts(mesh(3, 8), hosts) == [{"x1", "x2"}]  # ranks 8-15
     assert tensor_groups_across_hosts(mesh(2, 12), hosts) == []
     assert tensor_groups_across_hosts(mesh(4, 6), hosts) == []
+
+
+# --- the rendezvous refuses what is not of the job -----------------------------------------------
+
+RENDEZVOUS = """
+import os
+from agx.config import RuntimeConfig
+from agx.runtime.launchers import discover
+from agx.runtime.rendezvous import rendezvous
+p = discover(RuntimeConfig(), os.environ)
+rendezvous(p, 60)
+print("joined", p.process_id, flush=True)
+"""
+
+
+def test_a_check_in_without_the_jobs_token_is_refused_and_the_job_still_starts():
+    """Process 0 listens; two strangers check in as process 1 (no token, another job's token) before
+    the real process 1 does. Both are hung up on unanswered, and the real job meets."""
+    import json
+    import socket
+
+    from agx.launch import child_env
+
+    port = free_port()
+    start = lambda rank: subprocess.Popen([sys.executable, "-c", RENDEZVOUS], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True,
+                                          env=child_env(rank, 2, port, "token-of-this-job", None))
+    job = [start(0)]
+    try:
+        for hello in [{"process_id": 1, "num_processes": 2},
+                      {"process_id": 1, "num_processes": 2, "job_token": "0" * 32}]:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    stranger = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and job[0].poll() is None, job[0].communicate()
+                    time.sleep(0.1)
+            with stranger:
+                stranger.sendall(json.dumps(hello).encode() + b"\n")
+                assert stranger.recv(4096) == b""  # closed, with no answer
+        job.append(start(1))
+        for rank, process in enumerate(job):
+            out, err = process.communicate(timeout=90)
+            assert process.returncode == 0 and out.split() == ["joined", str(rank)], err
+    finally:
+        for process in job:
+            process.kill()

@@ -9,6 +9,7 @@ AGX_COORDINATOR says otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from agx.errors import UserError
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 61234  # without a job id to derive one from
+JOB_ID_VARIABLES = ("AGX_JOB_TOKEN", "PBS_JOBID", "SLURM_JOB_ID", "OMPI_MCA_ess_base_jobid", "PMI_JOBID")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Processes:
     local_rank: int = 0
     local_size: int = 1
     coordinator: str | None = None  # host:port
+    job_token: str = ""  # what every process of this job knows and a stray connection does not
 
     @property
     def coordinator_host(self) -> str:
@@ -51,7 +54,15 @@ def discover(cfg: RuntimeConfig, env: Mapping[str, str]) -> Processes:
     if explicit:
         found = replace(found, launcher="runtime settings" if found.launcher == "single" else found.launcher,
                         **explicit)
-    return _checked(found)
+    return _checked(replace(found, job_token=job_token(env, found)))
+
+
+def job_token(env: Mapping[str, str], p: Processes) -> str:
+    """The job's identity at the rendezvous: a digest of the launcher's job id (agx.launch makes
+    a random one per job) with the coordinator and the process count. Every process of a job derives
+    the same token; a process of another job, or a port scanner, does not."""
+    job = next((f"{name}={env[name]}" for name in JOB_ID_VARIABLES if env.get(name)), "")
+    return hashlib.sha256(f"{job}|{p.coordinator}|{p.num_processes}".encode()).hexdigest()[:32]
 
 
 def _checked(p: Processes) -> Processes:

@@ -3,12 +3,14 @@
 `jax.distributed.initialize` meets a wrong port or a process-count mismatch by aborting the process
 with a C++ stack dump (or, for some mismatches, by starting a job of the wrong size). Here each
 process first sends process 0 its id and the process count it expects, over one TCP connection to
-the coordinator's address; process 0 checks that they agree and answers everyone. A mistake is one
+the coordinator's address, with the job's token (agx.runtime.launchers.job_token); process 0
+refuses a check-in without it, checks that the others agree and answers everyone. A mistake is one
 line on every process within `timeout_s`. Process 0 then closes the port for JAX's coordinator.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import socket
 import time
@@ -20,8 +22,17 @@ RETRY_S = 0.25
 
 
 def bind_address(processes: Processes) -> str:
-    """Where process 0 listens: the loopback address only when the job is on this machine alone."""
-    host = LOOPBACK if processes.coordinator_host in (LOOPBACK, "localhost") else "0.0.0.0"
+    """Where process 0 listens: the coordinator's own address (the loopback address when the job is
+    on this machine alone), never every interface of the host."""
+    host = processes.coordinator_host
+    if host == "localhost":
+        host = LOOPBACK
+    if ":" in host:  # an IPv6 address already
+        return f"[{host}]:{processes.coordinator_port}"
+    try:
+        host = socket.gethostbyname(host)
+    except OSError as e:
+        raise UserError(f"{processes}: the coordinator host {host!r} does not resolve ({e})") from None
     return f"{host}:{processes.coordinator_port}"
 
 
@@ -35,6 +46,7 @@ def rendezvous(processes: Processes, timeout_s: float) -> None:
 
 def _host(p: Processes, deadline: float, timeout_s: float) -> None:
     host, _, port = bind_address(p).rpartition(":")
+    host = host.strip("[]")
     try:
         server = socket.create_server((host, int(port)))
     except OSError as e:
@@ -52,8 +64,10 @@ def _host(p: Processes, deadline: float, timeout_s: float) -> None:
             try:
                 hello = _read(connection, min(deadline, time.monotonic() + 5))
                 rank, expected = int(hello["process_id"]), int(hello["num_processes"])
+                if not hmac.compare_digest(str(hello.get("job_token", "")), p.job_token):
+                    raise ValueError("not this job's token")
             except (OSError, ValueError, KeyError, TypeError):
-                connection.close()  # not one of ours
+                connection.close()  # not one of ours: refused, and the wait goes on
                 continue
             if expected != p.num_processes:
                 problems.append(f"process {rank} expects {expected} processes, process 0 expects {p.num_processes}")
@@ -97,8 +111,8 @@ def _join(p: Processes, deadline: float, timeout_s: float) -> None:
             time.sleep(min(RETRY_S, max(remaining, 0)))
     with connection:
         try:
-            connection.sendall(json.dumps({"process_id": p.process_id,
-                                           "num_processes": p.num_processes}).encode() + b"\n")
+            connection.sendall(json.dumps({"process_id": p.process_id, "num_processes": p.num_processes,
+                                           "job_token": p.job_token}).encode() + b"\n")
             answer = _read(connection, deadline)
         except (OSError, ValueError) as e:
             raise UserError(f"{p}: the coordinator {p.coordinator} gave no answer within {timeout_s:g}s "
