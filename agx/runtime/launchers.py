@@ -59,10 +59,11 @@ def discover(cfg: RuntimeConfig, env: Mapping[str, str]) -> Processes:
 
 def job_token(env: Mapping[str, str], p: Processes) -> str:
     """The job's identity at the rendezvous: a digest of the launcher's job id (agx.launch makes
-    a random one per job) with the coordinator and the process count. Every process of a job derives
-    the same token; a process of another job, or a port scanner, does not."""
+    a random one per job) with the coordinator. Every process of a job derives the same token; a
+    process of another job, or a port scanner, does not. (Not the process count: processes that
+    disagree on it are the job's own, and must hear why they cannot start.)"""
     job = next((f"{name}={env[name]}" for name in JOB_ID_VARIABLES if env.get(name)), "")
-    return hashlib.sha256(f"{job}|{p.coordinator}|{p.num_processes}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{job}|{p.coordinator}".encode()).hexdigest()[:32]
 
 
 def _checked(p: Processes) -> Processes:
