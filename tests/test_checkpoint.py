@@ -2,7 +2,9 @@
 in a new process, reshard on restore, a plain Orbax reader, foreign, unreadable and set-aside runs,
 and what kill -9 at any moment and a full disk leave behind."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +114,56 @@ def test_an_unreadable_checkpoint_is_set_aside_for_the_one_before(base, tmp_path
     assert saved_steps(run) == [3, 6]
 
 
+# One file of each kind a checkpoint holds: array data (the largest OCDBT data file), the data
+# iterator's state, and Orbax's tree metadata.
+def corruptible_files(step_dir: Path) -> list[Path]:
+    data = max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    return [data, step_dir / "data" / "process_0-of-1.json", step_dir / "state" / "_METADATA"]
+
+
+def flip_a_byte(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x10
+    path.write_bytes(content)
+
+
+def test_the_checksums_cover_every_file_and_name_each_changed_one(base, tmp_path):
+    from agx.checkpoint import checksums
+
+    step = base / "checkpoints" / "6"
+    saved = json.loads((step / checksums.MANIFEST).read_text())
+    manifest = saved["files"]
+    assert set(manifest) == {str(p.relative_to(step)) for p in step.rglob("*")
+                             if p.is_file() and p.name not in checksums.UNHASHED}
+    assert [part["files"] for part in saved["parts"]] == [len(list((step / "state/ocdbt.process_0").rglob("d/*")))
+                                                          + 1]  # hashed by the process that wrote them, and its manifest.ocdbt
+    assert sorted(sum((checksums.share(manifest, p, 3) for p in range(3)), [])) == sorted(manifest)
+    for changed in range(3):
+        copy = Path(shutil.copytree(step, tmp_path / str(changed)))
+        assert checksums.verify(copy)["files"] == len(manifest)  # the copy is intact until flipped
+        flipped = corruptible_files(copy)[changed]
+        flip_a_byte(flipped)
+        with pytest.raises(checksums.ChecksumMismatch) as mismatch:
+            checksums.verify(copy)
+        assert str(mismatch.value) == f"content differs from its checksum: {flipped.relative_to(copy)}"
+
+
+def test_a_checkpoint_whose_bytes_changed_is_set_aside_for_the_one_before(base, tmp_path):
+    run = copy_of(base, tmp_path)
+    flipped = corruptible_files(run / "checkpoints" / "6")
+    for path in flipped:
+        flip_a_byte(path)
+    result = train(run, *BASE)
+    warnings = [line for line in result.stdout.splitlines() if "checkpoint step 6 fails its checksums" in line]
+    assert len(warnings) == 1, result.stdout
+    assert all(str(path.relative_to(run / "checkpoints" / "6")) in warnings[0] for path in flipped)
+    assert "retry" not in result.stdout  # changed bytes are no passing read error
+    assert "checkpoint step 3: checksums match" in result.stdout and "resumed from checkpoint step 3" in result.stdout
+    assert list((run / "set_aside").glob("*-corrupt-step-6/6/state"))
+    original, again = records(base), records(run)
+    assert [again[s]["loss"] for s in (4, 5, 6)] == [original[s]["loss"] for s in (4, 5, 6)]
+
+
 @pytest.mark.slow  # a fault drill (see pyproject.toml)
 def test_a_checkpoint_that_fails_to_read_for_a_moment_is_retried_not_set_aside(base, tmp_path):
     """The newest checkpoint's arrays vanish from the file system's view (a stale or busy file
@@ -146,6 +198,8 @@ def test_resume_false_starts_fresh_and_keeps_the_old_run_aside(base, tmp_path):
 def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(straight, tmp_path):
     import orbax.checkpoint as ocp
 
+    from agx.checkpoint import checksums
+
     settings = [*SCHEDULE, "checkpoint.every=1", "checkpoint.keep=3", "data.workers=1"]
     run = tmp_path / "killed"
     env = to_be_killed(env_for(8), tmp_path / "xla-cache")
@@ -173,6 +227,7 @@ def test_kill_minus_nine_at_random_moments_never_leaves_a_corrupt_checkpoint(str
         for step in steps:  # every listed checkpoint is complete and readable
             state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
             assert int(state["step"]) == step
+            assert checksums.verify(run / "checkpoints" / str(step))["files"] > 0  # and committed with its manifest
     assert cut_saves >= 1, "no kill landed during a save"
     final = train(run, *settings)
     assert f"resumed from checkpoint step {max(steps)}" in final.stdout

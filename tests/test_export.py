@@ -4,6 +4,7 @@ to a workdir the trainer continues, streaming within bounded memory, and refusal
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -327,6 +328,10 @@ def test_a_checkpoint_of_another_architecture_is_refused(trained, tmp_path, caps
                                                          "--output", tmp_path / "out")
     assert "not an agx checkpoint" in error_of(capsys, export_main, "--checkpoint", tmp_path, "--format", "hf",
                                                "--output", tmp_path / "out")
+    changed = shutil.copytree(trained / "checkpoints" / "8", tmp_path / "changed")
+    (changed / "shapes" / "metadata").write_text((changed / "shapes" / "metadata").read_text().replace("64", "65"))
+    assert "does not match its checksums (content differs from its checksum: shapes/metadata)" in error_of(
+        capsys, export_main, "--checkpoint", changed, "--format", "hf", "--output", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -3,6 +3,7 @@
 one process of 8; checkpoints move between process counts; a dying process stops the job; bad
 coordinator settings fail in bounded time with one line."""
 
+import json
 import os
 import shutil
 import signal
@@ -49,6 +50,12 @@ def reference(tmp_path_factory):
     return records(workdir)
 
 
+# Process 1 alone finds the newest checkpoint's arrays gone (a tmpfs over them, in a mount namespace
+# of its own): a host whose view of the shared file system is stale. sh -c SCRIPT HIDDEN COMMAND...
+STALE_FOR_PROCESS_1 = ["sh", "-c", 'if [ "$AGX_PROCESS_ID" = 1 ]; then exec unshare --mount sh -c '
+                       '\'mount -t tmpfs stale "$0" && exec "$@"\' "$0" "$@"; fi; exec "$@"']
+
+
 def test_two_launched_processes_match_one_and_their_checkpoint_resumes_in_one(reference, tmp_path):
     launched = run(LAUNCH + TRAIN, tmp_path, "train.steps=10")
     assert "[0] agx: runtime: 2 processes (AGX_* variables), 8 cpu devices" in launched.stdout
@@ -57,6 +64,18 @@ def test_two_launched_processes_match_one_and_their_checkpoint_resumes_in_one(re
     assert (step / "state" / "ocdbt.process_0").is_dir() and (step / "state" / "ocdbt.process_1").is_dir()
     assert sorted(p.name for p in (step / "data").glob("process_*")) == ["process_0-of-2.json",
                                                                          "process_1-of-2.json"]
+    parts = json.loads((step / "checksums.json").read_text())["parts"]  # each hashed what it wrote
+    assert [part["files"] for part in parts] == [sum(f.is_file() for f in (step / f"state/ocdbt.process_{p}").rglob("*"))
+                                                 for p in (0, 1)]
+
+    # Both processes resume from the checkpoint before, as process 1 cannot read step 10's arrays.
+    stale = run(LAUNCH + STALE_FOR_PROCESS_1 + [str(step / "state")] + TRAIN, tmp_path, "train.steps=10",
+                "checkpoint.read_retries=0")
+    warned = [line for line in stale.stdout.splitlines() if "warning: checkpoint step 10 is unreadable" in line]
+    assert len(warned) == 1 and "(process 1: state/" in warned[0], stale.stdout
+    assert "[0] agx: resumed from checkpoint step 5" in stale.stdout
+    assert list(tmp_path.glob("set_aside/*-unreadable-step-10/10/state/ocdbt.process_1"))
+    assert_same_steps(records(tmp_path), reference, range(6, 11))
 
     resumed = run(TRAIN, tmp_path, "train.steps=15")
     assert "resumed from checkpoint step 10" in resumed.stdout
@@ -316,7 +335,6 @@ print("joined", p.process_id, flush=True)
 def test_a_check_in_without_the_jobs_token_is_refused_and_the_job_still_starts():
     """Process 0 listens; two strangers check in as process 1 (no token, another job's token) before
     the real process 1 does. Both are hung up on unanswered, and the real job meets."""
-    import json
     import socket
 
     from agx.launch import child_env
@@ -347,3 +365,35 @@ def test_a_check_in_without_the_jobs_token_is_refused_and_the_job_still_starts()
     finally:
         for process in job:
             process.kill()
+
+
+# --- every process hears every answer, or all stop ------------------------------------------------
+
+AGREEMENT = """
+import os, sys, time
+import jax
+rank = int(sys.argv[1])
+jax.distributed.initialize(sys.argv[2], 2, rank, initialization_timeout=60)
+from agx.errors import RunError
+from agx.runtime.agreement import every_process_says
+print(every_process_says("which step it can read", 10 - rank, 30), flush=True)
+if rank == 1:  # it hangs (a stuck file system) instead of answering the second question
+    time.sleep(12)
+    os._exit(0)
+started = time.monotonic()
+try:
+    every_process_says("whether it can read checkpoint step 10", True, 3)
+except RunError as e:
+    print(f"{time.monotonic() - started:.0f} s: {e}", flush=True)
+os._exit(0)
+"""
+
+
+def test_processes_hear_each_others_answers_and_stop_when_one_does_not_answer_in_time():
+    coordinator = f"127.0.0.1:{free_port()}"
+    job = [subprocess.Popen([sys.executable, "-c", AGREEMENT, str(rank), coordinator], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env_for(1)) for rank in (0, 1)]
+    said = [process.communicate(timeout=90)[0].splitlines() for process in job]
+    assert said[1] == ["[10, 9]"], said
+    assert said[0] == ["[10, 9]", "3 s: process 1 did not say within runtime.init_timeout_s=3 s whether it can "
+                       "read checkpoint step 10 (is its file system hung?); every process stops"], said

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from agx.checkpoint import checksums
 from agx.config import Config
 from agx.errors import UserError
 
@@ -41,6 +42,10 @@ class OrbaxParams:
             path = path / "checkpoints" / str(steps[0])
         if (path / "state").is_dir() and (path / "config" / "metadata").is_file():
             self.arrays, config_file = path / "state", path / "config" / "metadata"
+            try:  # what is exported must be what was saved
+                checksums.verify(path)
+            except (checksums.ChecksumMismatch, checksums.MissingFiles) as e:
+                raise UserError(f"{path} does not match its checksums ({e}); choose an earlier step") from None
         elif (path / "params").is_dir() and (path / "config.json").is_file():
             self.arrays, config_file = path / "params", path / "config.json"
         else:

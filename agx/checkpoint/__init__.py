@@ -1,4 +1,4 @@
-"""Orbax checkpoints under WORKDIR/checkpoints/STEP, each with four items:
+"""Orbax checkpoints under WORKDIR/checkpoints/STEP, each with five items:
 
   state   the TrainState (step, bad_steps, params, opt_state), as Orbax's standard PyTree, at the
           shapes the run stored: padded with zeros where its mesh did not divide a dimension;
@@ -6,7 +6,9 @@
           arrays of `state` to these);
   data    the Grain iterator's state (one file per process), so the data resumes at the next batch;
   loader  what that state depends on: the loader's first batch, its workers and processes (JSON);
-  config  the resolved config, as JSON.
+  config  the resolved config, as JSON;
+and checksums.json, the SHA-256 of every file, written before the step is committed and checked
+before it is read (agx/checkpoint/checksums.py): a step whose bytes changed is set aside.
 
 A Grain state is only usable by a loader of the same workers and processes; when those change, the
 loader restarts at the checkpoint's step instead, which is the same batch (batch s is samples
@@ -16,8 +18,9 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 short is never listed as a step. Restoring takes the target shardings and stored shapes of the run
 that restores, so a checkpoint loads directly onto another mesh or device count: Orbax appends
 zeros to pad an array further, or drops the padding's zeros from its end. Nothing is deleted by agx:
-checkpoints it will not use (unreadable, newer than a chosen step, or replaced by a fresh start)
-are moved to WORKDIR/set_aside/.
+checkpoints it will not use (unreadable, changed, newer than a chosen step, or replaced by a fresh
+start) are moved to WORKDIR/set_aside/. With several processes, all of them first hear whether
+each could verify a step (agx/runtime/agreement.py), so that all restore it or all set it aside.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from agx.checkpoint import checksums
+from agx.checkpoint.checksums import ChecksumMismatch, MissingFiles
 from agx.compat import grain
 from agx.config import Config, ModelConfig
 from agx.errors import RunError, UserError
+from agx.runtime.agreement import every_process_says
 
 # The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple", "num_kv_heads",
@@ -96,9 +102,11 @@ class Checkpoints:
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
         # Old steps are renamed into TRASH first (atomic), then deleted: a kill mid-delete must not
         # leave a half-deleted step that still lists as complete.
+        # Each step is committed with its checksums (agx/checkpoint/checksums.py).
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=c.keep, keep_period=c.keep_period, todelete_subdir=TRASH,
-            enable_async_checkpointing=c.async_save, cleanup_tmp_directories=True, create=True))
+            enable_async_checkpointing=c.async_save, cleanup_tmp_directories=True, create=True,
+            temporary_path_class=checksums.ChecksummedStep), handler_registry=checksums.handlers())
 
     def restore(self, target, loader_layout: dict) -> tuple[object, DataPosition] | None:
         """The newest readable checkpoint's state (restored into `target`'s shardings) and where the
@@ -118,9 +126,15 @@ class Checkpoints:
             steps = [wanted]
         for step in steps:
             try:
-                restored, saved_layout, same_layout = self._read_with_retries(step, target, loader_layout)
+                self._verify_everywhere(step)
+                restored, saved_layout, same_layout = self._with_retries(
+                    step, lambda: self._read(step, target, loader_layout))  # noqa: B023 - called at once
             except UserError:
                 raise
+            except ChecksumMismatch as e:
+                self.log(f"agx: warning: checkpoint step {step} fails its checksums ({e}); trying the one before")
+                self._set_aside([self.directory / str(step)], f"corrupt-step-{step}")
+                continue
             except Exception as e:  # noqa: BLE001 - any failure to read, after the retries, means: not usable
                 self.log(f"agx: warning: checkpoint step {step} is unreadable ({_reason(e)}); trying the one before")
                 self._set_aside([self.directory / str(step)], f"unreadable-step-{step}")
@@ -137,21 +151,46 @@ class Checkpoints:
             return restored.state, position
         return None
 
-    def _read_with_retries(self, step: int, target, loader_layout: dict):
-        """_read, tried again checkpoint.read_retries times, waiting checkpoint.retry_wait_s, then
+    def _verify_everywhere(self, step: int) -> None:
+        """Checks step `step` against its checksums: each process its share, then every process
+        hears what every other found (within runtime.init_timeout_s), so that all restore it, or all
+        set it aside, even when some processes cannot read it (a stale view of the file system)."""
+        folder, process, count = self.directory / str(step), jax.process_index(), jax.process_count()
+        try:
+            verified = self._with_retries(step, lambda: checksums.verify(folder, process, count))
+            mine = {"verified": verified}
+        except Exception as e:  # noqa: BLE001 - reported to every process below
+            mine = {"mismatch" if isinstance(e, ChecksumMismatch) else "unreadable": _reason(e)}
+        said = every_process_says(f"whether it can read checkpoint step {step}", mine,
+                                  self.cfg.runtime.init_timeout_s)
+        failed = [(p, answer) for p, answer in enumerate(said) if "verified" not in answer]
+        if failed:
+            by = (lambda p: f"process {p}: ") if count > 1 else (lambda p: "")
+            text = "; ".join(by(p) + next(iter(answer.values())) for p, answer in failed)
+            raise (ChecksumMismatch if any("mismatch" in a for _, a in failed) else MissingFiles)(text)
+        if mine["verified"] is None:
+            self.log(f"agx: checkpoint step {step} holds no checksums (saved by an older agx): read unverified")
+        else:
+            v = mine["verified"]
+            self.log(f"agx: checkpoint step {step}: checksums match ({v['files']} files, "
+                     f"{v['bytes'] / 2**20:.1f} MiB hashed in {v['seconds']:.3g} s{' by process 0' if count > 1 else ''})")
+
+    def _with_retries(self, step: int, attempt):
+        """attempt(), tried again checkpoint.read_retries times, waiting checkpoint.retry_wait_s, then
         twice that, and so on: a busy or briefly failing file system (EIO, a stale view) must not
-        cost the steps since the checkpoint before. A different model is no read error: no retry."""
+        cost the steps since the checkpoint before. Changed bytes and a different model are no read
+        errors: no retry."""
         retries, wait = self.cfg.checkpoint.read_retries, self.cfg.checkpoint.retry_wait_s
-        for attempt in range(retries + 1):
+        for tried in range(retries + 1):
             try:
-                return self._read(step, target, loader_layout)
-            except UserError:
+                return attempt()
+            except (UserError, ChecksumMismatch):
                 raise
             except Exception as e:  # noqa: BLE001 - whatever the storage raised
-                if attempt == retries:
+                if tried == retries:
                     raise
                 self.log(f"agx: warning: reading checkpoint step {step} failed ({_reason(e)}); "
-                         f"retry {attempt + 1} of {retries} in {wait:g} s")
+                         f"retry {tried + 1} of {retries} in {wait:g} s")
                 time.sleep(wait)
                 wait *= 2
 
