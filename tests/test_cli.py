@@ -72,6 +72,7 @@ def test_default_experiment_loss_falls_within_50_steps(tmp_path):
     assert last < first - 1.5, (first, last)
     assert "step     50 | loss" in result.stdout
     assert "WARNING:absl" not in result.stderr, result.stderr  # nor the libraries' notices
+    assert "leaked shared_memory" not in result.stderr, result.stderr  # the loader's batches in flight
 
 
 def test_check_attention_computes_agx_attention_then_refuses_cudnn_on_cpu_in_one_line():

@@ -126,9 +126,9 @@ class Checkpoints:
             steps = [wanted]
         for step in steps:
             try:
-                self._verify_everywhere(step)
-                restored, saved_layout, same_layout = self._with_retries(
-                    step, lambda: self._read(step, target, loader_layout))  # noqa: B023 - called at once
+                self._verify(step)
+                restored, saved_layout, same_layout = self._everywhere(
+                    step, "read", lambda: self._read(step, target, loader_layout))  # noqa: B023 - called at once
             except UserError:
                 raise
             except ChecksumMismatch as e:
@@ -151,29 +151,35 @@ class Checkpoints:
             return restored.state, position
         return None
 
-    def _verify_everywhere(self, step: int) -> None:
-        """Checks step `step` against its checksums: each process its share, then every process
-        hears what every other found (within runtime.init_timeout_s), so that all restore it, or all
-        set it aside, even when some processes cannot read it (a stale view of the file system)."""
+    def _verify(self, step: int) -> None:
+        """Checks step `step` against its checksums, each process its share of the files."""
         folder, process, count = self.directory / str(step), jax.process_index(), jax.process_count()
-        try:
-            verified = self._with_retries(step, lambda: checksums.verify(folder, process, count))
-            mine = {"verified": verified}
-        except Exception as e:  # noqa: BLE001 - reported to every process below
-            mine = {"mismatch" if isinstance(e, ChecksumMismatch) else "unreadable": _reason(e)}
-        said = every_process_says(f"whether it can read checkpoint step {step}", mine,
-                                  self.cfg.runtime.init_timeout_s)
-        failed = [(p, answer) for p, answer in enumerate(said) if "verified" not in answer]
-        if failed:
-            by = (lambda p: f"process {p}: ") if count > 1 else (lambda p: "")
-            text = "; ".join(by(p) + next(iter(answer.values())) for p, answer in failed)
-            raise (ChecksumMismatch if any("mismatch" in a for _, a in failed) else MissingFiles)(text)
-        if mine["verified"] is None:
+        verified = self._everywhere(step, "verified", lambda: checksums.verify(folder, process, count))
+        if verified is None:
             self.log(f"agx: checkpoint step {step} holds no checksums (saved by an older agx): read unverified")
         else:
-            v = mine["verified"]
-            self.log(f"agx: checkpoint step {step}: checksums match ({v['files']} files, "
-                     f"{v['bytes'] / 2**20:.1f} MiB hashed in {v['seconds']:.3g} s{' by process 0' if count > 1 else ''})")
+            self.log(f"agx: checkpoint step {step}: checksums match ({verified['files']} files, "
+                     f"{verified['bytes'] / 2**20:.1f} MiB hashed in {verified['seconds']:.3g} s"
+                     f"{' by process 0' if count > 1 else ''})")
+
+    def _everywhere(self, step: int, done: str, attempt):
+        """attempt() on every process (with retries); then every process hears how it went on every
+        other (within runtime.init_timeout_s), and all go on or all raise. So processes that see
+        different things (one host's stale view of the file system) still take one decision: all
+        restore the step, or all set it aside, and none waits at a barrier the others never reach."""
+        try:
+            result, mine = self._with_retries(step, attempt), None
+        except UserError:  # the same on every process (the same config, the same files)
+            raise
+        except Exception as e:  # noqa: BLE001 - reported to every process below
+            result, mine = None, {"mismatch" if isinstance(e, ChecksumMismatch) else "unreadable": _reason(e)}
+        said = every_process_says(f"whether it {done} checkpoint step {step}", mine, self.cfg.runtime.init_timeout_s)
+        failed = [(p, answer) for p, answer in enumerate(said) if answer]
+        if failed:
+            by = (lambda p: f"process {p}: ") if len(said) > 1 else (lambda p: "")
+            text = "; ".join(by(p) + next(iter(answer.values())) for p, answer in failed)
+            raise (ChecksumMismatch if any("mismatch" in answer for _, answer in failed) else MissingFiles)(text)
+        return result
 
     def _with_retries(self, step: int, attempt):
         """attempt(), tried again checkpoint.read_retries times, waiting checkpoint.retry_wait_s, then
