@@ -148,20 +148,27 @@ def test_the_checksums_cover_every_file_and_name_each_changed_one(base, tmp_path
         assert str(mismatch.value) == f"content differs from its checksum: {flipped.relative_to(copy)}"
 
 
-def test_a_checkpoint_whose_bytes_changed_is_set_aside_for_the_one_before(base, tmp_path):
-    run = copy_of(base, tmp_path)
-    flipped = corruptible_files(run / "checkpoints" / "6")
-    for path in flipped:
-        flip_a_byte(path)
-    result = train(run, *BASE)
-    warnings = [line for line in result.stdout.splitlines() if "checkpoint step 6 fails its checksums" in line]
-    assert len(warnings) == 1, result.stdout
-    assert all(str(path.relative_to(run / "checkpoints" / "6")) in warnings[0] for path in flipped)
+def test_each_checkpoint_whose_bytes_changed_is_set_aside_for_the_one_before(tmp_path):
+    """Steps 4, 3 and 2 each have one byte flipped, in a different kind of file: the run detects
+    each in turn, sets it aside, and resumes from step 1 with the uninterrupted run's losses."""
+    settings = ["mesh.data=1", "mesh.fsdp=8", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=4"]
+    run = tmp_path / "run"
+    train(run, *settings)
+    uninterrupted = records(run)
+    flipped = {}
+    for step, kind in zip((4, 3, 2), range(3)):
+        flipped[step] = corruptible_files(run / "checkpoints" / str(step))[kind]
+        flip_a_byte(flipped[step])
+    result = train(run, *settings)
+    warnings = [line for line in result.stdout.splitlines() if "fails its checksums" in line]
+    assert warnings == [f"agx: warning: checkpoint step {step} fails its checksums (content differs from its "
+                        f"checksum: {path.relative_to(run / 'checkpoints' / str(step))}); trying the one before"
+                        for step, path in flipped.items()], result.stdout
     assert "retry" not in result.stdout  # changed bytes are no passing read error
-    assert "checkpoint step 3: checksums match" in result.stdout and "resumed from checkpoint step 3" in result.stdout
-    assert list((run / "set_aside").glob("*-corrupt-step-6/6/state"))
-    original, again = records(base), records(run)
-    assert [again[s]["loss"] for s in (4, 5, 6)] == [original[s]["loss"] for s in (4, 5, 6)]
+    assert "checkpoint step 1: checksums match" in result.stdout and "resumed from checkpoint step 1" in result.stdout
+    assert sorted(p.name.split("-corrupt-step-")[1] for p in (run / "set_aside").iterdir()) == ["2", "3", "4"]
+    again = records(run)
+    assert [again[s]["loss"] for s in (2, 3, 4)] == [uninterrupted[s]["loss"] for s in (2, 3, 4)]
 
 
 @pytest.mark.slow  # a fault drill (see pyproject.toml)
