@@ -98,22 +98,6 @@ def test_another_experiments_checkpoints_are_refused_unless_forced(base, tmp_pat
     assert "resumed from checkpoint step 6" in forced.stdout and saved_steps(run) == [3, 6, 7]
 
 
-def test_an_unreadable_checkpoint_is_set_aside_for_the_one_before(base, tmp_path):
-    run = copy_of(base, tmp_path)
-    for path in (run / "checkpoints" / "6" / "state").rglob("*"):
-        if path.is_file():  # a disk that lost the second half of every file
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    result = train(run, *BASE, "checkpoint.read_retries=1", "checkpoint.retry_wait_s=0.1")
-    warnings = [line for line in result.stdout.splitlines() if "warning: checkpoint step 6 is unreadable" in line]
-    assert len(warnings) == 1, result.stdout
-    assert "reading checkpoint step 6 failed" in result.stdout and "retry 1 of 1 in 0.1 s" in result.stdout
-    assert "resumed from checkpoint step 3" in result.stdout
-    assert list((run / "set_aside").glob("*-unreadable-step-6/6/state"))
-    original, again = records(base), records(run)
-    assert [again[s]["loss"] for s in (4, 5, 6)] == [original[s]["loss"] for s in (4, 5, 6)]
-    assert saved_steps(run) == [3, 6]
-
-
 # One file of each kind a checkpoint holds: array data (the largest OCDBT data file), the data
 # iterator's state, and Orbax's tree metadata.
 def corruptible_files(step_dir: Path) -> list[Path]:
@@ -148,27 +132,37 @@ def test_the_checksums_cover_every_file_and_name_each_changed_one(base, tmp_path
         assert str(mismatch.value) == f"content differs from its checksum: {flipped.relative_to(copy)}"
 
 
-def test_each_checkpoint_whose_bytes_changed_is_set_aside_for_the_one_before(tmp_path):
-    """Steps 4, 3 and 2 each have one byte flipped, in a different kind of file: the run detects
-    each in turn, sets it aside, and resumes from step 1 with the uninterrupted run's losses."""
-    settings = ["mesh.data=1", "mesh.fsdp=8", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=4"]
+def test_unreadable_and_changed_checkpoints_are_each_set_aside_for_the_one_before(tmp_path):
+    """Step 5 lost the second half of every array file (retried, then unreadable); steps 4, 3 and 2
+    each have one byte flipped, in another kind of file each (not retried). The run sets each aside
+    in turn, and resumes from step 1 with the uninterrupted run's losses."""
+    settings = ["mesh.data=1", "mesh.fsdp=8", "train.steps=5", "checkpoint.every=1", "checkpoint.keep=5",
+                "checkpoint.read_retries=1", "checkpoint.retry_wait_s=0.1"]
     run = tmp_path / "run"
     train(run, *settings)
     uninterrupted = records(run)
+    for path in (run / "checkpoints" / "5" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     flipped = {}
     for step, kind in zip((4, 3, 2), range(3)):
         flipped[step] = corruptible_files(run / "checkpoints" / str(step))[kind]
         flip_a_byte(flipped[step])
     result = train(run, *settings)
-    warnings = [line for line in result.stdout.splitlines() if "fails its checksums" in line]
+    out = result.stdout
+    assert "reading checkpoint step 5 failed" in out and "retry 1 of 1 in 0.1 s" in out
+    assert len([line for line in out.splitlines() if "warning: checkpoint step 5 is unreadable (state/" in line]) == 1
+    warnings = [line for line in out.splitlines() if "fails its checksums" in line]
     assert warnings == [f"agx: warning: checkpoint step {step} fails its checksums (content differs from its "
                         f"checksum: {path.relative_to(run / 'checkpoints' / str(step))}); trying the one before"
-                        for step, path in flipped.items()], result.stdout
-    assert "retry" not in result.stdout  # changed bytes are no passing read error
-    assert "checkpoint step 1: checksums match" in result.stdout and "resumed from checkpoint step 1" in result.stdout
-    assert sorted(p.name.split("-corrupt-step-")[1] for p in (run / "set_aside").iterdir()) == ["2", "3", "4"]
+                        for step, path in flipped.items()], out
+    assert "retry 1 of 1" not in out.split("checkpoint step 5 is unreadable")[1]  # changed bytes: no retry
+    assert "checkpoint step 1: checksums match" in out and "resumed from checkpoint step 1" in out
+    assert sorted(p.name.split("-step-")[1] for p in (run / "set_aside").iterdir()) == ["2", "3", "4", "5"]
+    assert list((run / "set_aside").glob("*-unreadable-step-5/5/state"))
     again = records(run)
-    assert [again[s]["loss"] for s in (2, 3, 4)] == [uninterrupted[s]["loss"] for s in (2, 3, 4)]
+    assert [again[s]["loss"] for s in (2, 3, 4, 5)] == [uninterrupted[s]["loss"] for s in (2, 3, 4, 5)]
+    assert saved_steps(run) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow  # a fault drill (see pyproject.toml)
