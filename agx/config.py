@@ -375,6 +375,11 @@ NO_EFFECT = [
      lambda c: not c.checkpoint.resume,
      "checkpoint.resume=false: nothing is restored"),
     (("model.attention_block",), lambda c: c.model.attention == "cudnn", "cuDNN's attention blocks on its own"),
+    (("model.rope_theta",), lambda c: c.model.position != "rope", "rotary positions only (model.position=rope)"),
+    (("train.profile_steps",), lambda c: c.train.profile_steps[0] > c.train.steps,
+     "the run ends at train.steps, before the first step to profile"),
+    (("train.fault_nan_steps",), lambda c: min(c.train.fault_nan_steps, default=0) > c.train.steps,
+     "the run ends at train.steps, before those steps"),
 ]
 
 

@@ -42,6 +42,8 @@ def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
     (["--experiment", "gpt3_tiny", "--set", "eval.every=0", "eval.batches=8"], "eval.batches=8 has no effect"),
     (["--experiment", "gpt3_tiny", "--set", "pipeline.repeats=2"], "mesh.pipeline=1: there are no pipeline stages"),
     (["--experiment", "gpt3_tiny", "--set", "mesh.sequence_parallel=true"], "mesh.tensor=1: there is no tensor axis"),
+    (["--experiment", "gpt3_tiny", "--set", "model.rope_theta=500000"], "rotary positions only (model.position=rope)"),
+    (["--experiment", "gpt3_tiny", "--set", "train.profile_steps=[400,402]"], "before the first step to profile"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
     result = agx_train(*args, "--dry-run")
