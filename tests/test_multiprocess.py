@@ -333,8 +333,9 @@ print("joined", p.process_id, flush=True)
 
 
 def test_a_check_in_without_the_jobs_token_is_refused_and_the_job_still_starts():
-    """Process 0 listens; two strangers check in as process 1 (no token, another job's token) before
-    the real process 1 does. Both are hung up on unanswered, and the real job meets."""
+    """Process 0 listens; two strangers check in as process 1 (no token, another job's token) and 20
+    more connect and say nothing, before the real process 1 checks in. The first two are hung up on
+    unanswered, the silent ones hold up nothing, and the real job meets."""
     import socket
 
     from agx.launch import child_env
@@ -343,7 +344,7 @@ def test_a_check_in_without_the_jobs_token_is_refused_and_the_job_still_starts()
     start = lambda rank: subprocess.Popen([sys.executable, "-c", RENDEZVOUS], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True,
                                           env=child_env(rank, 2, port, "token-of-this-job", None))
-    job = [start(0)]
+    job, silent = [start(0)], []
     try:
         for hello in [{"process_id": 1, "num_processes": 2},
                       {"process_id": 1, "num_processes": 2, "job_token": "0" * 32}]:
@@ -358,11 +359,15 @@ def test_a_check_in_without_the_jobs_token_is_refused_and_the_job_still_starts()
             with stranger:
                 stranger.sendall(json.dumps(hello).encode() + b"\n")
                 assert stranger.recv(4096) == b""  # closed, with no answer
+        # 20 connections that say nothing, held open (5 s each, one after another, outlasted the wait)
+        silent += [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
         job.append(start(1))
         for rank, process in enumerate(job):
             out, err = process.communicate(timeout=90)
             assert process.returncode == 0 and out.split() == ["joined", str(rank)], err
     finally:
+        for connection in silent:
+            connection.close()
         for process in job:
             process.kill()
 

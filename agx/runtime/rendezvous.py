@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import selectors
 import socket
 import time
 
@@ -19,6 +20,7 @@ from agx.errors import UserError
 from agx.runtime.launchers import LOOPBACK, Processes
 
 RETRY_S = 0.25
+HELLO_S = 5  # how long a connection to process 0 may take to say which process it is
 
 
 def bind_address(processes: Processes) -> str:
@@ -55,20 +57,8 @@ def _host(p: Processes, deadline: float, timeout_s: float) -> None:
     extra: list[socket.socket] = []  # second claimants of an id, told the same answer
     problems: list[str] = []
     with server:
-        while len(arrived) < p.num_processes - 1 and not problems and time.monotonic() < deadline:
-            server.settimeout(max(deadline - time.monotonic(), 0.01))
-            try:
-                connection, _ = server.accept()
-            except TimeoutError:
-                break
-            try:
-                hello = _read(connection, min(deadline, time.monotonic() + 5))
-                rank, expected = int(hello["process_id"]), int(hello["num_processes"])
-                if not hmac.compare_digest(str(hello.get("job_token", "")), p.job_token):
-                    raise ValueError("not this job's token")
-            except (OSError, ValueError, KeyError, TypeError):
-                connection.close()  # not one of ours: refused, and the wait goes on
-                continue
+        for connection, hello in _check_ins(server, deadline, p.job_token):
+            rank, expected = hello["process_id"], hello["num_processes"]
             if expected != p.num_processes:
                 problems.append(f"process {rank} expects {expected} processes, process 0 expects {p.num_processes}")
             elif not 0 < rank < p.num_processes or rank in arrived:
@@ -78,6 +68,8 @@ def _host(p: Processes, deadline: float, timeout_s: float) -> None:
                 extra.append(connection)
             else:
                 arrived[rank] = connection
+            if len(arrived) == p.num_processes - 1 or problems:
+                break
         missing = sorted(set(range(1, p.num_processes)) - set(arrived))
         if not problems and missing:
             problems.append(f"process{'es' if len(missing) > 1 else ''} {_ranges(missing)} did not reach the "
@@ -136,6 +128,63 @@ def _read(connection: socket.socket, deadline: float) -> dict:
     if not isinstance(message, dict):
         raise ValueError("not an object")
     return message
+
+
+def _check_ins(server: socket.socket, deadline: float, token: str):
+    """(connection, hello) for each connection that says within HELLO_S, in one JSON line, a process
+    id and count with the job's token; any other is closed unanswered. Connections are read side by
+    side, so a silent or slow one (a port scan, a stray client) holds up no other."""
+    server.setblocking(False)
+    unread: dict[socket.socket, list] = {}  # connection -> [what it sent so far, its deadline]
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(server, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                for key, _ in selector.select(min(deadline - time.monotonic(), 0.5)):
+                    if key.fileobj is server:
+                        try:
+                            connection, _ = server.accept()
+                        except BlockingIOError:
+                            continue
+                        connection.setblocking(False)
+                        unread[connection] = [b"", time.monotonic() + HELLO_S]
+                        selector.register(connection, selectors.EVENT_READ)
+                        continue
+                    connection = key.fileobj
+                    try:
+                        chunk = connection.recv(4096)
+                    except OSError:
+                        chunk = b""
+                    unread[connection][0] += chunk
+                    data = unread[connection][0]
+                    if chunk and not data.endswith(b"\n") and len(data) <= 65536:
+                        continue
+                    selector.unregister(connection)
+                    del unread[connection]
+                    hello = _hello(data, token) if chunk else None
+                    if hello is None:
+                        connection.close()
+                        continue
+                    connection.setblocking(True)
+                    yield connection, hello
+                for connection in [c for c, (_, limit) in unread.items() if time.monotonic() > limit]:
+                    selector.unregister(connection)
+                    del unread[connection]
+                    connection.close()
+    finally:
+        for connection in unread:
+            connection.close()
+
+
+def _hello(data: bytes, token: str) -> dict | None:
+    """A check-in's line, if it is one of this job's; else None."""
+    try:
+        hello = json.loads(data)
+        hello = {"process_id": int(hello["process_id"]), "num_processes": int(hello["num_processes"]),
+                 "job_token": str(hello.get("job_token", ""))}
+    except (ValueError, KeyError, TypeError):
+        return None
+    return hello if hmac.compare_digest(hello["job_token"], token) else None
 
 
 def _ranges(ids: list[int]) -> str:
