@@ -355,11 +355,21 @@ def load_experiment(name_or_path: str, overrides: list[str] = ()) -> Config:
         cfg = module.config()
     if not isinstance(cfg, Config):
         raise UserError(f"experiment {path}: config() returned {type(cfg).__name__}, not agx.config.Config")
+    return with_overrides(cfg, overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` with the `--set` assignments applied, checked, and refused where one has no effect."""
     for assignment in overrides:
         apply_override(cfg, assignment)
     cfg.validate()
-    refuse_unused(cfg, [RENAMED.get(a.partition("=")[0], a.partition("=")[0]) for a in overrides])
+    refuse_unused(cfg, overridden_keys(overrides))
     return cfg
+
+
+def overridden_keys(overrides: list[str]) -> list[str]:
+    """The keys `--set` assignments name, under their current names."""
+    return [RENAMED.get(a.partition("=")[0], a.partition("=")[0]) for a in overrides]
 
 
 # Settings that do nothing in some runs, and why: given on the command line with a value other than

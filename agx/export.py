@@ -1,12 +1,14 @@
 """Export and import of agx checkpoints.
 
   python -m agx.export --checkpoint WORKDIR_OR_STEP_DIR --format {orbax,hf} --output DIR [--dtype bf16|fp32]
-  python -m agx.export --from-hf HF_DIR --experiment NAME [--set KEY=VALUE ...] --output WORKDIR
+  python -m agx.export --from-hf HF_DIR [--experiment NAME] [--set KEY=VALUE ...] --output WORKDIR
 
 `orbax`: the parameters alone (no optimizer state) in the chosen dtype, with config.json and the
 tokenizer beside them: what `agx.generate` and inference services load. `hf`: a Hugging Face folder,
 GPT-2 for the GPT-3 architecture and Llama for the Llama one. `--from-hf`: a GPT-2 or Llama folder
-(safetensors only) made into step 0 of a training workdir, which `agx.train` then continues from.
+(safetensors only) made into step 0 of a training workdir, which `agx.train` then continues from:
+the model's shape is read from its config.json, the training recipe taken from the experiment when
+one is named, else from agx's defaults; WORKDIR/experiment.py holds the result.
 Outputs appear complete or not at all.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import pprint
 import re
 import shutil
 import sys
@@ -92,24 +95,22 @@ def export(checkpoint: Path, fmt: str, output: Path, dtype: str, force: bool, ma
     print(f"agx: exported {source.step_dir} as {written} ({dtype}) to {output}")
 
 
-def import_hf(folder: Path, experiment: str, overrides: list[str], output: Path, force: bool) -> None:
+def import_hf(folder: Path, experiment: str | None, overrides: list[str], output: Path, force: bool) -> None:
+    """The folder's weights as step 0 of a training workdir, with the model's shape read from its
+    config.json, and the training recipe from `experiment` or else agx's defaults (agx.config).
+    The resolved config is written to OUTPUT/experiment.py, which `agx.train` then runs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from agx.checkpoint import Checkpoints
-    from agx.config import load_experiment
     from agx.interop.hf_folder import HFParams
     from agx.interop.saved import atomic_folder, flat, load_params
     from agx.training.loop import Trainer
     from agx.training.state import TrainState
 
     source = HFParams(folder)
-    cfg = load_experiment(experiment, overrides)
-    differs = [f"--set model.{k}={v}" for k, v in source.model_shape.items() if getattr(cfg.model, k) != v]
-    if differs:
-        raise UserError(f"{folder} holds a {source.arch.model_type} model of another shape than experiment "
-                        f"'{cfg.name}'; add {' '.join(differs)}")
+    cfg = _import_config(source, experiment, overrides)
     trainer = Trainer.build(cfg)
     plan = trainer.plan
     source.bind(cfg.model, {name: a.shape for name, a in flat(plan.logical.params).items()})
@@ -124,8 +125,47 @@ def import_hf(folder: Path, experiment: str, overrides: list[str], output: Path,
         checkpoints.close()
         if (folder / "tokenizer.json").is_file():
             shutil.copy2(folder / "tokenizer.json", tmp / "tokenizer.json")
-    command = ["python -m agx.train --experiment", experiment, *(f"--set {o}" for o in overrides), "--workdir", str(output)]
-    print(f"agx: imported {folder} as step 0 of {output}; continue training with\n  {' '.join(command)}")
+        (tmp / "experiment.py").write_text(EXPERIMENT_FILE.format(
+            folder=folder, recipe=f"experiment '{experiment}'" if experiment else "agx's defaults",
+            config=pprint.pformat(cfg.to_dict(), indent=4, width=100, sort_dicts=False)))
+    print(f"agx: imported {folder} as step 0 of {output}; continue training with\n"
+          f"  python -m agx.train --experiment {output / 'experiment.py'} --workdir {output}")
+
+
+EXPERIMENT_FILE = '''"""Written by `python -m agx.export --from-hf {folder}`: the model's shape from its config.json,
+the training recipe from {recipe}. Edit it, or change a setting with --set."""
+
+from agx.config import Config
+
+
+def config() -> Config:
+    return Config.from_dict(
+{config})
+'''
+
+
+def _import_config(source, experiment: str | None, overrides: list[str]):
+    """The import's config: the folder's model shape over the experiment's (saying what it replaced)
+    or over agx's defaults; a `--set` that contradicts the folder is refused."""
+    from agx.config import load_experiment, overridden_keys, with_overrides
+
+    given = dict(zip(overridden_keys(overrides), (o.partition("=")[2] for o in overrides)))
+    contradicted = [f"--set {key}={given[key]}, but its config.json has {value}"
+                    for key, value in ((f"model.{k}", v) for k, v in source.model_shape.items())
+                    if key in given and given[key] != str(value)]
+    if contradicted:
+        raise UserError(f"{source.folder}: {'; '.join(contradicted)}")
+    if experiment is None:
+        return with_overrides(source.cfg, overrides)
+    cfg = load_experiment(experiment, overrides)
+    replaced = [f"model.{k}={v} (the experiment has {getattr(cfg.model, k)})"
+                for k, v in source.model_shape.items() if getattr(cfg.model, k) != v]
+    for k, v in source.model_shape.items():
+        setattr(cfg.model, k, v)
+    cfg.validate()
+    if replaced:
+        print(f"agx: the model's shape comes from {source.folder}/config.json: {', '.join(replaced)}")
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -138,7 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="exported parameter dtype")
     parser.add_argument("--max-shard-size", default="5GB", help="hf: largest safetensors file (default 5GB)")
-    parser.add_argument("--experiment", help="with --from-hf: the experiment the weights will train in")
+    parser.add_argument("--experiment", help="with --from-hf: the training recipe (default: agx's defaults); the "
+                        "model's shape always comes from the folder's config.json")
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="with --from-hf")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
     args = parser.parse_args(argv)
@@ -150,8 +191,6 @@ def main(argv=None) -> int:
             export(args.checkpoint, args.format, args.output, DTYPES[args.dtype], args.force,
                    _size(args.max_shard_size))
         else:
-            if not args.experiment:
-                raise UserError("--from-hf needs --experiment: the experiment the imported weights train in")
             import_hf(args.from_hf, args.experiment, args.set, args.output, args.force)
         return 0
     except (UserError, RunError) as e:

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,22 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(trained, tmp_path)
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "fp32", torch_dtype=torch.float32).eval()
     assert_greedy_tokens_match(hf, cfg, params, [ours_tok.encode([p])[0] for p in PROMPTS])
+    assert_imports_alone_and_trains_on(hf, tmp_path / "fp32", trained, tmp_path)
+
+
+def assert_imports_alone_and_trains_on(hf, tokenizer_from: Path, trained: Path, tmp_path) -> None:
+    """`hf`, saved by transformers itself, imports with no --experiment (its shape read from its
+    config.json, the recipe agx's defaults), and trains on from its weights, not from a fresh init."""
+    folder, workdir = tmp_path / "saved-by-transformers", tmp_path / "imported-alone"
+    hf.save_pretrained(folder, safe_serialization=True)
+    shutil.copy2(tokenizer_from / "tokenizer.json", folder / "tokenizer.json")
+    result = export("--from-hf", folder, "--output", workdir, devices=8)
+    assert f"python -m agx.train --experiment {workdir / 'experiment.py'} --workdir {workdir}" in result.stdout
+    continued = agx_train("--experiment", str(workdir / "experiment.py"), "--workdir", str(workdir),
+                          *sets("train.steps=1", "eval.every=0", "data.workers=0"), env=env_for(8))
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "resumed from checkpoint step 0" in continued.stdout
+    assert step_losses(workdir)[1] < step_losses(trained)[1] - 0.3  # batch 0 again, now from trained weights
 
 
 def test_export_import_export_is_exact_and_the_trainer_continues_the_import(trained, tmp_path):
@@ -182,6 +199,7 @@ def test_llama_export_loads_in_transformers_with_the_same_logits_and_greedy_toke
         np.testing.assert_allclose(mine, theirs, atol=2e-5 * np.abs(theirs).max(), rtol=0)
 
     assert_greedy_tokens_match(hf, cfg, params, [np.asarray(tokenizer(p)["input_ids"]) for p in PROMPTS])
+    assert_imports_alone_and_trains_on(hf, tmp_path / "hf", trained_llama, tmp_path)
 
 
 def test_llama_export_import_export_is_exact(trained_llama, tmp_path):
@@ -360,9 +378,9 @@ def test_hf_folders_of_other_kinds_incomplete_or_only_pickled_are_refused(traine
     assert "never loads" in line and "safe_serialization=True" in line
     assert not marker.exists() and not (tmp_path / "out").exists()
 
-    line = error_of(capsys, export_main, "--from-hf", tmp_path / "hf", "--experiment", "gpt3_tiny",
-                    "--output", tmp_path / "out")  # gpt3_tiny is 4 layers of 128; the export is 2 of 64
-    assert "--set model.num_layers=2" in line and "--set model.d_model=64" in line
+    line = error_of(capsys, export_main, "--from-hf", tmp_path / "hf", "--experiment", "gpt3_tiny", "--set",
+                    "model.num_layers=4", "--output", tmp_path / "out")  # the export is 2 layers of 64
+    assert line.endswith("hf: --set model.num_layers=4, but its config.json has 2")
 
 
 def test_a_non_empty_output_is_refused_unless_forced(trained, tmp_path, capsys):
