@@ -301,6 +301,28 @@ def test_settings_override_the_launcher_and_a_multi_node_job_without_a_host_is_r
         ("runtime settings", 2, 1, 0, 1, "127.0.0.1:7")
 
 
+def test_a_job_of_several_processes_on_the_intel_plugin_routes_its_collectives_through_oneccl():
+    """The environment the runtime builds before JAX starts: every switch the plugin reads, for
+    `auto` and `xpu` with 2 processes; a value the user set is kept; nothing for one process or for
+    the other platforms."""
+    from agx.runtime import ONECCL_SWITCHES, collectives_environment
+
+    for platform in ("auto", "xpu"):
+        env = {"ALLTOALL_USE_ONECCL": "0"}
+        collectives_environment(platform, 2, env)
+        assert env == {**dict.fromkeys(ONECCL_SWITCHES, "1"), "ALLTOALL_USE_ONECCL": "0"}
+    for platform, count in [("xpu", 1), ("auto", 1), ("cuda", 2), ("cpu", 2)]:
+        env = {}
+        collectives_environment(platform, count, env)
+        assert env == {}
+    from agx.runtime.platform import _xpu_plugin_dir
+
+    plugin = _xpu_plugin_dir()  # the xpu stack: the switches are the plugin's own strings
+    if plugin is not None:
+        binary = (plugin / "pjrt_plugin_xpu.so").read_bytes()
+        assert all(b"\0" + switch.encode() + b"\0" in binary for switch in ONECCL_SWITCHES)
+
+
 def test_tensor_groups_that_straddle_hosts_are_found():
     from types import SimpleNamespace
 

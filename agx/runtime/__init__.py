@@ -24,9 +24,28 @@ from agx.runtime.rendezvous import bind_address, rendezvous
 __all__ = ["Processes", "choose_platform", "silence_plugin_failure", "start"]
 
 
+# The Intel plugin (0.7.0) reads these switches when it builds its collectives API
+# (xla::gpu::CclApi::CclApi in pjrt_plugin_xpu.so), each through tsl::ReadBoolFromEnvVar with the
+# default false, and initialises oneCCL only when one of them is set: read from the binary's
+# code, not yet tried on an Intel GPU. A job of several processes needs its collectives to cross
+# them, so agx sets each to 1 there; a value already in the environment is kept.
+ONECCL_SWITCHES = ("COLLECTIVE_USE_ONECCL", "ALLREDUCE_USE_ONECCL", "BROADCAST_USE_ONECCL", "ALLGATHER_USE_ONECCL",
+                   "REDUCESCATTER_USE_ONECCL", "ALLTOALL_USE_ONECCL", "COLLECTIVEPERMUTE_USE_ONECCL",
+                   "SENDRECV_USE_ONECCL")
+
+
+def collectives_environment(platform: str, num_processes: int, env) -> None:
+    """Sets ONECCL_SWITCHES in `env` (before JAX loads the plugin) for a job of several processes
+    that may run on the Intel plugin (`runtime.platform` xpu or auto)."""
+    if num_processes > 1 and platform in ("auto", "xpu"):
+        for switch in ONECCL_SWITCHES:
+            env.setdefault(switch, "1")
+
+
 def start(cfg: RuntimeConfig, env=os.environ) -> Processes:
     """Chooses the platform and joins the job; returns this process's place in it."""
     processes = discover(cfg, env)
+    collectives_environment(cfg.platform, processes.num_processes, env)
     choose_platform(cfg.platform)
     per_process = _devices_per_process(env)
     if per_process:
