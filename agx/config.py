@@ -26,8 +26,9 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # gpipe becomes circular with pipeline.r
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
-# Training attention: agx's einsum softmax (any backend), or cuDNN's fused flash attention (NVIDIA GPUs).
-ATTENTIONS = ("xla", "cudnn")
+# Training attention: agx's einsum softmax (any backend), cuDNN's fused flash attention (NVIDIA GPUs),
+# or auto: cuDNN's where it applies, else agx's in the backend's blocks (agx.models.attention_choice).
+ATTENTIONS = ("auto", "xla", "cudnn")
 
 
 @dataclass
@@ -51,9 +52,10 @@ class ModelConfig:
     bias: bool = True  # biases on the projections and norms
     tie_embeddings: bool = True  # the LM head is the token embedding
     dropout: float = 0.0
-    attention: str = "xla"  # one of ATTENTIONS
+    attention: str = "auto"  # one of ATTENTIONS
     # Causal attention in query blocks of this many positions, each block against the keys up to its
-    # end only, so the masked blocks above the diagonal are never computed; 0: one masked T x T product.
+    # end only, so the masked blocks above the diagonal are never computed; 0: one masked T x T product
+    # with xla, the backend's block with auto (where cuDNN's is not taken).
     attention_block: int = 0
     dtype: str = "float32"  # compute dtype; parameters, softmax and loss stay in float32
     remat: str = "none"  # activation checkpointing policy, one of REMAT_POLICIES

@@ -11,12 +11,14 @@ micro-batches, for `--nodes` or for the fewest nodes that fit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from agx.config import load_experiment
 from agx.errors import UserError, cli_exit
+from agx.models.attention_choice import choose_attention
 from agx.planning.systems import load_system
 from agx.runtime import silence_plugin_failure
 
@@ -87,6 +89,9 @@ def main(argv=None) -> int:
     try:
         system = load_system(args.system)
         cfg = load_experiment(args.experiment, args.set)
+        attention = choose_attention(cfg.model, system.platform, system.compute_capability)  # the system's
+        cfg = dataclasses.replace(cfg, model=attention.applied(cfg.model))
+        print(f"agx: attention on {system.name}: {attention.describe(cfg.model.seq_len)}")
         if args.nodes is not None and args.nodes < 1:
             raise UserError("--nodes must be at least 1")
         from agx.planning.search import fewest_nodes_bound, run_plan, run_search

@@ -32,7 +32,9 @@ def dry_run(cfg: Config) -> dict:
             "mesh": dict(mesh.shape), "devices": mesh.devices.size, "zero_stage": cfg.mesh.zero_stage,
             "param_bytes_per_device": bytes_per_device["params"],
             "opt_state_bytes_per_device": bytes_per_device["opt_state"],
-            "activation_bytes_per_device": activation_bytes(cfg, dict(mesh.shape), trainer.pipeline),
+            "activation_bytes_per_device": activation_bytes(trainer.cfg, dict(mesh.shape), trainer.pipeline),
+            "attention": {"kind": trainer.attention.attention, "block": trainer.attention.block,
+                          "why": trainer.attention.why},
             "pipeline": trainer.pipeline.describe() if trainer.pipeline else None}
 
 

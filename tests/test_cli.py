@@ -19,6 +19,9 @@ def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
     assert plan["params"] == pytest.approx(1.0e12, rel=0.01)
     assert plan["mesh"] == {"pipeline": 1, "data": 1, "fsdp": 1, "tensor": 8}
     assert plan["flops_per_token"] > 6 * plan["params"]
+    assert "model.attention = 'auto'" in result.stdout  # what was asked, then what this machine runs
+    assert plan["attention"] == {"kind": "xla", "block": 64, "why": "auto on cpu: not cuDNN's, for cpu is not an "
+                                                                   "NVIDIA GPU"}
     # 4 bytes per fp32 parameter, split 8 ways by tensor parallelism (LayerNorms replicated)
     assert plan["param_bytes_per_device"] == pytest.approx(4 * plan["params"] / 8, rel=0.01)
 
@@ -73,6 +76,8 @@ def test_default_experiment_loss_falls_within_50_steps(tmp_path):
     assert first == pytest.approx(7.62, abs=0.3)  # ln(2048): uniform over the BPE vocabulary at init
     assert last < first - 1.5, (first, last)
     assert "step     50 | loss" in result.stdout
+    assert ("agx: attention: agx's attention in query blocks of 64 of 128 positions (auto on cpu: not cuDNN's, for "
+            "cpu is not an NVIDIA GPU)") in result.stdout
     assert "WARNING:absl" not in result.stderr, result.stderr  # nor the libraries' notices
     assert "leaked shared_memory" not in result.stderr, result.stderr  # the loader's batches in flight
 

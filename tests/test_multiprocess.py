@@ -323,6 +323,20 @@ def test_a_job_of_several_processes_on_the_intel_plugin_routes_its_collectives_t
         assert all(b"\0" + switch.encode() + b"\0" in binary for switch in ONECCL_SWITCHES)
 
 
+def test_the_gpu_job_scripts_xla_flags_are_known_to_this_jaxlib():
+    """XLA aborts every process at start on a flag it does not know: each of the flags that
+    tools/jobs/slurm_gpu.sbatch sets starts JAX here (both stacks' jaxlibs parse every backend's flags),
+    and a misspelt one would not."""
+    script = (Path(__file__).resolve().parent.parent / "tools" / "jobs" / "slurm_gpu.sbatch").read_text()
+    flags = [line.strip() for line in script.splitlines() if line.strip().startswith("--xla_gpu_")]
+    assert len(flags) == 8, flags
+    starts = lambda flags: subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                                          text=True, env={**os.environ, "XLA_FLAGS": " ".join(flags)}, timeout=120)
+    assert starts(flags).returncode == 0, starts(flags).stderr
+    misspelt = starts([*flags, "--xla_gpu_enable_latency_hiding_schedular=true"])
+    assert misspelt.returncode != 0 and "xla_gpu_enable_latency_hiding_schedular" in misspelt.stderr
+
+
 def test_tensor_groups_that_straddle_hosts_are_found():
     from types import SimpleNamespace
 

@@ -114,7 +114,7 @@ def test_analytic_memory_is_within_the_margin_of_the_compiled_step(name):
     ratios = []
     for mesh in (["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
                                                    "mesh.sequence_parallel=true"]):
-        cfg = load_experiment(name, ["train.batch_size=8", *mesh])
+        cfg = load_experiment(name, ["train.batch_size=8", "model.attention=xla", *mesh])  # dense, as measured
         shape = {"pipeline": 1, "data": 1, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
         planned = analytic.memory(cfg, analytic.StateShapes(cfg), shape, None)["total"]  # no stages
         ratios.append(planned / compile_step(cfg).memory["total"])
@@ -130,7 +130,7 @@ def test_blocked_attention_saves_activation_memory_in_the_planned_proportion():
     planned, compiled = {}, {}
     for block in (0, 512, 1024):
         cfg = load_experiment("gpt3_small", ["train.batch_size=8", "mesh.data=1", "mesh.fsdp=8", "model.remat=none",
-                                             f"model.attention_block={block}"])
+                                             "model.attention=xla", f"model.attention_block={block}"])
         planned[block] = analytic.activation_bytes(cfg, {"pipeline": 1, "data": 1, "fsdp": 8, "tensor": 1}, None)
         compiled[block] = compile_step(cfg).memory["total"]
     saving_ratio = lambda totals: (totals[0] - totals[512]) / (totals[0] - totals[1024])
@@ -268,3 +268,11 @@ def test_bad_layouts_and_system_files_get_one_line(tmp_path):
     system.write_text(json.dumps({"devices_per_node": 4, "memory_gib": 80}))
     line = one_error(plan_cli("--experiment", "gpt3_small", "--system", str(system)))
     assert "missing system fields peak_tflops, intra_node_gbs, inter_node_gbs" in line
+    figures = {"devices_per_node": 4, "memory_gib": 80, "peak_tflops": 500, "intra_node_gbs": 100, "inter_node_gbs": 25}
+    system.write_text(json.dumps({**figures, "platform": "tpu"}))
+    assert "platform 'tpu' is not one of cuda, rocm, xpu, cpu" in one_error(
+        plan_cli("--experiment", "gpt3_small", "--system", str(system)))
+    system.write_text(json.dumps({**figures, "platform": "xpu"}))  # auto plans Intel's attention there
+    result = plan_cli("--experiment", "gpt3_small", "--system", str(system), "--no-compile")
+    assert result.stdout.startswith("agx: attention on mine: agx's attention in query blocks of 512 of 2048 "
+                                    "positions (auto on xpu: not cuDNN's, for xpu is not an NVIDIA GPU)"), result

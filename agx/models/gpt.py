@@ -161,7 +161,9 @@ class Block(nn.Module):
 
     def _causal_attention(self, q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ):
         """Causal self-attention; with model.attention_block = C, query block i attends to keys
-        [0, (i+1)·C) only: (1 + C/T)/2 of the dense FLOPs and score memory, masked on the diagonal."""
+        [0, (i+1)·C) only: (1 + C/T)/2 of the dense FLOPs and score memory, masked on the diagonal.
+        Runs choose `auto` for their devices first (agx.models.attention_choice); unchosen (init, a
+        notebook's direct call) it is agx's attention as configured."""
         if self.cfg.attention == "cudnn":
             return _cudnn_attention(q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ)
         T, C = q_BxHxTxQ.shape[2], self.cfg.attention_block

@@ -41,7 +41,7 @@ def compile_equivalent(cfg: Config, shape: dict):
         return None  # no smaller layout has the same shards: say so, never pretend
     small = _with_mesh(cfg, {**shape, "data": shape["data"] // k}, train__batch_size=cfg.train.batch_size // k)
     result = compile_step(small, jax.devices()[:devices // k])
-    result.note = f"; equivalent to {devices}: data={shape['data'] // k} instead of {shape['data']}, same per-device shards"
+    result.note += f"; equivalent to {devices}: data={shape['data'] // k} instead of {shape['data']}, same per-device shards"
     return result
 
 

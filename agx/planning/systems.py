@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from agx.errors import UserError
+
+PLATFORMS = ("cuda", "rocm", "xpu", "cpu")
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,8 @@ class System:
     peak_tflops: float  # dense bf16 per device
     intra_node_gbs: float  # GB/s one direction, per device, to the devices of its node
     inter_node_gbs: float  # GB/s one direction, per device, to other nodes
+    platform: str = "cuda"  # its devices' backend ('cuda', 'xpu', 'cpu'): which attention auto takes there
+    compute_capability: str | None = None  # an NVIDIA GPU's ("9.0": Hopper), for cuDNN's head sizes
 
     @property
     def memory_bytes(self) -> int:
@@ -32,13 +37,13 @@ class System:
 SYSTEMS = {
     # 6 Max 1550 GPUs = 12 tiles of 64 GiB (ZE_FLAT_DEVICE_HIERARCHY=FLAT); 8 Slingshot-11 NICs of
     # 25 GB/s per node; Xe Link between GPUs (an estimate: no per-tile figure is published).
-    "aurora": System("aurora", 12, 64, 419.4, 50.0, 8 * 25 / 12),
+    "aurora": System("aurora", 12, 64, 419.4, 50.0, 8 * 25 / 12, "xpu"),
     # 4 A100-40GB, NVLink 3 (300 GB/s one way), 2 Slingshot-11 NICs per node.
-    "polaris": System("polaris", 4, 40, 312.0, 300.0, 2 * 25 / 4),
+    "polaris": System("polaris", 4, 40, 312.0, 300.0, 2 * 25 / 4, "cuda", "8.0"),
     # DGX H100: NVLink 4 (450 GB/s one way), 8 × 400 Gb/s InfiniBand.
-    "h100x8": System("h100x8", 8, 80, 989.4, 450.0, 50.0),
+    "h100x8": System("h100x8", 8, 80, 989.4, 450.0, 50.0, "cuda", "9.0"),
     # This project's 2-core machine as 8 simulated devices sharing 24 GB; 133 GFLOP/s measured matmul.
-    "cpu": System("cpu", 8, 3, 0.133 / 8, 10.0, 10.0),
+    "cpu": System("cpu", 8, 3, 0.133 / 8, 10.0, 10.0, "cpu"),
 }
 
 
@@ -52,7 +57,7 @@ def load_system(name_or_path: str) -> System:
         fields = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path}: not JSON ({e})") from None
-    names = [f.name for f in dataclasses.fields(System)]
+    names = [f.name for f in dataclasses.fields(System) if f.name not in ("platform", "compute_capability")]
     missing = [n for n in names if n not in fields and n != "name"]
     if missing:
         raise UserError(f"{path}: missing system fields {', '.join(missing)} (a system has {', '.join(names)})")
@@ -63,4 +68,10 @@ def load_system(name_or_path: str) -> System:
         raise UserError(f"{path}: bad system field value ({e})") from None
     if any(values[n] <= 0 for n in names if n != "name"):
         raise UserError(f"{path}: every system figure must be positive")
-    return System(**values)
+    platform = fields.get("platform", System.platform)
+    if platform not in PLATFORMS:
+        raise UserError(f"{path}: platform {platform!r} is not one of {', '.join(PLATFORMS)}")
+    capability = fields.get("compute_capability")
+    if capability is not None and not re.fullmatch(r"\d+\.\d+", str(capability)):
+        raise UserError(f"{path}: compute_capability {capability!r} is not of the form 9.0")
+    return System(**values, platform=platform, compute_capability=capability and str(capability))

@@ -3,6 +3,7 @@ steps, report each one, evaluate and save when due, and stop cleanly on a signal
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from agx.config import Config
 from agx.data.cache import cache_root
 from agx.data.dataset import make_loader
 from agx.errors import RunError, UserError
+from agx.models.attention_choice import AttentionChoice, for_device
 from agx.models.sizes import flops_per_token
 from agx.parallel.batch import batch_sharding, data_parallel_size
 from agx.parallel.mesh import build_mesh, process_hosts, tensor_groups_across_hosts
@@ -41,10 +43,13 @@ class Trainer:
     plan: StatePlan
     step_fn: object
     pipeline: Schedule | None  # None without pipeline stages
+    attention: AttentionChoice  # what model.attention runs as on these devices; cfg holds it
 
     @classmethod
     def build(cls, cfg: Config, devices=None) -> Trainer:
         mesh = build_mesh(cfg.mesh, devices)
+        attention = for_device(cfg.model, mesh.devices.flat[0])
+        cfg = dataclasses.replace(cfg, model=attention.applied(cfg.model))
         data_parallel = data_parallel_size(mesh.shape)
         per_replica = cfg.train.batch_size // cfg.train.microbatches
         if per_replica % data_parallel:
@@ -56,7 +61,8 @@ class Trainer:
         pipeline = pipeline_schedule(cfg, dict(mesh.shape))  # refuses a pipeline it cannot run, before the shapes do
         tx = make_optimizer(cfg)
         plan = plan_state(cfg, tx, mesh)
-        return cls(cfg, mesh, tx, plan, make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh, pipeline), pipeline)
+        step_fn = make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh, pipeline)
+        return cls(cfg, mesh, tx, plan, step_fn, pipeline, attention)
 
     def init(self) -> TrainState:
         return init_state(self.plan, self.cfg.train.seed)
@@ -86,6 +92,7 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
         device = mesh.devices.flat[0]
         log(f"agx: {cfg.name}: {trainer.plan.num_params:,} parameters on mesh {dict(mesh.shape)} of "
             f"{mesh.devices.size} {device.platform} devices ({device.device_kind})")
+        log(f"agx: attention: {trainer.attention.describe(T)}")
         if trainer.plan.padded:
             count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
             extra = count(trainer.plan.abstract.params) / count(trainer.plan.logical.params) - 1
@@ -122,7 +129,7 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
             log(f"agx: already at step {first_step} of train.steps={cfg.train.steps}; nothing to do")
             return state
 
-        evaluator = Evaluator(cfg, trainer.plan, mesh, trainer.pipeline, log) if cfg.eval.every else None
+        evaluator = Evaluator(trainer.cfg, trainer.plan, mesh, trainer.pipeline, log) if cfg.eval.every else None
         # The first batch before compiling: a token id outside the vocabulary fails in seconds, and
         # the loader's workers read ahead while the step compiles.
         batches = itertools.chain([next(loader)], loader)

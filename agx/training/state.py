@@ -7,6 +7,7 @@ placed; then that same traced init runs as one jitted call straight into those s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 from flax import struct
 from jax.sharding import Mesh
 
-from agx.config import Config
+from agx.config import Config, ModelConfig
 from agx.errors import UserError
 from agx.models.gpt import GPT
 from agx.parallel.padding import pad_to, stored_shapes, unpad_to
@@ -66,9 +67,15 @@ class StatePlan:
         return sum(x.size for x in jax.tree_util.tree_leaves(self.logical.params))
 
 
+def _shapes_only(m: ModelConfig) -> ModelConfig:
+    """Init runs the model once for its weights alone: agx's dense attention, on any machine, stands in
+    for the one chosen (cuDNN's would need an NVIDIA GPU to trace even for the planner's shapes)."""
+    return dataclasses.replace(m, attention="xla", attention_block=0)
+
+
 def init_fn(cfg: Config, tx: optax.GradientTransformation):
     """Returns rng -> boxed TrainState (LogicallyPartitioned leaves carry the logical axis names)."""
-    model = GPT(cfg.model)  # no layout: init needs no sharding constraints
+    model = GPT(_shapes_only(cfg.model))  # no layout: init needs no sharding constraints
 
     def init(rng):
         tokens_1xT = jnp.zeros((1, cfg.model.seq_len), jnp.int32)
@@ -83,7 +90,7 @@ def plan_params(cfg: Config, mesh: Mesh):
     """(ShapeDtypeStructs, NamedShardings) of the parameters alone, for loading weights to sample
     from or to export: the training layout of cfg.mesh on `mesh`, which must divide them (these
     arrays go to the model as they are, unpadded)."""
-    boxed = jax.eval_shape(lambda rng: GPT(cfg.model).init(rng, jnp.zeros((1, cfg.model.seq_len), jnp.int32)),
+    boxed = jax.eval_shape(lambda rng: GPT(_shapes_only(cfg.model)).init(rng, jnp.zeros((1, cfg.model.seq_len), jnp.int32)),
                            jax.random.key(0))["params"]
     shardings = zero_layouts(mesh, cfg.mesh, cfg.model.kv_heads).params.tree_shardings(nn.get_partition_spec(boxed))
     abstract = nn.meta.unbox(boxed)

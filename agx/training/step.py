@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import Config
 from agx.models import gpt
+from agx.models.attention_choice import for_device
 from agx.models.gpt import GPT
 from agx.models.loss import cross_entropy
 from agx.parallel import one_f_one_b, pipeline
@@ -36,7 +37,7 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     stages, else its pieces run by the pipeline (GPipe or circular), or by 1F1B when training,
     whose loop computes each micro-batch's loss and gradients at once.
     bubble_value: what idle pipeline stages start from (a test fills them with NaN)."""
-    m = cfg.model
+    m = for_device(cfg.model, layout.mesh.devices.flat[0]).applied(cfg.model)  # model.attention=auto chosen
     dropout = train and m.dropout > 0
     loss = lambda logits_BxTxV, targets_BxT: cross_entropy(logits_BxTxV, targets_BxT, m.vocab_size)
     stack_logical = gpt.stack_axes(m) if schedule else None  # traced once here, not in every trace of loss_fn
