@@ -15,6 +15,7 @@ Outputs appear complete or not at all.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import json
 import pprint
@@ -147,12 +148,15 @@ def config() -> Config:
 def _import_config(source, experiment: str | None, overrides: list[str]):
     """The import's config: the folder's model shape over the experiment's (saying what it replaced)
     or over agx's defaults; a `--set` that contradicts the folder is refused."""
-    from agx.config import load_experiment, overridden_keys, with_overrides
+    from agx.config import apply_override, load_experiment, overridden_keys, with_overrides
 
-    given = dict(zip(overridden_keys(overrides), (o.partition("=")[2] for o in overrides)))
-    contradicted = [f"--set {key}={given[key]}, but its config.json has {value}"
-                    for key, value in ((f"model.{k}", v) for k, v in source.model_shape.items())
-                    if key in given and given[key] != str(value)]
+    shape_fields = {f"model.{k}": k for k in source.model_shape}
+    said = copy.deepcopy(source.cfg)  # the shape `--set` gives, parsed: 0.00001 is 1e-05
+    shape_sets = [(o, shape_fields[key]) for o, key in zip(overrides, overridden_keys(overrides)) if key in shape_fields]
+    for assignment, _ in shape_sets:
+        apply_override(said, assignment)
+    contradicted = [f"--set {assignment}, but its config.json has {source.model_shape[k]}"
+                    for assignment, k in shape_sets if getattr(said.model, k) != source.model_shape[k]]
     if contradicted:
         raise UserError(f"{source.folder}: {'; '.join(contradicted)}")
     if experiment is None:

@@ -116,16 +116,21 @@ def verify(step_dir: Path, process: int = 0, count: int = 1) -> dict | None:
     differ = [name for name in mine if digest(step_dir / name) != files[name][1]]
     if differ:
         raise ChecksumMismatch(f"content differs from its checksum: {_listed(differ)}")
-    return {"files": len(mine), "bytes": sum(files[n][0] or 0 for n in mine), "seconds": time.perf_counter() - started}
+    return {"files": len(mine), "bytes": sum(_bytes(files[n]) for n in mine), "seconds": time.perf_counter() - started}
+
+
+def _bytes(entry: list) -> int:
+    """A manifest entry's size; None (the step metadata, whose size Orbax changes at the commit) counts as 0."""
+    return entry[0] or 0
 
 
 def share(files: dict[str, list], process: int, count: int) -> list[str]:
     """The files `process` hashes: largest first, each to the process with the fewest bytes so far
     (the same deal on every process)."""
     loads, mine = [0] * count, []
-    for name in sorted(files, key=lambda n: (-(files[n][0] or 0), n)):
+    for name in sorted(files, key=lambda n: (-_bytes(files[n]), n)):
         least = loads.index(min(loads))
-        loads[least] += files[name][0] or 0
+        loads[least] += _bytes(files[name])
         if least == process:
             mine.append(name)
     return mine
