@@ -73,6 +73,22 @@ def test_tensor_parallel_all_reduces_are_megatrons():
     assert compiled["all-reduce"]["bytes"] == pytest.approx(minimum["tensor-parallel all-reduce"], rel=0.01)
 
 
+@pytest.mark.parametrize("mesh", [("mesh.data=4", "mesh.tensor=2", "mesh.zero_stage=0"), ("mesh.data=1", "mesh.tensor=8")])
+def test_grouped_query_attentions_tensor_parallel_traffic_is_at_the_minimum(mesh):
+    """Llama's 8 query heads on 2 KV heads. At tensor=2 the KV heads split with their query heads:
+    Megatron's activation all-reduces and no more. At tensor=8 they are whole on every rank, and the
+    backward adds what the planner counts for that: each KV head's gradient summed over the 4 ranks
+    that share it, then gathered whole."""
+    minimum, compiled, _ = both(load_experiment("llama_tiny", SMALL + list(mesh)))
+    assert set(compiled) <= {"all-reduce", "all-gather"}, compiled
+    all_reduced = sum(minimum.get(k, 0) for k in ("tensor-parallel all-reduce", "KV-gradient all-reduce",
+                                                  "gradient reduction"))
+    assert compiled["all-reduce"]["bytes"] == pytest.approx(all_reduced, rel=0.01)  # with the softmax's [B, T] pairs
+    gathered = compiled.get("all-gather", {"bytes": 0})["bytes"]
+    assert gathered == pytest.approx(minimum.get("KV-gradient all-gather", 0), rel=0.01)
+    assert ("KV-gradient all-gather" in minimum) == (mesh[1] == "mesh.tensor=8")
+
+
 def test_pipeline_sends_are_what_the_compiled_step_permutes_and_its_loop_reduces_no_gradient():
     """Forward and backward, every iteration: the stage outputs and the micro-batch buffer. The
     stage weights' gradients over `data` (ZeRO-1) are reduce-scattered once, after the loop; the

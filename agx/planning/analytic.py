@@ -116,6 +116,24 @@ def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedul
     return result
 
 
+def whole_kv_gradient_bytes(cfg: Config, b: int, t: int, layer_passes: float) -> dict:
+    """Grouped-query attention with fewer KV heads (K) than `tensor` ranks (t): the KV weights are
+    whole on every rank (agx.parallel.mesh), each rank computes every KV head, and the forward needs
+    no collective. In the backward each rank's query heads give a partial gradient of their KV
+    head's keys and values, [b, 1, s, Q] each; the t/K ranks that share a head sum it (an
+    all-reduce), and the K sums are gathered so that every rank holds the whole dK and dV, from
+    which its replicated weight gradient and its share of the input gradient follow with no further
+    collective. Where K does not divide t, one all-reduce of the whole [b, K, s, Q] over t bounds it.
+    (Megatron-LM requires t to divide the query groups and never keeps them whole.)"""
+    m = cfg.model
+    K, ring = m.kv_heads, (lambda n: (n - 1) / n)
+    head = 2 * b * m.seq_len * m.head_dim * DTYPE_BYTES[m.dtype]  # one KV head's keys and values
+    if t % K:
+        return {"KV-gradient all-reduce": layer_passes * 2 * K * head * ring(t)}
+    return {"KV-gradient all-reduce": layer_passes * 2 * head * ring(t // K),
+            "KV-gradient all-gather": layer_passes * K * head * ring(K)}
+
+
 def activation_bytes(cfg: Config, mesh_shape: dict, schedule: Schedule | None) -> int:
     """Per device: what the backward pass keeps, plus the most it rebuilds at once.
 
@@ -198,6 +216,8 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch
     if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head
         out["tensor-parallel all-reduce"] = micro * (4 * m.num_layers / p * passes + 2) * 2 * activation * ring(t)
+    if t > 1 and not kv_heads_split(m.kv_heads, t):
+        out.update(whole_kv_gradient_bytes(cfg, b, t, micro * m.num_layers / p * passes))
     if schedule:  # every iteration, forward and backward: the stage outputs and the micro-batch buffer,
         # which is then put back in order (a reversal and a rotation, and back in the backward);
         # 1F1B: every tick, one micro-batch forward and one gradient back
