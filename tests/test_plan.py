@@ -4,10 +4,12 @@ the trillion-parameter plan on 64 Aurora nodes, AuroraGPT-70B on 8, the search's
 bad input."""
 
 import csv
+import functools
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import pytest
@@ -17,6 +19,7 @@ from agx.config import load_experiment
 from agx.models.sizes import param_count
 from agx.parallel.mesh import AXES
 from agx.planning import analytic
+from agx.planning import canonical as canonical_layouts
 from agx.planning.compiled import compile_step
 from agx.training.loop import Trainer
 from agx.training.step import pipeline_schedule
@@ -37,13 +40,39 @@ def both(cfg):
     return analytic.collective_bytes(cfg, shapes, shape, pipeline_schedule(cfg, shape)), compiled.collectives, shapes
 
 
+@functools.cache
+def canonical(name: str) -> canonical_layouts.Measured:
+    """A canonical layout of the README's collectives table, compiled once a module: the table's
+    test and the tests below that read one of its layouts share it."""
+    return canonical_layouts.measure(*canonical_layouts.LAYOUTS[name])
+
+
+def test_the_readmes_collectives_table_is_what_this_stack_compiles():
+    """Each canonical layout's compiled bytes by kind and their analytic minimum, as the README's
+    table for this stack (newest or xpu) gives them, within 1% or 0.01 MiB."""
+    stack = "xpu" if jax.__version__ == "0.5.0" else "newest"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split(f"<!-- collectives table, {stack} stack -->")[1].split("<!-- end of table -->")[0]
+    documented = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("| \n").split("|")]
+                                                    for line in table.strip().splitlines()[2:])}
+    assert list(documented) == list(canonical_layouts.LAYOUTS)
+    numbers = lambda cells: [float(n) for cell in cells for n in cell.rstrip("×").split(" / ")]
+    for name in canonical_layouts.LAYOUTS:
+        row = canonical(name).row(name)
+        assert numbers(documented[name]) == pytest.approx(numbers(row[1:]), rel=0.01, abs=0.01), (name, row)
+
+
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_data_replicas_reduce_the_gradients_once_a_step_at_the_minimum(zero_stage):
     """Four micro-batches: the replicas' gradients are summed once, after the accumulation loop, by
     an all-reduce (ZeRO-0) or a reduce-scatter onto the optimizer's shards and an all-gather of the
     updated weights (ZeRO-1). Nothing is reduced inside the loop."""
-    cfg = small("mesh.data=8", f"mesh.zero_stage={zero_stage}", "train.microbatches=4", "train.batch_size=32")
-    minimum, compiled, _ = both(cfg)
+    if zero_stage == 1:
+        layout = canonical("data=8, ZeRO-1, 4 micro-batches")
+        minimum, compiled = layout.minimum, layout.compiled
+    else:
+        minimum, compiled, _ = both(small("mesh.data=8", "mesh.zero_stage=0", "train.microbatches=4",
+                                          "train.batch_size=32"))
     scalars = 64  # the loss and the gradient norm's partial sums, as all-reduces
     if zero_stage == 0:
         assert set(compiled) == {"all-reduce"}
@@ -73,28 +102,26 @@ def test_tensor_parallel_all_reduces_are_megatrons():
     assert compiled["all-reduce"]["bytes"] == pytest.approx(minimum["tensor-parallel all-reduce"], rel=0.01)
 
 
-@pytest.mark.parametrize("mesh", [("mesh.data=4", "mesh.tensor=2", "mesh.zero_stage=0"), ("mesh.data=1", "mesh.tensor=8")])
-def test_grouped_query_attentions_tensor_parallel_traffic_is_at_the_minimum(mesh):
-    """Llama's 8 query heads on 2 KV heads. At tensor=2 the KV heads split with their query heads:
-    Megatron's activation all-reduces and no more. At tensor=8 they are whole on every rank, and the
-    backward adds what the planner counts for that: each KV head's gradient summed over the 4 ranks
-    that share it, then gathered whole."""
-    minimum, compiled, _ = both(load_experiment("llama_tiny", SMALL + list(mesh)))
-    assert set(compiled) <= {"all-reduce", "all-gather"}, compiled
-    all_reduced = sum(minimum.get(k, 0) for k in ("tensor-parallel all-reduce", "KV-gradient all-reduce",
-                                                  "gradient reduction"))
-    assert compiled["all-reduce"]["bytes"] == pytest.approx(all_reduced, rel=0.01)  # with the softmax's [B, T] pairs
-    gathered = compiled.get("all-gather", {"bytes": 0})["bytes"]
-    assert gathered == pytest.approx(minimum.get("KV-gradient all-gather", 0), rel=0.01)
-    assert ("KV-gradient all-gather" in minimum) == (mesh[1] == "mesh.tensor=8")
+@pytest.mark.parametrize("tensor", [2, 8])
+def test_grouped_query_attentions_tensor_parallel_traffic_is_at_the_minimum(tensor):
+    """Llama's 8 query heads on 2 KV heads. At tensor=2 (× data=4, ZeRO-1) the KV heads split with
+    their query heads: Megatron's activation all-reduces and no more. At tensor=8 they are whole on
+    every rank, and the backward adds what the planner counts for that: each KV head's gradient
+    summed over the 4 ranks that share it, then gathered whole."""
+    layout = canonical(f"Llama GQA (8 heads, 2 KV), tensor={tensor}" + (" × data=4" if tensor == 2 else ""))
+    minimum = canonical_layouts.minimum_by_kind(layout.minimum, sequence_parallel=False)
+    assert set(layout.compiled) <= {"all-reduce", "all-gather", "reduce-scatter"}, layout.compiled
+    for kind, compiled in layout.compiled.items():  # the all-reduces with the softmax's [B, T] pairs
+        assert compiled["bytes"] == pytest.approx(minimum[kind], rel=0.01), kind
+    assert ("KV-gradient all-gather" in layout.minimum) == (tensor == 8)
 
 
 def test_pipeline_sends_are_what_the_compiled_step_permutes_and_its_loop_reduces_no_gradient():
     """Forward and backward, every iteration: the stage outputs and the micro-batch buffer. The
     stage weights' gradients over `data` (ZeRO-1) are reduce-scattered once, after the loop; the
     LM head's, computed on every stage, are all-reduced over the stages once, after it too."""
-    minimum, compiled, _ = both(small("model.num_layers=4", "mesh.pipeline=4", "mesh.data=2",
-                                      "pipeline.microbatches=8"))
+    layout = canonical("pipeline=4 × data=2, GPipe, 8 micro-batches")
+    minimum, compiled = layout.minimum, layout.compiled
     assert compiled["collective-permute"]["bytes"] == pytest.approx(minimum["pipeline send/receive"], rel=0.1)
     assert compiled["all-reduce"]["in_loops"] == 0 and compiled["reduce-scatter"]["in_loops"] == 0
     scalars = 64  # the loss and the gradient norm's partial sums ride along
