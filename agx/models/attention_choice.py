@@ -16,8 +16,8 @@ from agx.config import ModelConfig
 from agx.errors import UserError
 
 # agx's query block per backend, measured by tools/bench.py: on this project's 2-core CPU blocks of 64
-# gained 3.9% over dense at seq 256 (bench_cpu); on an H200 blocks of 512 gained 14-24% (gpt3_small,
-# gpt3_xl). Intel's GPUs take the GPU figure, unmeasured there.
+# gained 11% over dense at seq 128 (gpt3_tiny) and 3.9% at seq 256 (bench_cpu); on an H200 blocks of
+# 512 gained 14-24% (gpt3_small, gpt3_xl). Intel's GPUs take the GPU figure, unmeasured there.
 BLOCKS = {"cpu": 64, "cuda": 512, "rocm": 512, "xpu": 512}
 GPU_BLOCK = 512
 
