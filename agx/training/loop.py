@@ -172,6 +172,10 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
                     raise RunError(f"{bad_in_a_row} steps in a row up to step {step} had a non-finite loss or "
                                    f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); stopping. "
                                    f"Checkpoints {checkpoints.manager.all_steps()} are intact")
+                # Every local device done with the step before the agreement's own collective starts:
+                # on jaxlib 0.5 (xpu stack) two CPU programs in flight have crossed gloo messages
+                # (`op.preamble.length <= op.nbytes`) in two-process runs; suspected, not proven.
+                jax.block_until_ready(state)
                 stop_signal = stop.agreed()
                 if not bad_in_a_row:  # the newest checkpoint is always a good step
                     checkpoints.save(step, state, loader, force=step == cfg.train.steps or bool(stop_signal))
