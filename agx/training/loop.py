@@ -148,6 +148,11 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
                 timer = time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                # Every local device done with the step before another program's collectives start
+                # (the evaluation's, the stop agreement's): on jaxlib 0.5 (the xpu stack) two CPU
+                # programs in flight crossed gloo messages (`op.preamble.length <= op.nbytes`) in
+                # two-process runs after a restore; suspected, not proven.
+                jax.block_until_ready(state)
                 step_s = time.perf_counter() - timer
                 profile.after(step)
                 tflops = flops_per_step / step_s / mesh.devices.size / 1e12
@@ -172,10 +177,6 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
                     raise RunError(f"{bad_in_a_row} steps in a row up to step {step} had a non-finite loss or "
                                    f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); stopping. "
                                    f"Checkpoints {checkpoints.manager.all_steps()} are intact")
-                # Every local device done with the step before the agreement's own collective starts:
-                # on jaxlib 0.5 (xpu stack) two CPU programs in flight have crossed gloo messages
-                # (`op.preamble.length <= op.nbytes`) in two-process runs; suspected, not proven.
-                jax.block_until_ready(state)
                 stop_signal = stop.agreed()
                 if not bad_in_a_row:  # the newest checkpoint is always a good step
                     checkpoints.save(step, state, loader, force=step == cfg.train.steps or bool(stop_signal))
