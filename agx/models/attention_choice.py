@@ -84,16 +84,16 @@ def query_block(seq_len: int, backend: str) -> int:
 def choose_attention(m: ModelConfig, backend: str, compute_capability: str | None = None) -> AttentionChoice:
     """What `m.attention` runs as on `backend` ('cpu', 'cuda', 'rocm', 'xpu'). Explicit choices stay,
     or, for cuDNN's where it cannot run, are refused in one line."""
+    refusal = cudnn_refusal(m, backend, compute_capability)
     if m.attention == "cudnn" and backend != "cuda":
         raise UserError(f"model.attention=cudnn needs an NVIDIA GPU; this run is on {backend}")
-    if m.attention == "cudnn" and cudnn_refusal(m, backend, compute_capability):
-        raise UserError(f"model.attention=cudnn cannot run this model: {cudnn_refusal(m, backend, compute_capability)}")
+    if m.attention == "cudnn" and refusal:
+        raise UserError(f"model.attention=cudnn cannot run this model: {refusal}")
     if m.attention != "auto":
         return AttentionChoice(m.attention, m.attention_block, f"model.attention={m.attention}")
     if m.attention_block:
         return AttentionChoice("xla", m.attention_block, f"auto: model.attention_block={m.attention_block} asks "
                                                          "for agx's blocked attention")
-    refusal = cudnn_refusal(m, backend, compute_capability)
     if refusal is None:
         return AttentionChoice("cudnn", 0, f"auto on {backend}: {m.dtype}, head size {m.head_dim}")
     block = query_block(m.seq_len, backend)
