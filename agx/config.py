@@ -87,6 +87,7 @@ class MeshConfig:
     pipeline: int = 1  # pipeline stages; the layer stack is split over this axis (how: the `pipeline` section)
     data: int = -1
     fsdp: int = 1
+    context: int = 1  # context parallelism: each sequence split over this axis (agx.parallel.context)
     tensor: int = 1
     zero_stage: int = 1
     sequence_parallel: bool = False  # Megatron SP: LayerNorm/dropout regions split over `tensor`

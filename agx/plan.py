@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     try:
         system = load_system(args.system)
         cfg = load_experiment(args.experiment, args.set)
-        attention = choose_attention(cfg.model, system.platform, system.compute_capability)  # the system's
+        attention = choose_attention(cfg.model, system.platform, system.compute_capability, max(cfg.mesh.context, 1))  # the system's
         cfg = dataclasses.replace(cfg, model=attention.applied(cfg.model))
         print(f"agx: attention on {system.name}: {attention.describe(cfg.model.seq_len)}")
         if args.nodes is not None and args.nodes < 1:

@@ -48,20 +48,24 @@ def device_backend(device) -> str:
     return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
 
 
-def for_device(m: ModelConfig, device) -> AttentionChoice:
+def for_device(m: ModelConfig, device, context: int = 1) -> AttentionChoice:
     """choose_attention for the device a mesh starts with (all of a mesh's devices are alike)."""
-    return choose_attention(m, device_backend(device), getattr(device, "compute_capability", None))
+    return choose_attention(m, device_backend(device), getattr(device, "compute_capability", None), context)
 
 
-def cudnn_refusal(m: ModelConfig, backend: str, compute_capability: str | None = None) -> str | None:
+def cudnn_refusal(m: ModelConfig, backend: str, compute_capability: str | None = None,
+                  context: int = 1) -> str | None:
     """Why cuDNN's fused attention (as jax.nn.dot_product_attention checks it) cannot run this model
     here, or None. compute_capability: the NVIDIA GPU's ("9.0"); None assumes one before Hopper.
 
-    Its partitioning rules split the batch and the heads only, which is all that agx's layouts split
+    Its partitioning rules split the batch and the heads only. That is all that agx's layouts split
     inside the attention (data, fsdp, tensor with or without sequence parallelism, pipeline stages,
-    whose vmap it batches at axis 0): none of them is a reason here."""
+    whose vmap it batches at axis 0) but one: `context` splits the sequence, whose load-balanced
+    chunk pairs (agx.parallel.context) cuDNN's kernel does not take."""
     if backend != "cuda":
         return f"{backend} is not an NVIDIA GPU"
+    if context > 1:
+        return f"mesh.context={context} (cuDNN's attention needs each device's whole sequence)"
     if m.dtype == "float32":
         return "model.dtype=float32 (cuDNN's attention is 16-bit)"
     if m.dropout:
@@ -81,10 +85,11 @@ def query_block(seq_len: int, backend: str) -> int:
     return fits[0] if fits else 0
 
 
-def choose_attention(m: ModelConfig, backend: str, compute_capability: str | None = None) -> AttentionChoice:
-    """What `m.attention` runs as on `backend` ('cpu', 'cuda', 'rocm', 'xpu'). Explicit choices stay,
-    or, for cuDNN's where it cannot run, are refused in one line."""
-    refusal = cudnn_refusal(m, backend, compute_capability)
+def choose_attention(m: ModelConfig, backend: str, compute_capability: str | None = None,
+                     context: int = 1) -> AttentionChoice:
+    """What `m.attention` runs as on `backend` ('cpu', 'cuda', 'rocm', 'xpu') with each sequence split
+    `context` ways. Explicit choices stay, or, for cuDNN's where it cannot run, are refused in one line."""
+    refusal = cudnn_refusal(m, backend, compute_capability, context)
     if m.attention == "cudnn" and backend != "cuda":
         raise UserError(f"model.attention=cudnn needs an NVIDIA GPU; this run is on {backend}")
     if m.attention == "cudnn" and refusal:
@@ -96,7 +101,7 @@ def choose_attention(m: ModelConfig, backend: str, compute_capability: str | Non
                                                          "for agx's blocked attention")
     if refusal is None:
         return AttentionChoice("cudnn", 0, f"auto on {backend}: {m.dtype}, head size {m.head_dim}")
-    block = query_block(m.seq_len, backend)
+    block = query_block(m.seq_len // (2 * context if context > 1 else 1), backend)
     best = BLOCKS.get(backend, GPU_BLOCK)
     unblocked = "" if block else f"; no block of {best // 2}-{best} positions divides {m.seq_len} into two or more"
     return AttentionChoice("xla", block, f"auto on {backend}: not cuDNN's, for {refusal}{unblocked}")

@@ -22,6 +22,8 @@ from flax import linen as nn
 
 from agx.config import ModelConfig
 from agx.errors import UserError
+from agx.parallel import context
+from agx.parallel.context import context_size
 from agx.parallel.mesh import Layout
 
 # Activation checkpointing (model.remat, named in agx.config.REMAT_POLICIES): which intermediates
@@ -146,40 +148,47 @@ class Block(nn.Module):
             h_BxTxF = nn.gelu(self._constrain(h_BxTxF, ("batch", "length", "mlp")), approximate=True)
         return self._dense(cfg.d_model, "out", out_std, ("mlp", "embed"))(h_BxTxF)
 
-    def _attend(self, q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ, allowed_xTxS):
-        """Softmax attention in float32, the normalisation applied after the PV matmul (to [.., Q]
-        instead of [.., S]). allowed_xTxS broadcasts against the scores [B, H, T, S]."""
-        Q = q_BxHxTxQ.shape[-1]
-        mask_bias = jnp.where(allowed_xTxS, 0.0, -1e30).astype(jnp.float32)
-        scores_BxHxTxS = jnp.einsum("bhtq,bhsq->bhts", q_BxHxTxQ * (1 / math.sqrt(Q)), k_BxHxSxQ,
-                                    preferred_element_type=jnp.float32) + mask_bias
-        max_BxHxTx1 = jax.lax.stop_gradient(jnp.max(scores_BxHxTxS, axis=-1, keepdims=True))
-        unnormalized_BxHxTxS = jnp.exp(scores_BxHxTxS - max_BxHxTx1)
-        sum_BxHxTx1 = jnp.sum(unnormalized_BxHxTxS, axis=-1, keepdims=True)
-        return jnp.einsum("bhts,bhsq->bhtq", self._dropout(unnormalized_BxHxTxS.astype(self.cfg.dtype)), v_BxHxSxQ,
-                          preferred_element_type=jnp.float32) / sum_BxHxTx1
+    def _attend(self, q_xTxQ, k_xSxQ, v_xSxQ, allowed_xTxS=None):
+        """Softmax attention in float32 over any leading dimensions ([B, H] and more), the normalisation
+        applied after the PV matmul (to [.., Q] instead of [.., S]). allowed_xTxS (None: all) broadcasts
+        against the scores [.., T, S]. Returns the context vectors and each query's log-sum-exp,
+        which lets parts of one query's keys be merged (agx.parallel.context)."""
+        Q = q_xTxQ.shape[-1]
+        scores_xTxS = jnp.einsum("...tq,...sq->...ts", q_xTxQ * (1 / math.sqrt(Q)), k_xSxQ,
+                                 preferred_element_type=jnp.float32)
+        if allowed_xTxS is not None:
+            scores_xTxS = scores_xTxS + jnp.where(allowed_xTxS, 0.0, -1e30).astype(jnp.float32)
+        max_xTx1 = jax.lax.stop_gradient(jnp.max(scores_xTxS, axis=-1, keepdims=True))
+        unnormalized_xTxS = jnp.exp(scores_xTxS - max_xTx1)
+        sum_xTx1 = jnp.sum(unnormalized_xTxS, axis=-1, keepdims=True)
+        ctx_xTxQ = jnp.einsum("...ts,...sq->...tq", self._dropout(unnormalized_xTxS.astype(self.cfg.dtype)), v_xSxQ,
+                              preferred_element_type=jnp.float32) / sum_xTx1
+        return ctx_xTxQ, (max_xTx1 + jnp.log(sum_xTx1))[..., 0]
 
-    def _causal_attention(self, q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ):
-        """Causal self-attention; with model.attention_block = C, query block i attends to keys
-        [0, (i+1)·C) only: (1 + C/T)/2 of the dense FLOPs and score memory, masked on the diagonal.
-        Runs choose `auto` for their devices first (agx.models.attention_choice); unchosen (init, a
-        notebook's direct call) it is agx's attention as configured."""
-        if self.cfg.attention == "cudnn":
-            return _cudnn_attention(q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ)
-        T, C = q_BxHxTxQ.shape[2], self.cfg.attention_block
+    def _causal_attention(self, q_xTxQ, k_xTxQ, v_xTxQ):
+        """Causal self-attention over any leading dimensions, as _attend returns it; with
+        model.attention_block = C, query block i attends to keys [0, (i+1)·C) only: (1 + C/T)/2 of
+        the dense FLOPs and score memory, masked on the diagonal. Runs choose `auto` for their
+        devices first (agx.models.attention_choice); unchosen (init, a notebook's direct call) it is
+        agx's attention as configured."""
+        T, C = q_xTxQ.shape[-2], self.cfg.attention_block
         C = C if C and T % C == 0 else T  # a shorter sequence than model.seq_len may not divide
         diagonal_CxC = jnp.tril(jnp.ones((C, C), dtype=bool))
-        ctx_blocks = []
+        blocks = []
         for end in range(C, T + 1, C):
             allowed_CxE = jnp.concatenate([jnp.ones((C, end - C), dtype=bool), diagonal_CxC], axis=1)
-            ctx_blocks.append(self._attend(q_BxHxTxQ[:, :, end - C:end], k_BxHxTxQ[:, :, :end], v_BxHxTxQ[:, :, :end],
-                                           allowed_CxE))
-        return jnp.concatenate(ctx_blocks, axis=2)  # one block (C = T): XLA drops the concatenate
+            blocks.append(self._attend(q_xTxQ[..., end - C:end, :], k_xTxQ[..., :end, :], v_xTxQ[..., :end, :],
+                                       allowed_CxE))
+        if len(blocks) == 1:
+            return blocks[0]
+        return jnp.concatenate([b[0] for b in blocks], axis=-2), jnp.concatenate([b[1] for b in blocks], axis=-1)
 
     @nn.compact
-    def __call__(self, x_BxTxD, cache=None, start_B=None):
+    def __call__(self, x_BxTxD, cache=None, start_B=None, positions_T=None):
         """cache: this layer's (keys, values) [B, K, S, Q] when sampling, with start_B the position of
-        x's first token in each sequence; the updated cache is then returned beside the output."""
+        x's first token in each sequence; the updated cache is then returned beside the output.
+        positions_T: each slot's position when training, where they are not 0..T-1 (context
+        parallelism's order, agx.parallel.context)."""
         cfg = self.cfg
         H, K, dtype = cfg.num_heads, cfg.kv_heads, cfg.dtype
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
@@ -188,26 +197,35 @@ class Block(nn.Module):
         h_BxTxD = self._constrain(_norm(cfg, "ln_attn")(x_BxTxD), ("batch", "length", "act_embed"))
         q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ = self._project_qkv(h_BxTxD)
         T = x_BxTxD.shape[1]
-        pos_BxT = jnp.arange(T)[None] if cache is None else start_B[:, None] + jnp.arange(T)
+        if cache is None:
+            pos_BxT = (jnp.arange(T) if positions_T is None else jnp.asarray(positions_T))[None]
+        else:
+            pos_BxT = start_B[:, None] + jnp.arange(T)
         if cfg.position == "rope":
             q_BxHxTxQ, k_BxKxTxQ = (_rotate(x, pos_BxT, cfg.rope_theta) for x in (q_BxHxTxQ, k_BxKxTxQ))
-        if cache is None:  # training: the keys are this sequence's own, under a causal mask
-            k_BxKxSxQ, v_BxKxSxQ = k_BxKxTxQ, v_BxKxTxQ
+        if cache is None:  # training: the keys are this sequence's own (all its positions), under a causal mask
+            k_BxKxSxQ, v_BxKxSxQ = (self._constrain(c, ("batch", "kv_heads", "kv_length", "kv"))
+                                    for c in (k_BxKxTxQ, v_BxKxTxQ))
         else:  # sampling: write this block's keys at its positions, attend to everything up to them
             k_BxKxSxQ, v_BxKxSxQ = (_write_at(c, new, start_B) for c, new in zip(cache, (k_BxKxTxQ, v_BxKxTxQ)))
             k_BxKxSxQ, v_BxKxSxQ = (self._constrain(c, ("batch", "kv_heads", "cache_length", "kv"))
                                     for c in (k_BxKxSxQ, v_BxKxSxQ))
         new_cache = (k_BxKxSxQ, v_BxKxSxQ)
         if K != H:  # each KV head serves H/K consecutive query heads (local where both split over tensor)
-            k_BxHxSxQ, v_BxHxSxQ = (self._constrain(jnp.repeat(c, H // K, axis=1), ("batch", "heads", "length", "kv"))
+            k_BxHxSxQ, v_BxHxSxQ = (self._constrain(jnp.repeat(c, H // K, axis=1), ("batch", "heads", "kv_length", "kv"))
                                     for c in new_cache)
         else:
             k_BxHxSxQ, v_BxHxSxQ = new_cache
-        if cache is None:
-            ctx_BxHxTxQ = self._causal_attention(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ)
-        else:
+        if cache is not None:
             allowed_Bx1xTxS = (jnp.arange(k_BxHxSxQ.shape[2]) <= pos_BxT[:, :, None])[:, None]
-            ctx_BxHxTxQ = self._attend(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ, allowed_Bx1xTxS)
+            ctx_BxHxTxQ = self._attend(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ, allowed_Bx1xTxS)[0]
+        elif cfg.attention == "cudnn":
+            ctx_BxHxTxQ = _cudnn_attention(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ)
+        elif context_size(self.layout) > 1:  # the sequence split over devices, in load-balanced order
+            ctx_BxHxTxQ = context.attention(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ, context_size(self.layout),
+                                            self._constrain, self._attend, self._causal_attention)
+        else:
+            ctx_BxHxTxQ = self._causal_attention(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ)[0]
         ctx_BxTxHxQ = jnp.transpose(ctx_BxHxTxQ.astype(dtype), (0, 2, 1, 3))
         ctx_BxTxHxQ = self._constrain(ctx_BxTxHxQ, ("batch", "length", "heads", "kv"))
         attn_BxTxD = self._dense(cfg.d_model, "proj", out_std, ("heads", "kv", "embed"), axis=(-2, -1))(ctx_BxTxHxQ)
@@ -239,8 +257,11 @@ class GPT(nn.Module):
     layout: Layout | None = None  # None: no sharding constraints (single device, abstract shapes)
 
     @nn.compact
-    def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None):
+    def __call__(self, tokens_BxT, deterministic: bool = True, cache=None, start_B=None, positions_T=None):
         """Returns float32 logits over the padded vocabulary.
+
+        positions_T: each token's position where they are not 0..T-1: under a `context` mesh axis the
+        caller gives the tokens in agx.parallel.context's load-balanced order, and this order.
 
         Sampling passes `cache`, the (keys, values) of every layer [L, B, K, S, Q], and `start_B`, each
         sequence's position of tokens_BxT[:, 0]; it gets (logits, updated cache) back.
@@ -251,7 +272,10 @@ class GPT(nn.Module):
         pos_BxTxD = None  # rotary positions are applied inside attention
         if cfg.position == "learned":
             pos_TxD = self.param("wpe", _init(cfg.init_std, ("pos", "embed")), (cfg.seq_len, cfg.d_model))
-            pos_BxTxD = pos_TxD[:T] if cache is None else jnp.take(pos_TxD, start_B[:, None] + jnp.arange(T), axis=0)
+            if cache is not None:
+                pos_BxTxD = jnp.take(pos_TxD, start_B[:, None] + jnp.arange(T), axis=0)
+            else:
+                pos_BxTxD = pos_TxD[:T] if positions_T is None else jnp.take(pos_TxD, jnp.asarray(positions_T), axis=0)
         x_BxTxD = _embed(cfg, embed, pos_BxTxD, tokens_BxT, self._constrain)
         if cfg.dropout:
             x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
@@ -259,7 +283,7 @@ class GPT(nn.Module):
         stack_LxW = self.param("layers", lambda rng: _init_stack(cfg, rng))
         if cache is None:
             rng = self.make_rng("dropout") if cfg.dropout and not deterministic else None
-            x_BxTxD = layers_fn(cfg, self.layout, deterministic)(stack_LxW, x_BxTxD, rng)
+            x_BxTxD = layers_fn(cfg, self.layout, deterministic, positions_T)(stack_LxW, x_BxTxD, rng)
         else:  # sampling: each layer reads and returns its slice of the stacked cache
             block = Block(cfg, self.layout, True, parent=None)
 
@@ -269,7 +293,7 @@ class GPT(nn.Module):
 
             x_BxTxD, cache = jax.lax.scan(cached_layer, x_BxTxD, (stack_LxW, cache))
         head = embed.attend if cfg.tie_embeddings else _lm_head(cfg, "lm_head")
-        logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), head, x_BxTxD, self._constrain)
+        logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), head, x_BxTxD, self._constrain, context_size(self.layout) > 1)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
     def _constrain(self, x, logical):
@@ -302,15 +326,16 @@ def stack_axes(cfg: ModelConfig):
     return nn.get_partition_spec(jax.eval_shape(lambda rng: _init_stack(cfg, rng), jax.random.key(0)))
 
 
-def layers_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool):
+def layers_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, positions_T=None):
     """(stack_lxW, x_BxTxD, rng) -> x_BxTxD: the consecutive layers of a stack (the whole model's
-    or one stage's), by lax.scan. rng: dropout's, or None."""
+    or one stage's), by lax.scan. rng: dropout's, or None. positions_T: as GPT.__call__'s."""
     dropout = bool(cfg.dropout) and not deterministic
     block = Block(cfg, layout, not dropout, parent=None)
 
     def one_layer(x_BxTxD, params_and_rng):
         params, rng = params_and_rng
-        return block.apply({"params": params}, x_BxTxD, rngs={"dropout": rng} if dropout else None), None
+        return block.apply({"params": params}, x_BxTxD, positions_T=positions_T,
+                           rngs={"dropout": rng} if dropout else None), None
 
     if cfg.remat != "none":
         one_layer = jax.checkpoint(one_layer, policy=CHECKPOINT_POLICIES[cfg.remat], prevent_cse=False)
@@ -323,14 +348,17 @@ def layers_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool):
     return run_layers
 
 
-def embed_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool):
+def embed_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, positions_T=None):
     """(params, tokens_BxT, rng) -> x_BxTxD: the token (and learned position) embedding, as
-    GPT.__call__ computes it; rng: dropout's, or None."""
+    GPT.__call__ computes it; rng: dropout's, or None. positions_T: as GPT.__call__'s."""
     embedding = _embedding(cfg)
 
     def embed(params, tokens_BxT, rng):
         lookup = lambda t: embedding.apply({"params": params["wte"]}, t)
-        pos_TxD = params["wpe"][:tokens_BxT.shape[1]] if "wpe" in params else None
+        pos_TxD = None
+        if "wpe" in params:
+            T = tokens_BxT.shape[1]
+            pos_TxD = params["wpe"][:T] if positions_T is None else jnp.take(params["wpe"], jnp.asarray(positions_T), 0)
         x_BxTxD = _embed(cfg, lookup, pos_TxD, tokens_BxT, _constrainer(layout))
         if cfg.dropout and not deterministic:
             x_BxTxD = nn.Dropout(cfg.dropout).apply({}, x_BxTxD, deterministic=False, rngs={"dropout": rng})
@@ -349,7 +377,7 @@ def head_fn(cfg: ModelConfig, layout: Layout | None):
         else:
             project = lambda h: lm_head.apply({"params": params["lm_head"]}, h)
         final_norm = lambda y: norm.apply({"params": params["ln_f"]}, y)
-        return _logits(cfg, final_norm, project, x_BxTxD, _constrainer(layout))
+        return _logits(cfg, final_norm, project, x_BxTxD, _constrainer(layout), context_size(layout) > 1)
 
     return head
 
@@ -376,11 +404,13 @@ def _embed(cfg: ModelConfig, lookup, pos_TxD, tokens_BxT, constrain):
     return constrain(x_BxTxD, ("batch", "act_length", "act_embed"))
 
 
-def _logits(cfg: ModelConfig, norm, head, x_BxTxD, constrain):
+def _logits(cfg: ModelConfig, norm, head, x_BxTxD, constrain, split_sequence: bool):
     """The final norm and the vocab-parallel LM head, split over the pipeline's devices as well.
     One 2-D matmul: XLA's CPU backend then computes the weight gradient without a transposed copy
-    of the [B·T, V] logit gradient."""
+    of the [B·T, V] logit gradient. Not where `context` splits the sequence (split_sequence): the
+    rows of [B·T, D] cannot be split over both the batch's axes and its, and XLA would gather them."""
     x_BxTxD = norm(constrain(x_BxTxD, ("head_batch", "act_length", "act_embed")))
     B, T, D = x_BxTxD.shape
-    logits_BxTxV = head(x_BxTxD.reshape(B * T, D)).astype(jnp.float32).reshape(B, T, cfg.padded_vocab)
+    x_NxD = x_BxTxD if split_sequence else x_BxTxD.reshape(B * T, D)
+    logits_BxTxV = head(x_NxD).astype(jnp.float32).reshape(B, T, cfg.padded_vocab)
     return constrain(logits_BxTxV, ("head_batch", "length", "vocab"))

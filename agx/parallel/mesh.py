@@ -4,7 +4,8 @@ Model code names its axes ('embed', 'heads', 'batch', ...); this file alone deci
 Pipeline stages are rules too: the stacked layers' leading axis ('layers') and the stage axis of the
 pipeline's activations ('stage') live on `pipeline`. Megatron's tensor parallelism is just rules here: 'heads' and 'mlp' on `tensor` make QKV and fc
 column-parallel and the attention output and second MLP matrix row-parallel; 'vocab' on `tensor`
-makes the embedding and the tied LM head vocab-parallel.
+makes the embedding and the tied LM head vocab-parallel. Context parallelism is rules too: the
+sequence ('length', and 'act_length' with it) on `context`; keys and values ('kv_length') whole.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from agx.config import MeshConfig
 from agx.errors import UserError
 
-AXES = ("pipeline", "data", "fsdp", "tensor")  # outermost first: `tensor` on neighbouring devices
+AXES = ("pipeline", "data", "fsdp", "context", "tensor")  # outermost first: `tensor` on neighbouring devices
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 
 
@@ -89,7 +90,8 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads
         ("head_batch", ("pipeline", *BATCH_AXES)),  # after the layers: the head is split over stages too
         ("layers", "pipeline"),
         ("stage", "pipeline"),
-        ("act_length", "tensor" if sequence_parallel else None),  # residual stream between blocks
+        ("length", "context"),  # a sequence's positions (agx.parallel.context's order where context > 1)
+        ("act_length", ("context", "tensor") if sequence_parallel else "context"),  # residual stream between blocks
         ("vocab", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor" if split_kv_heads else None),

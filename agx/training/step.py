@@ -16,6 +16,7 @@ from agx.models.gpt import GPT
 from agx.models.loss import cross_entropy
 from agx.parallel import one_f_one_b, pipeline
 from agx.parallel.batch import batch_sharding, split_microbatches
+from agx.parallel.context import check_divides, context_size, load_balanced_order, reorder
 from agx.parallel.data_parallel import per_replica, reduce_replicas, replica_layout, replica_shardings, replicas
 from agx.parallel.mesh import BATCH_AXES, Layout
 from agx.parallel.pipeline import Schedule, plan_schedule
@@ -37,27 +38,32 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     stages, else its pieces run by the pipeline (GPipe or circular), or by 1F1B when training,
     whose loop computes each micro-batch's loss and gradients at once.
     bubble_value: what idle pipeline stages start from (a test fills them with NaN)."""
-    m = for_device(cfg.model, layout.mesh.devices.flat[0]).applied(cfg.model)  # model.attention=auto chosen
+    C = context_size(layout)
+    check_divides(cfg.model.seq_len, C)
+    m = for_device(cfg.model, layout.mesh.devices.flat[0], C).applied(cfg.model)  # model.attention=auto chosen
     dropout = train and m.dropout > 0
+    positions_T = load_balanced_order(m.seq_len, C) if C > 1 else None  # context parallelism's order
     loss = lambda logits_BxTxV, targets_BxT: cross_entropy(logits_BxTxV, targets_BxT, m.vocab_size)
     stack_logical = gpt.stack_axes(m) if schedule else None  # traced once here, not in every trace of loss_fn
 
     def loss_fn(params, tokens_BxT1, rng):
         tokens_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+        if C > 1:  # each device's positions together: the loss is a mean over all of them, in any order
+            tokens_BxT, targets_BxT = (layout.constrain(reorder(x, C), ("batch", "length")) for x in (tokens_BxT, targets_BxT))
         if schedule is None:
             logits_BxTxV = GPT(m, layout).apply({"params": params}, tokens_BxT, deterministic=not dropout,
-                                                rngs={"dropout": rng} if dropout else None)
+                                                positions_T=positions_T, rngs={"dropout": rng} if dropout else None)
             return loss(logits_BxTxV, targets_BxT)
         params = dict(params)
         stack_LxW = params.pop("layers")
-        layers = gpt.layers_fn(m, layout, deterministic=not dropout)
+        layers = gpt.layers_fn(m, layout, not dropout, positions_T)
         if train and schedule.one_f_one_b:  # the embedding and the head run inside its loop, unconstrained
-            embed, head = gpt.embed_fn(m, None, deterministic=True), gpt.head_fn(m, None)
+            embed, head = gpt.embed_fn(m, None, True, positions_T), gpt.head_fn(m, None)
             return one_f_one_b.loss(lambda p, t: embed(p, t, None), lambda w, x: layers(w, x, None),
                                     lambda p, y, t: loss(head(p, y), t), params, stack_LxW, stack_logical,
                                     tokens_BxT, targets_BxT, schedule, layout.constrain)
         embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
-        x_BxTxD = gpt.embed_fn(m, layout, deterministic=not dropout)(params, tokens_BxT, embed_rng)
+        x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
         y_BxTxD = pipeline.run(layers, stack_LxW, stack_logical, x_BxTxD, schedule, layout.constrain,
                                layers_rng, bubble_value=bubble_value)
         return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)

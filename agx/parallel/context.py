@@ -1,0 +1,110 @@
+"""Context parallelism: each sequence split over the `context` mesh axis, for sequences whose
+activations do not fit one device (Megatron-LM's --context-parallel-size, MaxText's `context` axis).
+
+Every activation's sequence axis is split over `context` (the rules in agx.parallel.mesh); weights
+are not, so their gradients are summed over it like a data-parallel axis's (Megatron keeps them
+whole over its CP ranks too: sharding them as well is what `fsdp` is for). Only attention needs
+the other devices' positions. It all-gathers the keys and values, the KV heads only, and the
+backward sums their gradients back onto their devices (MaxText's default and Megatron's `allgather`
+type): the simplest correct design, one [B, K, T, Q] gather per layer each for K and V.
+
+Load balance. Under a causal mask the last positions attend to the most keys, so contiguous chunks
+would give the last device 2C-1 times the first's work. The sequence is therefore cut into 2C chunks
+and device i holds chunks i and 2C-1-i (Megatron's and MaxText's load-balanced order): every
+device attends 2C+1 chunk pairs of the (2C)·(2C+1)/2 under the mask. The caller puts the tokens and
+the targets in this order (`load_balanced_order`; the loss is a mean over all of them, which the
+order does not change) and gives the model each slot's position, for learned and rotary positions.
+
+Inside the attention each device computes, with the same shapes on every device, its 2C-1 full
+chunk pairs (a query chunk against an earlier key chunk, no mask) and its two diagonal pairs
+(causal, in the model's query blocks), then merges them by their log-sum-exps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from agx.errors import UserError
+from agx.parallel.mesh import Layout
+from agx.parallel.padding import axis_names
+
+
+def context_size(layout: Layout | None) -> int:
+    """How many ways `layout` splits a sequence: 1 where its rules keep 'length' whole."""
+    if layout is None:
+        return 1
+    axes = axis_names(dict(layout.rules).get("length"))
+    return int(np.prod([layout.mesh.shape[a] for a in axes]))
+
+
+def check_divides(seq_len: int, context: int) -> None:
+    if context > 1 and seq_len % (2 * context):
+        raise UserError(f"model.seq_len={seq_len} is not divisible by 2·mesh.context={2 * context} "
+                        "(context parallelism cuts each sequence into 2·context equal chunks)")
+
+
+def load_balanced_order(seq_len: int, context: int) -> np.ndarray:
+    """The position held in each slot of the sequence as split over `context` devices: device i's
+    slots hold chunks i and 2C-1-i of 2C."""
+    chunks = np.arange(seq_len).reshape(2 * context, seq_len // (2 * context))
+    return np.stack([chunks[:context], chunks[context:][::-1]], axis=1).reshape(seq_len)
+
+
+def _full_pairs(context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each device's 2C-1 full pairs below the diagonal: [C, 2C-1] whether pair p's query chunk is the
+    device's first (chunk i, keys 0..i-1) or its second (chunk 2C-1-i, keys 0..2C-2-i), and the key
+    chunk (in position order) that it attends."""
+    i, p = np.arange(context)[:, None], np.arange(2 * context - 1)[None]
+    first = p < i
+    return first, np.where(first, p, p - i)
+
+
+def unsplit(layout: Layout) -> Layout:
+    """The same layout with each sequence whole on every `context` device (the sampler's: its cache
+    grows one position at a time)."""
+    keep = lambda axes: tuple(a for a in axis_names(axes) if a != "context") or None
+    return Layout(layout.mesh, tuple((name, keep(axes) if name in ("length", "act_length") else axes)
+                                     for name, axes in layout.rules))
+
+
+def attention(q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ, context: int, constrain, attend, causal):
+    """Causal attention over a sequence in load-balanced order, split over `context` devices.
+
+    q: each device's own positions (split over `context`); k, v: the whole sequence, gathered.
+    attend(q, k, v) and causal(q, k, v): the model's unmasked and causal attention over any leading
+    dimensions, each returning (context vectors [..., t, Q] float32, log-sum-exp [..., t])."""
+    B, H, T, Q = q_BxHxTxQ.shape
+    C, c = context, T // (2 * context)
+    on_devices = lambda x, logical: constrain(x.reshape(B, H, C, 2, c, Q), logical)
+    own = ("batch", "heads", "length", None, None, "kv")  # [B, H, C, 2, c, Q], C over `context`
+    q_BxHxCx2xcxQ, k_BxHxCx2xcxQ, v_BxHxCx2xcxQ = (on_devices(x, own) for x in (q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ))
+    diagonal_ctx, diagonal_lse = causal(q_BxHxCx2xcxQ, k_BxHxCx2xcxQ, v_BxHxCx2xcxQ)
+
+    first_CxP, key_chunk_CxP = (constrain(jnp.asarray(a), ("length", None)) for a in _full_pairs(C))
+    whole = ("batch", "heads", None, None, None, "kv")
+
+    def in_position_order(x_BxHxTxQ):  # [B, H, 2C, c, Q]: chunk j holds positions j·c ... (j+1)·c - 1
+        x_BxHxCx2xcxQ = on_devices(x_BxHxTxQ, whole)
+        return jnp.concatenate([x_BxHxCx2xcxQ[:, :, :, 0], x_BxHxCx2xcxQ[:, :, ::-1, 1]], axis=2)
+
+    k_BxHxCxPxcxQ, v_BxHxCxPxcxQ = (constrain(jnp.take(in_position_order(x), key_chunk_CxP, axis=2), own)
+                                    for x in (k_BxHxTxQ, v_BxHxTxQ))
+    q_BxHxCxPxcxQ = jnp.where(first_CxP[:, :, None, None], q_BxHxCx2xcxQ[:, :, :, :1], q_BxHxCx2xcxQ[:, :, :, 1:])
+    full_ctx, full_lse_BxHxCxPxc = attend(q_BxHxCxPxcxQ, k_BxHxCxPxcxQ, v_BxHxCxPxcxQ)
+
+    # Merge: each query chunk's pairs and its diagonal, weighted by exp(lse_part - lse_all).
+    member_Cx2xP = jnp.stack([first_CxP, ~first_CxP], axis=1)
+    part_lse_BxHxCx2xPxc = jnp.where(member_Cx2xP[:, :, :, None], full_lse_BxHxCxPxc[:, :, :, None], -jnp.inf)
+    part_lse_BxHxCx2xPp1xc = jnp.concatenate([part_lse_BxHxCx2xPxc, diagonal_lse[:, :, :, :, None]], axis=4)
+    lse_BxHxCx2xc = jax.nn.logsumexp(part_lse_BxHxCx2xPp1xc, axis=4)
+    weight_BxHxCx2xPp1xc = jnp.exp(part_lse_BxHxCx2xPp1xc - lse_BxHxCx2xc[:, :, :, :, None])
+    ctx_BxHxCx2xcxQ = (jnp.einsum("bhcjpt,bhcptq->bhcjtq", weight_BxHxCx2xPp1xc[:, :, :, :, :-1], full_ctx)
+                       + weight_BxHxCx2xPp1xc[:, :, :, :, -1, :, None] * diagonal_ctx)
+    return constrain(ctx_BxHxCx2xcxQ, own).reshape(B, H, T, Q)
+
+
+def reorder(x_BxT, context: int):
+    """Tokens (or targets) [B, T] in load-balanced order, for a `context` > 1."""
+    return x_BxT[:, load_balanced_order(x_BxT.shape[1], context)]
