@@ -84,18 +84,21 @@ def llama_model(**shape) -> ModelConfig:
     return ModelConfig(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, **shape)
 
 
-def auroragpt_experiment(name: str) -> Config:
+def auroragpt_experiment(name: str, seq_len: int | None = None, context: int = 1) -> Config:
     """A size from AURORAGPT with Llama 2's recipe: 4M-token batches, lr 3e-4 (1.5e-4 for 70B),
-    2000 warm-up steps, cosine to 10% over 2T tokens, bf16, ZeRO-3 over all devices, selective remat."""
+    2000 warm-up steps, cosine to 10% over 2T tokens, bf16, ZeRO-3 over all devices, selective remat.
+    seq_len: a longer context than the size's own (the experiment is then named for it in thousands),
+    with each sequence split over `context` devices (agx.parallel.context)."""
     size = AURORAGPT[name]
-    batch = 4 * 2**20 // size.seq_len
-    steps = round(2e12 / (batch * size.seq_len))
+    seq_len = seq_len or size.seq_len
+    batch = 4 * 2**20 // seq_len
+    steps = round(2e12 / (batch * seq_len))
     return Config(
-        name=name,
+        name=name if seq_len == size.seq_len else f"{name}_{seq_len // 1024}k",
         model=llama_model(num_layers=size.layers, d_model=size.d_model, num_heads=size.heads,
-                          num_kv_heads=size.kv_heads, ffn_size=size.ffn, seq_len=size.seq_len,
+                          num_kv_heads=size.kv_heads, ffn_size=size.ffn, seq_len=seq_len,
                           vocab_size=size.vocab, rope_theta=size.rope_theta, dtype="bfloat16", remat="selective"),
-        mesh=MeshConfig(data=1, fsdp=-1, tensor=1, zero_stage=3),
+        mesh=MeshConfig(data=1, fsdp=-1, context=context, tensor=1, zero_stage=3),
         train=TrainConfig(steps=steps, batch_size=batch),
         optim=OptimConfig(lr=1.5e-4 if size.d_model >= 8192 else 3e-4, warmup_steps=2000, decay_steps=steps),
     )

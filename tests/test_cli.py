@@ -17,7 +17,7 @@ def test_dry_run_of_the_trillion_parameter_model_allocates_nothing():
     assert "model.num_layers = 128" in result.stdout
     plan = json.loads(result.stdout.strip().splitlines()[-1])
     assert plan["params"] == pytest.approx(1.0e12, rel=0.01)
-    assert plan["mesh"] == {"pipeline": 1, "data": 1, "fsdp": 1, "tensor": 8}
+    assert plan["mesh"] == {"pipeline": 1, "data": 1, "fsdp": 1, "context": 1, "tensor": 8}
     assert plan["flops_per_token"] > 6 * plan["params"]
     assert "model.attention = 'auto'" in result.stdout  # what was asked, then what this machine runs
     assert plan["attention"] == {"kind": "xla", "block": 64, "why": "auto on cpu: not cuDNN's, for cpu is not an "

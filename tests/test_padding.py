@@ -138,7 +138,7 @@ def test_fsdp_over_3_gathers_no_more_than_the_padded_weights():
     cfg = load_experiment("gpt3_tiny", ["model.num_layers=2", "model.d_model=256", "model.num_heads=8",
                                         "model.seq_len=128", "model.vocab_size=1024", "train.batch_size=12",
                                         "model.dtype=float32", "model.scan_unroll=1", "mesh.data=1", "mesh.fsdp=3"])
-    shape = {"pipeline": 1, "data": 1, "fsdp": 3, "tensor": 1}
+    shape = {"pipeline": 1, "data": 1, "fsdp": 3, "context": 1, "tensor": 1}
     shapes = analytic.StateShapes(cfg)
     minimum = analytic.collective_bytes(cfg, shapes, shape, None)
     assert shapes.stored(cfg, shape).params["ln_f"]["scale"].shape == (258,)

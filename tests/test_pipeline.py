@@ -176,7 +176,7 @@ def test_stages_pass_activations_by_collective_permute_in_the_loop(schedule, sen
     (here one micro-batch). 1F1B: every tick, the forward outputs onward and the gradients back."""
     cfg = pipelined(4, 1, 4, data=2, schedule=schedule)
     compiled = compile_step(cfg, jax.devices())
-    loop = pipeline_schedule(cfg, {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 1})
+    loop = pipeline_schedule(cfg, {"pipeline": 4, "data": 2, "fsdp": 1, "context": 1, "tensor": 1})
     permutes = compiled.collectives["collective-permute"]
     assert permutes["count"] >= 2 * sent * loop.iterations
     micro_batch = cfg.train.batch_size // loop.microbatches // 2 * cfg.model.seq_len * cfg.model.d_model * 4
@@ -216,7 +216,7 @@ def test_dry_run_reports_the_schedule_and_activation_memory():
     import json
 
     plan = json.loads(result.stdout.splitlines()[-1])
-    assert plan["mesh"] == {"pipeline": 4, "data": 2, "fsdp": 1, "tensor": 1}
+    assert plan["mesh"] == {"pipeline": 4, "data": 2, "fsdp": 1, "context": 1, "tensor": 1}
     assert plan["pipeline"] == {"schedule": "circular", "stages": 4, "microbatches": 4, "repeats": 2,
                                 "bubble_fraction": round(3 / 11, 4)}
     assert plan["activation_bytes_per_device"] > 0

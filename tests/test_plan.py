@@ -174,7 +174,7 @@ def test_blocked_attention_saves_activation_memory_in_the_planned_proportion():
     for block in (0, 512, 1024):
         cfg = load_experiment("gpt3_small", ["train.batch_size=8", "mesh.data=1", "mesh.fsdp=8", "model.remat=none",
                                              "model.attention=xla", f"model.attention_block={block}"])
-        planned[block] = analytic.activation_bytes(cfg, {"pipeline": 1, "data": 1, "fsdp": 8, "tensor": 1}, None)
+        planned[block] = analytic.activation_bytes(cfg, {"pipeline": 1, "data": 1, "fsdp": 8, "context": 1, "tensor": 1}, None)
         compiled[block] = compile_step(cfg).memory["total"]
     saving_ratio = lambda totals: (totals[0] - totals[512]) / (totals[0] - totals[1024])
     assert saving_ratio(planned) == pytest.approx(1.5, rel=1e-6)
@@ -214,7 +214,7 @@ def test_the_trillions_own_mesh_takes_all_768_tiles_of_64_aurora_nodes_padding_i
     bytes. (The QKV and MLP biases, 1.8% of the figure, are whole on every device at tensor=1.)"""
     result = plan_cli("--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64", "--no-compile")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "mesh {'pipeline': 1, 'data': 1, 'fsdp': 768, 'tensor': 1}" in result.stdout
+    assert "mesh {'pipeline': 1, 'data': 1, 'fsdp': 768, 'context': 1, 'tensor': 1}" in result.stdout
     params_gib = float(next(line for line in result.stdout.splitlines() if line.strip().startswith("params")).split()[1])
     logical_gib = 4 * param_count(load_experiment("gpt3_1t", []).model) / 768 / 2**30
     assert logical_gib * 26112 / 25600 < params_gib < logical_gib * 1.05, (params_gib, logical_gib)

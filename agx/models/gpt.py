@@ -136,6 +136,14 @@ class Block(nn.Module):
         k_BxKxTxQ, v_BxKxTxQ = (jnp.transpose(qkv_BxTxKxGp2xQ[:, :, :, G + i], (0, 2, 1, 3)) for i in (0, 1))
         return q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ
 
+    def _for_query_heads(self, kv):
+        """Keys and values [B, K, S, Q] -> [B, H, S, Q]: each KV head serves H/K consecutive query heads
+        (local where both are split over `tensor`)."""
+        H, K = self.cfg.num_heads, self.cfg.kv_heads
+        if K == H:
+            return kv
+        return tuple(self._constrain(jnp.repeat(c, H // K, axis=1), ("batch", "heads", "kv_length", "kv")) for c in kv)
+
     def _mlp(self, h_BxTxD):
         cfg = self.cfg
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
@@ -190,7 +198,7 @@ class Block(nn.Module):
         positions_T: each slot's position when training, where they are not 0..T-1 (context
         parallelism's order, agx.parallel.context)."""
         cfg = self.cfg
-        H, K, dtype = cfg.num_heads, cfg.kv_heads, cfg.dtype
+        dtype = cfg.dtype
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         # Attention: QKV column-parallel over heads, output projection row-parallel.
@@ -211,21 +219,16 @@ class Block(nn.Module):
             k_BxKxSxQ, v_BxKxSxQ = (self._constrain(c, ("batch", "kv_heads", "cache_length", "kv"))
                                     for c in (k_BxKxSxQ, v_BxKxSxQ))
         new_cache = (k_BxKxSxQ, v_BxKxSxQ)
-        if K != H:  # each KV head serves H/K consecutive query heads (local where both split over tensor)
-            k_BxHxSxQ, v_BxHxSxQ = (self._constrain(jnp.repeat(c, H // K, axis=1), ("batch", "heads", "kv_length", "kv"))
-                                    for c in new_cache)
-        else:
-            k_BxHxSxQ, v_BxHxSxQ = new_cache
         if cache is not None:
-            allowed_Bx1xTxS = (jnp.arange(k_BxHxSxQ.shape[2]) <= pos_BxT[:, :, None])[:, None]
-            ctx_BxHxTxQ = self._attend(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ, allowed_Bx1xTxS)[0]
+            allowed_Bx1xTxS = (jnp.arange(k_BxKxSxQ.shape[2]) <= pos_BxT[:, :, None])[:, None]
+            ctx_BxHxTxQ = self._attend(q_BxHxTxQ, *self._for_query_heads(new_cache), allowed_Bx1xTxS)[0]
         elif cfg.attention == "cudnn":
-            ctx_BxHxTxQ = _cudnn_attention(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ)
+            ctx_BxHxTxQ = _cudnn_attention(q_BxHxTxQ, *self._for_query_heads(new_cache))
         elif context_size(self.layout) > 1:  # the sequence split over devices, in load-balanced order
-            ctx_BxHxTxQ = context.attention(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ, context_size(self.layout),
+            ctx_BxHxTxQ = context.attention(q_BxHxTxQ, k_BxKxSxQ, v_BxKxSxQ, context_size(self.layout),
                                             self._constrain, self._attend, self._causal_attention)
         else:
-            ctx_BxHxTxQ = self._causal_attention(q_BxHxTxQ, k_BxHxSxQ, v_BxHxSxQ)[0]
+            ctx_BxHxTxQ = self._causal_attention(q_BxHxTxQ, *self._for_query_heads(new_cache))[0]
         ctx_BxTxHxQ = jnp.transpose(ctx_BxHxTxQ.astype(dtype), (0, 2, 1, 3))
         ctx_BxTxHxQ = self._constrain(ctx_BxTxHxQ, ("batch", "length", "heads", "kv"))
         attn_BxTxD = self._dense(cfg.d_model, "proj", out_std, ("heads", "kv", "embed"), axis=(-2, -1))(ctx_BxTxHxQ)

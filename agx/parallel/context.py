@@ -69,28 +69,33 @@ def unsplit(layout: Layout) -> Layout:
                                      for name, axes in layout.rules))
 
 
-def attention(q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ, context: int, constrain, attend, causal):
+def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, context: int, constrain, attend, causal):
     """Causal attention over a sequence in load-balanced order, split over `context` devices.
 
-    q: each device's own positions (split over `context`); k, v: the whole sequence, gathered.
+    q: each device's own positions (split over `context`); k, v: the whole sequence, gathered, of
+    the K KV heads (each serving H/K consecutive query heads: repeated here, after the gather and
+    the pairing, so that neither moves more than the KV heads, forward or backward).
     attend(q, k, v) and causal(q, k, v): the model's unmasked and causal attention over any leading
     dimensions, each returning (context vectors [..., t, Q] float32, log-sum-exp [..., t])."""
     B, H, T, Q = q_BxHxTxQ.shape
+    K = k_BxKxTxQ.shape[1]
     C, c = context, T // (2 * context)
-    on_devices = lambda x, logical: constrain(x.reshape(B, H, C, 2, c, Q), logical)
+    heads = lambda x: x if K == H else constrain(jnp.repeat(x, H // K, axis=1), own)
+    on_devices = lambda x, logical: constrain(x.reshape(x.shape[0], x.shape[1], C, 2, c, Q), logical)
     own = ("batch", "heads", "length", None, None, "kv")  # [B, H, C, 2, c, Q], C over `context`
-    q_BxHxCx2xcxQ, k_BxHxCx2xcxQ, v_BxHxCx2xcxQ = (on_devices(x, own) for x in (q_BxHxTxQ, k_BxHxTxQ, v_BxHxTxQ))
+    own_kv, whole_kv = ("batch", "kv_heads", "length", None, None, "kv"), ("batch", "kv_heads", None, None, None, "kv")
+    q_BxHxCx2xcxQ = on_devices(q_BxHxTxQ, own)
+    k_BxHxCx2xcxQ, v_BxHxCx2xcxQ = (heads(on_devices(x, own_kv)) for x in (k_BxKxTxQ, v_BxKxTxQ))
     diagonal_ctx, diagonal_lse = causal(q_BxHxCx2xcxQ, k_BxHxCx2xcxQ, v_BxHxCx2xcxQ)
 
     first_CxP, key_chunk_CxP = (constrain(jnp.asarray(a), ("length", None)) for a in _full_pairs(C))
-    whole = ("batch", "heads", None, None, None, "kv")
 
-    def in_position_order(x_BxHxTxQ):  # [B, H, 2C, c, Q]: chunk j holds positions j·c ... (j+1)·c - 1
-        x_BxHxCx2xcxQ = on_devices(x_BxHxTxQ, whole)
-        return jnp.concatenate([x_BxHxCx2xcxQ[:, :, :, 0], x_BxHxCx2xcxQ[:, :, ::-1, 1]], axis=2)
+    def in_position_order(x_BxKxTxQ):  # [B, K, 2C, c, Q]: chunk j holds positions j·c ... (j+1)·c - 1
+        x_BxKxCx2xcxQ = on_devices(x_BxKxTxQ, whole_kv)
+        return jnp.concatenate([x_BxKxCx2xcxQ[:, :, :, 0], x_BxKxCx2xcxQ[:, :, ::-1, 1]], axis=2)
 
-    k_BxHxCxPxcxQ, v_BxHxCxPxcxQ = (constrain(jnp.take(in_position_order(x), key_chunk_CxP, axis=2), own)
-                                    for x in (k_BxHxTxQ, v_BxHxTxQ))
+    k_BxHxCxPxcxQ, v_BxHxCxPxcxQ = (heads(constrain(jnp.take(in_position_order(x), key_chunk_CxP, axis=2), own_kv))
+                                    for x in (k_BxKxTxQ, v_BxKxTxQ))
     q_BxHxCxPxcxQ = jnp.where(first_CxP[:, :, None, None], q_BxHxCx2xcxQ[:, :, :, :1], q_BxHxCx2xcxQ[:, :, :, 1:])
     full_ctx, full_lse_BxHxCxPxc = attend(q_BxHxCxPxcxQ, k_BxHxCxPxcxQ, v_BxHxCxPxcxQ)
 

@@ -7,7 +7,9 @@ Large Transformer Models", Table 2, in the compute dtype: per layer s·b·h·(34
 16 bits for GPT-3 (the MLP's share scaled for SwiGLU and its width), the 24 of the 34 in
 tensor-parallel regions divided by t (all 34 with sequence parallelism), the a·s² terms dropped by
 selective recompute, and only the layer input (2·s·b·h) kept by full recompute, which then holds one
-layer's activations at a time. Pipeline stages keep each iteration's stage input instead
+layer's activations at a time. Context parallelism (C) divides s by C, keeps (2C+1)/(4C²) of the
+scores (each device's chunk pairs, agx.parallel.context), and adds the gathered keys and values,
+the whole sequence's KV heads. Pipeline stages keep each iteration's stage input instead
 (agx.parallel.pipeline). Temporaries are the float32 logits and their gradient (split over pipeline stages as well), and the weights of one layer
 gathered for FSDP/ZeRO-3.
 """
@@ -104,7 +106,7 @@ def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedul
     # float32 logits and their gradient; the head is split over pipeline stages too, and 1F1B runs it
     # on one micro-batch at a time
     rows = b / schedule.microbatches if schedule and schedule.one_f_one_b else b / mesh_shape["pipeline"]
-    logits = 2 * rows * m.seq_len * m.padded_vocab / t * 4
+    logits = 2 * rows * m.seq_len / mesh_shape.get("context", 1) * m.padded_vocab / t * 4
     gathered = 0
     if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):  # a layer's weights gathered, and the next
         gathered = 2 * shapes.stored_param_counts(cfg, mesh_shape)[1] / m.num_layers / t * 4
@@ -141,9 +143,9 @@ def activation_bytes(cfg: Config, mesh_shape: dict, schedule: Schedule | None) -
     buffer (1F1B: 2P-1 stashed stage inputs), and one stage's layers rebuilt at a time under the
     model's remat policy."""
     m = cfg.model
-    t, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
+    t, dp, C = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"], mesh_shape.get("context", 1)
     b = cfg.train.batch_size // cfg.train.microbatches // dp  # sequences per device per micro-batch
-    s, h, a, L = m.seq_len, m.d_model, m.num_heads, m.num_layers
+    s, h, a, L = m.seq_len // C, m.d_model, m.num_heads, m.num_layers  # s: a device's positions
     c = DTYPE_BYTES[m.dtype] / 2  # Korthikanti's figures are for 16-bit activations
     sp = cfg.mesh.sequence_parallel
     # Tensor-parallel regions: Q, K, V (grouped-query K and V are repeated to every head before the
@@ -153,7 +155,10 @@ def activation_bytes(cfg: Config, mesh_shape: dict, schedule: Schedule | None) -
     # Korthikanti's 5·a·s/h holds the T x T scores, softmax and dropout mask. Blocked causal
     # attention keeps (1 + C/T)/2 of them; cuDNN's fused attention none (its softmax statistics only).
     scores_kept = 0 if m.attention == "cudnn" else (1 + (m.attention_block or s) / s) / 2
-    other, tp_part, scores = (10 / t if sp else 10), (8 + mlp) / t, 5 * a * s / h / t * scores_kept
+    gathered_kv = 0
+    if C > 1:  # 2C+1 chunk pairs of (s/2)² (agx.parallel.context); keys and values [b, K, C·s, Q] gathered
+        scores_kept, gathered_kv = (2 * C + 1) / 4, 4 * C * m.kv_heads / a / t
+    other, tp_part, scores = (10 / t if sp else 10), (8 + mlp) / t + gathered_kv, 5 * a * s / h / t * scores_kept
     layer_input = 2 * s * b * h / (t if sp else 1)
     if m.remat == "none":
         per_layer, transient = s * b * h * (other + tp_part + scores), 0
@@ -218,6 +223,16 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
         out["tensor-parallel all-reduce"] = micro * (4 * m.num_layers / p * passes + 2) * 2 * activation * ring(t)
     if t > 1 and not kv_heads_split(m.kv_heads, t):
         out.update(whole_kv_gradient_bytes(cfg, b, t, micro * m.num_layers / p * passes))
+    C = mesh_shape.get("context", 1)
+    if C > 1:  # agx.parallel.context: each layer gathers the KV heads' keys and values, [b, K, s, Q] each,
+        # forward (again in the backward under full remat), and sums their gradients back onto their
+        # devices; the weights, whole over `context`, have their gradients summed over it in the backward
+        kv = 2 * b * m.seq_len * m.kv_heads * m.head_dim / (t if kv_heads_split(m.kv_heads, t) else 1)
+        kv *= DTYPE_BYTES[m.dtype] * micro * m.num_layers / p * passes * ring(C)
+        out["context K/V all-gather"] = kv * (2 if m.remat == "full" else 1)
+        out["context K/V-gradient reduce-scatter"] = kv
+        out["context gradient all-reduce"] = micro * 2 * shapes.shard_bytes(
+            "params", cfg.mesh.zero_stage >= 2, cfg, mesh_shape, itemsize=4) * ring(C)
     if schedule:  # every iteration, forward and backward: the stage outputs and the micro-batch buffer,
         # which is then put back in order (a reversal and a rotation, and back in the backward);
         # 1F1B: every tick, one micro-batch forward and one gradient back

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from agx.config import Config
 from agx.models.sizes import flops_per_token
+from agx.parallel.context import check_divides
 from agx.planning import analytic
 from agx.planning.systems import System
 from agx.training.step import pipeline_schedule
@@ -53,6 +54,7 @@ def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: 
     """`nodes`: when the mesh leaves some of their devices idle. Raises UserError when the layout does
     not divide the model."""
     devices = math.prod(shape.values())
+    check_divides(cfg.model.seq_len, shape["context"])
     schedule = pipeline_schedule(cfg, shape)
     memory = analytic.memory(cfg, shapes, shape, schedule)
     collectives = analytic.collective_bytes(cfg, shapes, shape, schedule)
@@ -64,8 +66,12 @@ def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: 
     nodes = nodes or max(1, -(-devices // system.devices_per_node))
     tp_link = system.intra_node_gbs if shape["tensor"] <= system.devices_per_node else system.inter_node_gbs
     dp_link = system.inter_node_gbs if nodes > 1 else system.intra_node_gbs
-    critical = ("tensor-parallel all-reduce", "pipeline send/receive")
-    critical_s = collectives.get(critical[0], 0) / (tp_link * 1e9) + collectives.get(critical[1], 0) / (dp_link * 1e9)
+    context_link = system.intra_node_gbs if shape["tensor"] * shape["context"] <= system.devices_per_node \
+        else system.inter_node_gbs
+    critical = ("tensor-parallel all-reduce", "pipeline send/receive", "context K/V all-gather",
+                "context K/V-gradient reduce-scatter")
+    critical_s = (collectives.get(critical[0], 0) / (tp_link * 1e9) + collectives.get(critical[1], 0) / (dp_link * 1e9)
+                  + (collectives.get(critical[2], 0) + collectives.get(critical[3], 0)) / (context_link * 1e9))
     dp_s = sum(v for k, v in collectives.items() if k not in critical) / (dp_link * 1e9)
     step_s = compute_s + critical_s + max(0.0, dp_s - compute_s)
     mfu = flops / (devices * system.peak_tflops * 1e12 * step_s)

@@ -96,11 +96,12 @@ def candidates(cfg: Config, devices: int, system: System):
     for p in [n for n in divisors if cfg.model.num_layers % n == 0]:
         for t in [n for n in divisors if n <= system.devices_per_node and cfg.model.num_heads % n == 0
                   and (devices // p) % n == 0]:
-            for f in [n for n in divisors if (devices // p // t) % n == 0]:
-                d = devices // p // t // f
+            for c, f in [(c, f) for c in _context_choices(cfg, devices // p // t) for f in divisors
+                         if (devices // p // t // c) % f == 0]:
+                d = devices // p // t // c // f
                 per_replica = cfg.train.batch_size // (d * f) if cfg.train.batch_size % (d * f) == 0 else 0
                 for zero in ((0, 1, 3) if d > 1 else (3,)):
-                    mesh = section("mesh", pipeline=p, data=d, fsdp=f, tensor=t, zero_stage=zero,
+                    mesh = section("mesh", pipeline=p, data=d, fsdp=f, context=c, tensor=t, zero_stage=zero,
                                    sequence_parallel=t > 1)
                     for remat in ("none", "selective", "full"):
                         for micro in [2**i for i in range(7) if per_replica and per_replica % 2**i == 0]:
@@ -108,6 +109,17 @@ def candidates(cfg: Config, devices: int, system: System):
                                 yield dataclasses.replace(cfg, mesh=mesh, model=section("model", remat=remat),
                                                           train=section("train", microbatches=micro),
                                                           pipeline=section("pipeline", **stages))
+
+
+LONG_SEQUENCE = 8192  # from here on the search splits sequences over `context` too
+
+
+def _context_choices(cfg: Config, devices: int) -> list[int]:
+    """1, and for a long sequence every split of `devices` that leaves each device 1024 positions or
+    more in 2·context equal chunks (agx.parallel.context)."""
+    s = cfg.model.seq_len
+    return [1] + [c for c in range(2, devices + 1) if s >= LONG_SEQUENCE and devices % c == 0
+                  and s % (2 * c) == 0 and s // c >= 1024]
 
 
 def _pipeline_choices(cfg: Config, p: int, sequences: int):
@@ -181,7 +193,7 @@ def run_search(cfg: Config, system: System, nodes: int | None, top: int, output:
     how = "confirmed by compiling" if compile_ else "by the analytic figure"
     lines.append(f"{cfg.name} on {system.name}: {len(plans)} layouts of {n} node(s) divide the model and the batch; "
                  f"{len(fitting)} shown fit, {how} (the 16-bytes-a-parameter floor is {bound} nodes)")
-    header = ["nodes", "per_node", "pipeline", "data", "fsdp", "tensor", "zero", "remat", "microbatches",
+    header = ["nodes", "per_node", "pipeline", "data", "fsdp", "context", "tensor", "zero", "remat", "microbatches",
               "pipeline_microbatches", "repeats", "analytic_gib", "compiled_gib", "step_s", "mfu"]
     lines.append("  ".join(f"{h:>12}" for h in header))
     for p in (fitting or plans)[:top]:  # none fit: the least memory first
@@ -209,7 +221,7 @@ def _state_twin(plan) -> tuple:
     shard the same arrays, so only their product counts."""
     c, m = plan.cfg, plan.mesh
     split = m["data"] * m["fsdp"] if c.mesh.zero_stage == 3 else (m["data"], m["fsdp"])
-    return (m["pipeline"], m["tensor"], split, c.mesh.zero_stage, c.model.remat, c.train.microbatches,
+    return (m["pipeline"], m["tensor"], m["context"], split, c.mesh.zero_stage, c.model.remat, c.train.microbatches,
             c.mesh.sequence_parallel, c.pipeline.microbatches if m["pipeline"] > 1 else 0,
             c.pipeline.repeats if m["pipeline"] > 1 else 0)
 

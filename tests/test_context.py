@@ -1,0 +1,144 @@
+"""Context parallelism (agx.parallel.context): each sequence split over `context` devices computes
+what one device computes, for GPT-3 and for Llama with grouped-query attention and rotary positions;
+it moves the KV heads only, its activations shrink with the split, and its devices share the work."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ARCHITECTURES, assert_same_run, batch, llama_tiny_config, run_steps, tiny_config
+
+from agx.errors import UserError
+from agx.models.attention_choice import choose_attention
+from agx.parallel.context import load_balanced_order
+from agx.training.loop import Trainer
+from agx.training.step import loss_function
+
+B, T = 16, 32  # tiny_config's batch and sequence
+ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* all-gather(?:-start)?\(")
+
+
+def loss_and_gradients(cfg, corpus, devices):
+    """The first step's loss and the gradient of every parameter (at the model's shapes), on the host."""
+    trainer = Trainer.build(cfg, devices)
+    loss_fn = loss_function(trainer.cfg, trainer.plan.layouts.params, trainer.pipeline, train=True)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda p, x: loss_fn(trainer.plan.unpad_params(p), x, None)))
+    loss, grads = value_and_grad(trainer.init().params, trainer.put_batch(batch(corpus, 0, B)))
+    return float(loss), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def one_device(arch, corpus):
+    return loss_and_gradients(ARCHITECTURES[arch](), corpus, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("context", [2, 4, 8])
+def test_loss_and_every_gradient_equal_one_devices(arch, context, corpus, one_device):
+    loss, grads = loss_and_gradients(ARCHITECTURES[arch](data=8 // context, context=context), corpus, jax.devices())
+    want_loss, want_grads = one_device
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("mesh,options", [
+    ({"context": 2, "tensor": 2, "fsdp": 2, "sequence_parallel": True, "zero_stage": 3}, {"microbatches": 2}),
+    ({"context": 2, "tensor": 2, "fsdp": 2, "sequence_parallel": True, "zero_stage": 3}, {"remat": "full"}),
+    ({"context": 2, "pipeline": 2, "data": 2}, {"microbatches": 2, "remat": "full"}),
+    ({"context": 2, "pipeline": 2, "data": 2}, {"schedule": "1f1b"}),
+], ids=["ctx2-tp2-fsdp2-sp-zero3-accumulation", "ctx2-tp2-fsdp2-sp-zero3-remat", "ctx2-pp2-dp2-accumulation-remat",
+        "ctx2-pp2-dp2-1f1b"])
+def test_mixed_meshes_train_as_one_device(arch, mesh, options, corpus):
+    cfg = ARCHITECTURES[arch](**mesh)
+    if "microbatches" in options:
+        cfg.train = dataclasses.replace(cfg.train, microbatches=options["microbatches"])
+    if "remat" in options:
+        cfg.model = dataclasses.replace(cfg.model, remat=options["remat"])
+    if "schedule" in options:
+        cfg.pipeline = dataclasses.replace(cfg.pipeline, schedule="1f1b", microbatches=4)
+    reference = run_steps(ARCHITECTURES[arch](), corpus, jax.devices()[:1])
+    assert_same_run(run_steps(cfg, corpus, jax.devices()), reference)
+
+
+def test_only_the_kv_heads_are_gathered():
+    """Llama's 8 query heads share 2 KV heads: at context=4 each layer gathers keys and values of
+    [b, K, T, Q] (b: a device's sequences) forward, their gradients' parts backward, and nothing
+    else: no queries, scores or activations [b, T, D]."""
+    cfg = llama_tiny_config(data=2, context=4, zero_stage=0)  # weights whole: no weight all-gathers
+    trainer = Trainer.build(cfg)
+    hlo = trainer.compile().as_text()
+    m = cfg.model
+    kv_elements = (B // 2) * m.kv_heads * T * m.head_dim
+    gathers = [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in ALL_GATHER.findall(hlo)]
+    assert len(gathers) == 4, gathers  # K and V in the layer loop's forward and backward bodies
+    assert all(np.prod(shape) == kv_elements for _, shape in gathers), (kv_elements, gathers)
+
+
+def test_activation_memory_falls_with_the_split():
+    """Compiled temporaries of one sequence of 2048 on a tiny model, per device: about 1/C of one
+    device's with C = 2, 4, 8 (the weights are a few hundred KiB)."""
+    cfg = tiny_config()
+    cfg.model = dataclasses.replace(cfg.model, seq_len=2048, num_layers=1)
+    cfg.train = dataclasses.replace(cfg.train, batch_size=1)
+    temporaries = {}
+    for C in (1, 2, 4, 8):
+        cfg.mesh = dataclasses.replace(cfg.mesh, data=1, context=C)
+        temporaries[C] = Trainer.build(cfg, jax.devices()[:C]).compile().memory_analysis().temp_size_in_bytes
+    ratios = {C: temporaries[1] / temporaries[C] for C in (2, 4, 8)}
+    print("one device's temporaries / context=C's:", ratios)
+    for C, ratio in ratios.items():
+        assert 0.75 * C <= ratio <= 1.25 * C, ratios
+
+
+def _attention_flops(query_chunks, chunks: int, chunk: int):
+    """XLA's FLOPs for one device's causal attention: each of its query chunks against the key
+    chunks up to its own (the masked ones skipped), in one jitted program."""
+    H, Q = 8, 8
+
+    def attention(q_NxHxcxQ, k_JxHxcxQ):
+        out = []
+        for n, j in enumerate(query_chunks):
+            k_HxSxQ = jnp.concatenate(list(k_JxHxcxQ[:j + 1]), axis=1)
+            p_HxcxS = jax.nn.softmax(jnp.einsum("hcq,hsq->hcs", q_NxHxcxQ[n], k_HxSxQ), axis=-1)
+            out.append(jnp.einsum("hcs,hsq->hcq", p_HxcxS, k_HxSxQ))
+        return out
+
+    q = jax.ShapeDtypeStruct((len(query_chunks), H, chunk, Q), jnp.float32)
+    k = jax.ShapeDtypeStruct((chunks, H, chunk, Q), jnp.float32)
+    cost = jax.jit(attention).lower(q, k).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+@pytest.mark.parametrize("context", [4])
+def test_the_load_balanced_order_gives_every_device_the_same_attention_work(context):
+    chunk = 16
+    seq = 2 * context * chunk
+    order = load_balanced_order(seq, context)
+    balanced = [_attention_flops(sorted(set(order[d * 2 * chunk:(d + 1) * 2 * chunk] // chunk)), 2 * context, chunk)
+                for d in range(context)]
+    contiguous = [_attention_flops([2 * d, 2 * d + 1], 2 * context, chunk) for d in range(context)]
+    print("attention FLOPs per device, balanced:", balanced, "contiguous:", contiguous)
+    assert max(balanced) <= 1.1 * min(balanced), balanced
+    assert max(contiguous) >= 0.6 * (2 * context - 1) * min(contiguous), contiguous
+
+
+def test_bad_context_settings_get_one_line():
+    cfg = tiny_config(data=1, context=8)
+    cfg.model = dataclasses.replace(cfg.model, seq_len=40)
+    with pytest.raises(UserError, match=r"^model.seq_len=40 is not divisible by 2·mesh.context=16 "):
+        Trainer.build(cfg)
+    with pytest.raises(UserError, match=r"uses 16 devices but 8 are present"):
+        Trainer.build(tiny_config(data=2, context=8))
+    with pytest.raises(UserError, match=r"cannot run this model: mesh.context=2 \(cuDNN's attention needs"):
+        choose_attention(dataclasses.replace(tiny_config().model, attention="cudnn", dtype="bfloat16"), "cuda", "9.0", 2)
+    auto = choose_attention(dataclasses.replace(tiny_config().model, dtype="bfloat16"), "cuda", "9.0", 2)
+    assert auto.attention == "xla" and "mesh.context=2" in auto.why
