@@ -59,7 +59,7 @@ def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
 
 def test_bad_mesh_fails_before_training_starts(tmp_path):
     result = agx_train("--experiment", "gpt3_tiny", "--set", "mesh.data=3", "--workdir", str(tmp_path))
-    assert result.returncode == 2 and "agx: error: mesh pipeline=1,data=3,fsdp=1,tensor=1" in result.stderr
+    assert result.returncode == 2 and "agx: error: mesh pipeline=1,data=3,fsdp=1,context=1,tensor=1" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -22,8 +22,6 @@ from flax import linen as nn
 
 from agx.config import ModelConfig
 from agx.errors import UserError
-from agx.parallel import context
-from agx.parallel.context import context_size
 from agx.parallel.mesh import Layout
 
 # Activation checkpointing (model.remat, named in agx.config.REMAT_POLICIES): which intermediates
@@ -224,9 +222,9 @@ class Block(nn.Module):
             ctx_BxHxTxQ = self._attend(q_BxHxTxQ, *self._for_query_heads(new_cache), allowed_Bx1xTxS)[0]
         elif cfg.attention == "cudnn":
             ctx_BxHxTxQ = _cudnn_attention(q_BxHxTxQ, *self._for_query_heads(new_cache))
-        elif context_size(self.layout) > 1:  # the sequence split over devices, in load-balanced order
-            ctx_BxHxTxQ = context.attention(q_BxHxTxQ, k_BxKxSxQ, v_BxKxSxQ, context_size(self.layout),
-                                            self._constrain, self._attend, self._causal_attention)
+        elif self.layout is not None and self.layout.split_attention:  # the sequence split over devices
+            ctx_BxHxTxQ = self.layout.split_attention(q_BxHxTxQ, k_BxKxSxQ, v_BxKxSxQ, self._constrain, self._attend,
+                                                      self._causal_attention)
         else:
             ctx_BxHxTxQ = self._causal_attention(q_BxHxTxQ, *self._for_query_heads(new_cache))[0]
         ctx_BxTxHxQ = jnp.transpose(ctx_BxHxTxQ.astype(dtype), (0, 2, 1, 3))
@@ -296,7 +294,7 @@ class GPT(nn.Module):
 
             x_BxTxD, cache = jax.lax.scan(cached_layer, x_BxTxD, (stack_LxW, cache))
         head = embed.attend if cfg.tie_embeddings else _lm_head(cfg, "lm_head")
-        logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), head, x_BxTxD, self._constrain, context_size(self.layout) > 1)
+        logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), head, x_BxTxD, self._constrain, _split_sequence(self.layout))
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
     def _constrain(self, x, logical):
@@ -305,6 +303,10 @@ class GPT(nn.Module):
 
 def _constrainer(layout: Layout | None):
     return (lambda x, logical: x) if layout is None else layout.constrain
+
+
+def _split_sequence(layout: Layout | None) -> bool:
+    return layout is not None and layout.sequence_split() > 1
 
 
 def _init_stack(cfg: ModelConfig, rng):
@@ -380,7 +382,7 @@ def head_fn(cfg: ModelConfig, layout: Layout | None):
         else:
             project = lambda h: lm_head.apply({"params": params["lm_head"]}, h)
         final_norm = lambda y: norm.apply({"params": params["ln_f"]}, y)
-        return _logits(cfg, final_norm, project, x_BxTxD, _constrainer(layout), context_size(layout) > 1)
+        return _logits(cfg, final_norm, project, x_BxTxD, _constrainer(layout), _split_sequence(layout))
 
     return head
 

@@ -19,7 +19,6 @@ from agx.config import Config
 from agx.errors import UserError
 from agx.models.gpt import GPT
 from agx.parallel.batch import batch_sharding, data_parallel_size
-from agx.parallel.context import unsplit
 from agx.parallel.zero import zero_layouts
 
 
@@ -64,7 +63,7 @@ class Sampler:
         m = cfg.model
         self.cfg, self.opts, self.eod = cfg, opts, eod
         # each sequence whole on every `context` device: the cache grows a position at a time
-        self.layout = unsplit(zero_layouts(mesh, cfg.mesh, cfg.model.kv_heads).params)
+        self.layout = zero_layouts(mesh, cfg.mesh, cfg.model.kv_heads).params.whole_sequences()
         self.model = GPT(m, self.layout)
         self.length = prompt_len + opts.max_new_tokens  # cached positions
         data_parallel = data_parallel_size(mesh.shape)

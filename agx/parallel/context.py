@@ -22,21 +22,15 @@ chunk pairs (a query chunk against an earlier key chunk, no mask) and its two di
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
 
 from agx.errors import UserError
 from agx.parallel.mesh import Layout
-from agx.parallel.padding import axis_names
-
-
-def context_size(layout: Layout | None) -> int:
-    """How many ways `layout` splits a sequence: 1 where its rules keep 'length' whole."""
-    if layout is None:
-        return 1
-    axes = axis_names(dict(layout.rules).get("length"))
-    return int(np.prod([layout.mesh.shape[a] for a in axes]))
 
 
 def check_divides(seq_len: int, context: int) -> None:
@@ -61,15 +55,15 @@ def _full_pairs(context: int) -> tuple[np.ndarray, np.ndarray]:
     return first, np.where(first, p, p - i)
 
 
-def unsplit(layout: Layout) -> Layout:
-    """The same layout with each sequence whole on every `context` device (the sampler's: its cache
-    grows one position at a time)."""
-    keep = lambda axes: tuple(a for a in axis_names(axes) if a != "context") or None
-    return Layout(layout.mesh, tuple((name, keep(axes) if name in ("length", "act_length") else axes)
-                                     for name, axes in layout.rules))
+def with_split_attention(layout: Layout) -> Layout:
+    """`layout` with this file's attention for the model to call, where its rules split sequences."""
+    C = layout.sequence_split()
+    if C == 1:
+        return layout
+    return dataclasses.replace(layout, split_attention=functools.partial(attention, context=C))
 
 
-def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, context: int, constrain, attend, causal):
+def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, constrain, attend, causal, context: int):
     """Causal attention over a sequence in load-balanced order, split over `context` devices.
 
     q: each device's own positions (split over `context`); k, v: the whole sequence, gathered, of
@@ -85,17 +79,22 @@ def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, context: int, constrain, attend, 
     own = ("batch", "heads", "length", None, None, "kv")  # [B, H, C, 2, c, Q], C over `context`
     own_kv, whole_kv = ("batch", "kv_heads", "length", None, None, "kv"), ("batch", "kv_heads", None, None, None, "kv")
     q_BxHxCx2xcxQ = on_devices(q_BxHxTxQ, own)
-    k_BxHxCx2xcxQ, v_BxHxCx2xcxQ = (heads(on_devices(x, own_kv)) for x in (k_BxKxTxQ, v_BxKxTxQ))
-    diagonal_ctx, diagonal_lse = causal(q_BxHxCx2xcxQ, k_BxHxCx2xcxQ, v_BxHxCx2xcxQ)
-
-    first_CxP, key_chunk_CxP = (constrain(jnp.asarray(a), ("length", None)) for a in _full_pairs(C))
+    first_CxP, key_chunk_CxP = _full_pairs(C)
+    # Each device's key chunks: its full pairs' and then its own two (for the diagonal), taken from the
+    # gathered keys in one gather, so that their gradients meet in one sum before it is split back.
+    own_chunks_Cx2 = np.stack([np.arange(C), 2 * C - 1 - np.arange(C)], axis=1)
+    key_chunk_CxPp2 = constrain(jnp.asarray(np.concatenate([key_chunk_CxP, own_chunks_Cx2], axis=1)), ("length", None))
+    first_CxP = constrain(jnp.asarray(first_CxP), ("length", None))
 
     def in_position_order(x_BxKxTxQ):  # [B, K, 2C, c, Q]: chunk j holds positions j·c ... (j+1)·c - 1
         x_BxKxCx2xcxQ = on_devices(x_BxKxTxQ, whole_kv)
         return jnp.concatenate([x_BxKxCx2xcxQ[:, :, :, 0], x_BxKxCx2xcxQ[:, :, ::-1, 1]], axis=2)
 
-    k_BxHxCxPxcxQ, v_BxHxCxPxcxQ = (heads(constrain(jnp.take(in_position_order(x), key_chunk_CxP, axis=2), own_kv))
-                                    for x in (k_BxKxTxQ, v_BxKxTxQ))
+    k_BxHxCxPp2xcxQ, v_BxHxCxPp2xcxQ = (
+        heads(constrain(jnp.take(in_position_order(x), key_chunk_CxPp2, axis=2), own_kv)) for x in (k_BxKxTxQ, v_BxKxTxQ))
+    P = 2 * C - 1
+    diagonal_ctx, diagonal_lse = causal(q_BxHxCx2xcxQ, k_BxHxCxPp2xcxQ[:, :, :, P:], v_BxHxCxPp2xcxQ[:, :, :, P:])
+    k_BxHxCxPxcxQ, v_BxHxCxPxcxQ = k_BxHxCxPp2xcxQ[:, :, :, :P], v_BxHxCxPp2xcxQ[:, :, :, :P]
     q_BxHxCxPxcxQ = jnp.where(first_CxP[:, :, None, None], q_BxHxCx2xcxQ[:, :, :, :1], q_BxHxCx2xcxQ[:, :, :, 1:])
     full_ctx, full_lse_BxHxCxPxc = attend(q_BxHxCxPxcxQ, k_BxHxCxPxcxQ, v_BxHxCxPxcxQ)
 

@@ -16,6 +16,8 @@ backward pass of every micro-batch (as DeepSpeed does), and none of this applies
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -41,7 +43,7 @@ def replica_layout(layout: Layout) -> Layout:
     drop = lambda axes: tuple(a for a in axis_names(axes) if a != REPLICA_AXIS) or None
     changed = {"batch": drop(rules["batch"]), "head_batch": drop(rules["head_batch"]), "lookup_batch": None,
                "lookup_embed": rules["embed"]}
-    return Layout(layout.mesh, tuple((name, changed.get(name, axes)) for name, axes in layout.rules))
+    return dataclasses.replace(layout, rules=tuple((name, changed.get(name, axes)) for name, axes in layout.rules))
 
 
 def per_replica(grad_fn, R: int, mesh: Mesh):

@@ -10,9 +10,11 @@ sequence ('length', and 'act_length' with it) on `context`; keys and values ('kv
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
@@ -22,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import MeshConfig
 from agx.errors import UserError
+from agx.parallel.padding import axis_names
 
 AXES = ("pipeline", "data", "fsdp", "context", "tensor")  # outermost first: `tensor` on neighbouring devices
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
@@ -102,10 +105,26 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads
 
 @dataclass(frozen=True)
 class Layout:
-    """A mesh with one rules table: turns logical axis names into concrete NamedShardings."""
+    """A mesh with one rules table: turns logical axis names into concrete NamedShardings.
+
+    split_attention: where the rules split a sequence ('length') over devices, the causal attention
+    that works across the split (agx.parallel.context), called by the model with its own attention
+    functions; None where each device holds whole sequences."""
 
     mesh: Mesh
     rules: tuple
+    split_attention: Callable | None = field(default=None, compare=False)
+
+    def sequence_split(self) -> int:
+        """How many ways a sequence's positions ('length') are split over devices."""
+        return math.prod(self.mesh.shape[a] for a in axis_names(dict(self.rules).get("length")))
+
+    def whole_sequences(self) -> Layout:
+        """This layout with each sequence whole on every `context` device (the sampler's: its cache
+        grows one position at a time)."""
+        keep = lambda axes: tuple(a for a in axis_names(axes) if a != "context") or None
+        return dataclasses.replace(self, split_attention=None, rules=tuple(
+            (name, keep(axes) if name in ("length", "act_length") else axes) for name, axes in self.rules))
 
     def spec(self, logical: tuple) -> PartitionSpec:
         return nn.logical_to_mesh_axes(logical, self.rules)

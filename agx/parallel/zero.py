@@ -15,6 +15,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import MeshConfig
+from agx.parallel.context import with_split_attention
 from agx.parallel.mesh import Layout, kv_heads_split, logical_rules
 from agx.parallel.padding import axis_names
 
@@ -35,7 +36,8 @@ def zero_layouts(mesh: Mesh, mesh_cfg: MeshConfig, kv_heads: int) -> ZeroLayouts
     split_kv = kv_heads_split(kv_heads, mesh.shape["tensor"])
 
     def layout(min_stage: int) -> Layout:
-        return Layout(mesh, logical_rules(mesh_cfg.zero_stage >= min_stage, mesh_cfg.sequence_parallel, split_kv))
+        return with_split_attention(
+            Layout(mesh, logical_rules(mesh_cfg.zero_stage >= min_stage, mesh_cfg.sequence_parallel, split_kv)))
 
     return ZeroLayouts(params=layout(3), grads=layout(2), opt_state=layout(1))
 

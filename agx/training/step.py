@@ -16,7 +16,7 @@ from agx.models.gpt import GPT
 from agx.models.loss import cross_entropy
 from agx.parallel import one_f_one_b, pipeline
 from agx.parallel.batch import batch_sharding, split_microbatches
-from agx.parallel.context import check_divides, context_size, load_balanced_order, reorder
+from agx.parallel.context import check_divides, load_balanced_order, reorder
 from agx.parallel.data_parallel import per_replica, reduce_replicas, replica_layout, replica_shardings, replicas
 from agx.parallel.mesh import BATCH_AXES, Layout
 from agx.parallel.pipeline import Schedule, plan_schedule
@@ -38,7 +38,7 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     stages, else its pieces run by the pipeline (GPipe or circular), or by 1F1B when training,
     whose loop computes each micro-batch's loss and gradients at once.
     bubble_value: what idle pipeline stages start from (a test fills them with NaN)."""
-    C = context_size(layout)
+    C = layout.sequence_split()
     check_divides(cfg.model.seq_len, C)
     m = for_device(cfg.model, layout.mesh.devices.flat[0], C).applied(cfg.model)  # model.attention=auto chosen
     dropout = train and m.dropout > 0
