@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ARCHITECTURES, assert_same_run, batch, llama_tiny_config, run_steps, tiny_config
+from conftest import (ARCHITECTURES, assert_same_run, batch, copy_of, llama_tiny_config, records, run_steps,
+                      tiny_config, train_tiny)
 
 from agx.errors import UserError
 from agx.models.attention_choice import choose_attention
@@ -134,6 +135,25 @@ def test_the_load_balanced_order_gives_every_device_the_same_attention_work(cont
     print("attention FLOPs per device, balanced:", balanced, "contiguous:", contiguous)
     assert max(balanced) <= 1.1 * min(balanced), balanced
     assert max(contiguous) >= 0.6 * (2 * context - 1) * min(contiguous), contiguous
+
+
+def test_checkpoints_move_between_context_and_whole_sequences(base, tmp_path):
+    """The base run (fsdp=8) restored at step 3 onto context=4 goes on as it did, evaluation too; a
+    checkpoint that context=4 saved (step 4) then continues on whole sequences (data=8) with the
+    same next losses."""
+    run = copy_of(base, tmp_path)
+    train_tiny(run, "mesh.data=2", "mesh.fsdp=1", "mesh.context=4", "train.steps=6", "checkpoint.every=1",
+               "eval.every=3", "eval.batches=2", "checkpoint.restore_step=3")
+    original, split = records(base), records(run)
+    for step in (4, 5, 6):
+        assert split[step]["loss"] == pytest.approx(original[step]["loss"], rel=1e-5, abs=1e-6)
+    assert split[6]["eval_loss"] == pytest.approx(original[6]["eval_loss"], rel=1e-5)
+    result = train_tiny(run, "mesh.data=8", "mesh.fsdp=1", "mesh.context=1", "train.steps=6",
+                        "checkpoint.restore_step=4")
+    assert "resumed from checkpoint step 4" in result.stdout
+    whole = records(run)
+    for step in (5, 6):
+        assert whole[step]["loss"] == pytest.approx(original[step]["loss"], rel=1e-5, abs=1e-6)
 
 
 def test_bad_context_settings_get_one_line():
