@@ -13,8 +13,11 @@ from conftest import (ARCHITECTURES, assert_same_run, batch, copy_of, llama_tiny
                       tiny_config, train_tiny)
 
 from agx.errors import UserError
+from agx.generate import generate
 from agx.models.attention_choice import choose_attention
+from agx.models.sampling import SamplingOptions
 from agx.parallel.context import load_balanced_order
+from agx.planning import analytic
 from agx.training.loop import Trainer
 from agx.training.step import loss_function
 
@@ -34,6 +37,18 @@ def loss_and_gradients(cfg, corpus, devices):
     return float(loss), jax.device_get(grads)
 
 
+_one_device_runs = {}
+
+
+def one_device_run(arch, batch_size: int, corpus):
+    """run_steps of `arch` on one device with `batch_size` sequences a step, once a module."""
+    if (arch, batch_size) not in _one_device_runs:
+        cfg = ARCHITECTURES[arch]()
+        cfg.train = dataclasses.replace(cfg.train, batch_size=batch_size)
+        _one_device_runs[arch, batch_size] = run_steps(cfg, corpus, jax.devices()[:1])
+    return _one_device_runs[arch, batch_size]
+
+
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch(request):
     return request.param
@@ -44,9 +59,13 @@ def one_device(arch, corpus):
     return loss_and_gradients(ARCHITECTURES[arch](), corpus, jax.devices()[:1])
 
 
-@pytest.mark.parametrize("context", [2, 4, 8])
-def test_loss_and_every_gradient_equal_one_devices(arch, context, corpus, one_device):
-    loss, grads = loss_and_gradients(ARCHITECTURES[arch](data=8 // context, context=context), corpus, jax.devices())
+@pytest.mark.parametrize("context,zero_stage,block", [(2, 3, 4), (4, 1, 0), (8, 0, 0)],
+                         ids=["ctx2-zero3-blocks-of-4", "ctx4-zero1", "ctx8-zero0"])
+def test_loss_and_every_gradient_equal_one_devices(arch, context, zero_stage, block, corpus, one_device):
+    """Blocks of 4 split each diagonal chunk pair of 8 positions (32 / 2·2) in two."""
+    cfg = ARCHITECTURES[arch](data=8 // context, context=context, zero_stage=zero_stage)
+    cfg.model = dataclasses.replace(cfg.model, attention_block=block)
+    loss, grads = loss_and_gradients(cfg, corpus, jax.devices())
     want_loss, want_grads = one_device
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(want_grads)):
@@ -54,14 +73,15 @@ def test_loss_and_every_gradient_equal_one_devices(arch, context, corpus, one_de
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("mesh,options", [
-    ({"context": 2, "tensor": 2, "fsdp": 2, "sequence_parallel": True, "zero_stage": 3}, {"microbatches": 2}),
-    ({"context": 2, "tensor": 2, "fsdp": 2, "sequence_parallel": True, "zero_stage": 3}, {"remat": "full"}),
-    ({"context": 2, "pipeline": 2, "data": 2}, {"microbatches": 2, "remat": "full"}),
-    ({"context": 2, "pipeline": 2, "data": 2}, {"schedule": "1f1b"}),
+@pytest.mark.parametrize("devices,mesh,options", [
+    (8, {"context": 2, "tensor": 2, "fsdp": 2, "sequence_parallel": True, "zero_stage": 3}, {"microbatches": 2}),
+    (8, {"context": 2, "tensor": 2, "fsdp": 2, "sequence_parallel": True, "zero_stage": 3}, {"remat": "full"}),
+    (8, {"context": 2, "pipeline": 2, "data": 2}, {"microbatches": 2, "remat": "full"}),
+    (8, {"context": 2, "pipeline": 2, "data": 2}, {"schedule": "1f1b"}),
+    (6, {"context": 2, "fsdp": 3}, {}),
 ], ids=["ctx2-tp2-fsdp2-sp-zero3-accumulation", "ctx2-tp2-fsdp2-sp-zero3-remat", "ctx2-pp2-dp2-accumulation-remat",
-        "ctx2-pp2-dp2-1f1b"])
-def test_mixed_meshes_train_as_one_device(arch, mesh, options, corpus):
+        "ctx2-pp2-dp2-1f1b", "ctx2-fsdp3-padded"])
+def test_mixed_meshes_train_as_one_device(arch, devices, mesh, options, corpus):
     cfg = ARCHITECTURES[arch](**mesh)
     if "microbatches" in options:
         cfg.train = dataclasses.replace(cfg.train, microbatches=options["microbatches"])
@@ -69,8 +89,18 @@ def test_mixed_meshes_train_as_one_device(arch, mesh, options, corpus):
         cfg.model = dataclasses.replace(cfg.model, remat=options["remat"])
     if "schedule" in options:
         cfg.pipeline = dataclasses.replace(cfg.pipeline, schedule="1f1b", microbatches=4)
-    reference = run_steps(ARCHITECTURES[arch](), corpus, jax.devices()[:1])
-    assert_same_run(run_steps(cfg, corpus, jax.devices()), reference)
+    if "fsdp" in mesh and mesh["fsdp"] == 3:
+        cfg.train = dataclasses.replace(cfg.train, batch_size=12)  # divisible by data × fsdp = 3
+    assert_same_run(run_steps(cfg, corpus, jax.devices()[:devices]), one_device_run(arch, cfg.train.batch_size, corpus))
+
+
+def test_dropout_trains_across_the_split(corpus):
+    """Dropout's masks follow the positions' order, so the run is not the one-device run; it trains."""
+    cfg = tiny_config(data=4, context=2)
+    cfg.model = dataclasses.replace(cfg.model, dropout=0.1)
+    losses, _ = run_steps(cfg, corpus, jax.devices())
+    undropped, _ = one_device_run("gpt3", cfg.train.batch_size, corpus)
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] and not np.allclose(losses, undropped)
 
 
 def test_only_the_kv_heads_are_gathered():
@@ -89,20 +119,25 @@ def test_only_the_kv_heads_are_gathered():
     assert all(np.prod(shape) <= kv_elements for _, shape in rows), rows
 
 
-def test_activation_memory_falls_with_the_split():
-    """Compiled temporaries of one sequence of 2048 on a tiny model, per device: about 1/C of one
-    device's with C = 2, 4, 8 (the weights are a few hundred KiB)."""
+def test_activation_memory_falls_with_the_split_as_planned():
+    """One sequence of 2048 on a tiny model, per device: compiled temporaries about 1/C of one device's
+    with C = 2, 4, 8 (the weights are a few hundred KiB), and the planner's total in proportion."""
     cfg = tiny_config()
     cfg.model = dataclasses.replace(cfg.model, seq_len=2048, num_layers=1)
     cfg.train = dataclasses.replace(cfg.train, batch_size=1)
-    temporaries = {}
+    compiled, planned = {}, {}
     for C in (1, 2, 4, 8):
         cfg.mesh = dataclasses.replace(cfg.mesh, data=1, context=C)
-        temporaries[C] = Trainer.build(cfg, jax.devices()[:C]).compile().memory_analysis().temp_size_in_bytes
-    ratios = {C: temporaries[1] / temporaries[C] for C in (2, 4, 8)}
-    print("one device's temporaries / context=C's:", ratios)
-    for C, ratio in ratios.items():
-        assert 0.75 * C <= ratio <= 1.25 * C, ratios
+        trainer = Trainer.build(cfg, jax.devices()[:C])
+        compiled[C] = trainer.compile().memory_analysis().temp_size_in_bytes
+        planned[C] = analytic.memory(trainer.cfg, analytic.StateShapes(trainer.cfg), dict(trainer.mesh.shape),
+                                     None)["total"]
+    compiled_ratios = {C: compiled[1] / compiled[C] for C in (2, 4, 8)}
+    planned_ratios = {C: planned[1] / planned[C] for C in (2, 4, 8)}
+    print("one device's memory / context=C's, compiled:", compiled_ratios, "planned:", planned_ratios)
+    for C in (2, 4, 8):
+        assert 0.75 * C <= compiled_ratios[C] <= 1.25 * C, compiled_ratios
+        assert planned_ratios[C] == pytest.approx(compiled_ratios[C], rel=0.15), (planned_ratios, compiled_ratios)
 
 
 def _attention_flops(query_chunks, chunks: int, chunk: int):
@@ -154,6 +189,12 @@ def test_checkpoints_move_between_context_and_whole_sequences(base, tmp_path):
     whole = records(run)
     for step in (5, 6):
         assert whole[step]["loss"] == pytest.approx(original[step]["loss"], rel=1e-5, abs=1e-6)
+
+    # The KV-cache sampler on a context=4 mesh (each sequence whole there) samples as data=8 does.
+    opts = SamplingOptions(max_new_tokens=6, temperature=0.8, top_k=20, seed=5, stop_at_eod=False)
+    on = lambda *mesh: generate(run, ["def f(x):", "import os"], opts, list(mesh), None)[1]
+    split_tokens, whole_tokens = on("mesh.data=2", "mesh.fsdp=1", "mesh.context=4"), on("mesh.data=-1", "mesh.fsdp=1")
+    assert [t.tolist() for t in split_tokens] == [t.tolist() for t in whole_tokens]
 
 
 def test_bad_context_settings_get_one_line():

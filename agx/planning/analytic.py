@@ -7,9 +7,9 @@ Large Transformer Models", Table 2, in the compute dtype: per layer s·b·h·(34
 16 bits for GPT-3 (the MLP's share scaled for SwiGLU and its width), the 24 of the 34 in
 tensor-parallel regions divided by t (all 34 with sequence parallelism), the a·s² terms dropped by
 selective recompute, and only the layer input (2·s·b·h) kept by full recompute, which then holds one
-layer's activations at a time. Context parallelism (C) divides s by C, keeps (2C+1)/(4C²) of the
-scores (each device's chunk pairs, agx.parallel.context), and adds the gathered keys and values,
-the whole sequence's KV heads. Pipeline stages keep each iteration's stage input instead
+layer's activations at a time. Context parallelism (C) divides s by C, keeps (2C + block/chunk)/4
+of the s² scores of a device's positions (its chunk pairs, agx.parallel.context: about (2C+1)/(4C²)
+of the whole sequence's), and adds the gathered keys and values, the whole sequence's KV heads. Pipeline stages keep each iteration's stage input instead
 (agx.parallel.pipeline). Temporaries are the float32 logits and their gradient (split over pipeline stages as well), and the weights of one layer
 gathered for FSDP/ZeRO-3.
 """
@@ -156,8 +156,11 @@ def activation_bytes(cfg: Config, mesh_shape: dict, schedule: Schedule | None) -
     # attention keeps (1 + C/T)/2 of them; cuDNN's fused attention none (its softmax statistics only).
     scores_kept = 0 if m.attention == "cudnn" else (1 + (m.attention_block or s) / s) / 2
     gathered_kv = 0
-    if C > 1:  # 2C+1 chunk pairs of (s/2)² (agx.parallel.context); keys and values [b, K, C·s, Q] gathered
-        scores_kept, gathered_kv = (2 * C + 1) / 4, 4 * C * m.kv_heads / a / t
+    if C > 1:  # 2C-1 chunk pairs of (s/2)² and 2 diagonal ones, in blocks (agx.parallel.context), of s²;
+        # and the gathered keys and values, [b, K, C·s, Q] each
+        chunk = s // 2
+        block = m.attention_block if m.attention_block and chunk % m.attention_block == 0 else chunk
+        scores_kept, gathered_kv = (2 * C + block / chunk) / 4, 4 * C * m.kv_heads / a / t
     other, tp_part, scores = (10 / t if sp else 10), (8 + mlp) / t + gathered_kv, 5 * a * s / h / t * scores_kept
     layer_input = 2 * s * b * h / (t if sp else 1)
     if m.remat == "none":
