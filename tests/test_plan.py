@@ -282,6 +282,22 @@ def test_auroragpt_70b_on_8_aurora_nodes_is_out_of_memory_with_pp8_tp1_and_the_s
 
 
 @pytest.mark.slow
+def test_long_sequences_fit_with_the_context_axis_where_whole_ones_do_not(tmp_path):
+    """AuroraGPT-7B at 128k positions on 16 Aurora nodes: the search finds no layout that fits with
+    whole sequences on each device, and layouts that do with each split over `context` (4 or more).
+    At 32k the experiment's own ZeRO-3 data-parallel layout (selective recompute) fits 16 nodes only
+    with its sequences split: one whole 32k sequence a device is 249 GiB, one eighth of one 42 GiB."""
+    _, rows = search(tmp_path, "--experiment", "auroragpt_7b_128k", "--system", "aurora", "--nodes", "16")
+    fits = lambda row: row["fits"] == "True"
+    assert not [r for r in rows if r["context"] == "1" and fits(r)]
+    assert {int(r["context"]) for r in rows if fits(r)} and min(int(r["context"]) for r in rows if fits(r)) >= 4
+    common = ("--experiment", "auroragpt_7b_32k", "--system", "aurora", "--nodes", "16", "--no-compile", "--set")
+    whole = plan_cli(*common, "mesh.fsdp=128", "mesh.context=1")
+    split = plan_cli(*common, "mesh.fsdp=16", "mesh.context=8", "train.microbatches=8")
+    assert "fits in 64 GiB: NO" in whole.stdout and "fits in 64 GiB: yes" in split.stdout, whole.stdout + split.stdout
+    assert "context K/V all-gather" in split.stdout and "context K/V all-gather" not in whole.stdout
+
+
 def test_search_writes_a_csv_and_a_plot(tmp_path):
     _, rows = search(tmp_path, "--experiment", "gpt3_small", "--system", "h100x8", "--nodes", "1")
     assert rows and all(int(r["pipeline"]) * int(r["data"]) * int(r["fsdp"]) * int(r["tensor"]) == int(r["devices"]) for r in rows)
