@@ -32,6 +32,7 @@ LAYOUTS = {
     "Llama GQA (8 heads, 2 KV), tensor=8": ("llama_tiny", ["mesh.data=1", "mesh.tensor=8"]),
     "data=2 × fsdp=2 × tensor=2, ZeRO-3, 4 micro-batches": (
         "gpt3_tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.zero_stage=3", "train.microbatches=4"]),
+    "Llama GQA (8 heads, 2 KV), context=4 × data=2": ("llama_tiny", ["mesh.data=2", "mesh.context=4"]),
 }
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # What each purpose of the analytic minimum moves as, on a backend that forms every collective meant
@@ -39,7 +40,8 @@ PURPOSE_KIND = {"weight all-gather": "all-gather", "updated-weight all-gather": 
                 "KV-gradient all-gather": "all-gather", "gradient reduce-scatter": "reduce-scatter",
                 "tensor-parallel all-reduce": "all-reduce", "LM-head gradient all-reduce": "all-reduce",
                 "KV-gradient all-reduce": "all-reduce", "pipeline send/receive": "collective-permute",
-                "circular weight regrouping": "all-to-all"}
+                "circular weight regrouping": "all-to-all", "context K/V all-gather": "all-gather",
+                "context K/V-gradient reduce-scatter": "reduce-scatter", "context gradient all-reduce": "all-reduce"}
 
 
 def minimum_by_kind(minimum: dict, sequence_parallel: bool) -> dict:
