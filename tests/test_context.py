@@ -204,7 +204,8 @@ def test_bad_context_settings_get_one_line():
         Trainer.build(cfg)
     with pytest.raises(UserError, match=r"^mesh pipeline=1,data=2,fsdp=1,context=8,tensor=1 does not divide the 8"):
         Trainer.build(tiny_config(data=2, context=8))
+    bf16 = dataclasses.replace(tiny_config().model, dtype="bfloat16")
     with pytest.raises(UserError, match=r"cannot run this model: mesh.context=2 \(cuDNN's attention needs"):
-        choose_attention(dataclasses.replace(tiny_config().model, attention="cudnn", dtype="bfloat16"), "cuda", "9.0", 2)
-    auto = choose_attention(dataclasses.replace(tiny_config().model, dtype="bfloat16"), "cuda", "9.0", 2)
+        choose_attention(dataclasses.replace(bf16, attention="cudnn"), "cuda", "9.0", 2)
+    auto = choose_attention(bf16, "cuda", "9.0", 2)
     assert auto.attention == "xla" and "mesh.context=2" in auto.why

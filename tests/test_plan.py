@@ -174,7 +174,8 @@ def test_blocked_attention_saves_activation_memory_in_the_planned_proportion():
     for block in (0, 512, 1024):
         cfg = load_experiment("gpt3_small", ["train.batch_size=8", "mesh.data=1", "mesh.fsdp=8", "model.remat=none",
                                              "model.attention=xla", f"model.attention_block={block}"])
-        planned[block] = analytic.activation_bytes(cfg, {"pipeline": 1, "data": 1, "fsdp": 8, "context": 1, "tensor": 1}, None)
+        shape = {"pipeline": 1, "data": 1, "fsdp": 8, "context": 1, "tensor": 1}
+        planned[block] = analytic.activation_bytes(cfg, shape, None)
         compiled[block] = compile_step(cfg).memory["total"]
     saving_ratio = lambda totals: (totals[0] - totals[512]) / (totals[0] - totals[1024])
     assert saving_ratio(planned) == pytest.approx(1.5, rel=1e-6)

@@ -46,6 +46,11 @@ def load_balanced_order(seq_len: int, context: int) -> np.ndarray:
     return np.stack([chunks[:context], chunks[context:][::-1]], axis=1).reshape(seq_len)
 
 
+def reorder(x_BxT, context: int):
+    """Tokens (or targets) [B, T] in load-balanced order, for a `context` > 1."""
+    return x_BxT[:, load_balanced_order(x_BxT.shape[1], context)]
+
+
 def _full_pairs(context: int) -> tuple[np.ndarray, np.ndarray]:
     """Each device's 2C-1 full pairs below the diagonal: [C, 2C-1] whether pair p's query chunk is the
     device's first (chunk i, keys 0..i-1) or its second (chunk 2C-1-i, keys 0..2C-2-i), and the key
@@ -73,26 +78,26 @@ def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, constrain, attend, causal, contex
     dimensions, each returning (context vectors [..., t, Q] float32, log-sum-exp [..., t])."""
     B, H, T, Q = q_BxHxTxQ.shape
     K = k_BxKxTxQ.shape[1]
-    C, c = context, T // (2 * context)
-    heads = lambda x: x if K == H else constrain(jnp.repeat(x, H // K, axis=1), own)
-    on_devices = lambda x, logical: constrain(x.reshape(x.shape[0], x.shape[1], C, 2, c, Q), logical)
-    own = ("batch", "heads", "length", None, None, "kv")  # [B, H, C, 2, c, Q], C over `context`
+    C, c, P = context, T // (2 * context), 2 * context - 1
+    own = ("batch", "heads", "length", None, None, "kv")  # [B, H, C, ..., c, Q], C over `context`
     own_kv, whole_kv = ("batch", "kv_heads", "length", None, None, "kv"), ("batch", "kv_heads", None, None, None, "kv")
+    on_devices = lambda x, logical: constrain(x.reshape(x.shape[0], x.shape[1], C, 2, c, Q), logical)
+    heads = lambda x: x if K == H else constrain(jnp.repeat(x, H // K, axis=1), own)  # K -> H, locally
+    on_devices_table = lambda table: constrain(jnp.asarray(table), ("length", None))  # row i on device i
     q_BxHxCx2xcxQ = on_devices(q_BxHxTxQ, own)
     first_CxP, key_chunk_CxP = _full_pairs(C)
     # Each device's key chunks: its full pairs' and then its own two (for the diagonal), taken from the
     # gathered keys in one gather, so that their gradients meet in one sum before it is split back.
     own_chunks_Cx2 = np.stack([np.arange(C), 2 * C - 1 - np.arange(C)], axis=1)
-    key_chunk_CxPp2 = constrain(jnp.asarray(np.concatenate([key_chunk_CxP, own_chunks_Cx2], axis=1)), ("length", None))
-    first_CxP = constrain(jnp.asarray(first_CxP), ("length", None))
+    key_chunk_CxPp2 = on_devices_table(np.concatenate([key_chunk_CxP, own_chunks_Cx2], axis=1))
+    first_CxP = on_devices_table(first_CxP)
 
     def in_position_order(x_BxKxTxQ):  # [B, K, 2C, c, Q]: chunk j holds positions j·c ... (j+1)·c - 1
         x_BxKxCx2xcxQ = on_devices(x_BxKxTxQ, whole_kv)
         return jnp.concatenate([x_BxKxCx2xcxQ[:, :, :, 0], x_BxKxCx2xcxQ[:, :, ::-1, 1]], axis=2)
 
-    k_BxHxCxPp2xcxQ, v_BxHxCxPp2xcxQ = (
-        heads(constrain(jnp.take(in_position_order(x), key_chunk_CxPp2, axis=2), own_kv)) for x in (k_BxKxTxQ, v_BxKxTxQ))
-    P = 2 * C - 1
+    taken = lambda x_BxKxTxQ: constrain(jnp.take(in_position_order(x_BxKxTxQ), key_chunk_CxPp2, axis=2), own_kv)
+    k_BxHxCxPp2xcxQ, v_BxHxCxPp2xcxQ = heads(taken(k_BxKxTxQ)), heads(taken(v_BxKxTxQ))
     diagonal_ctx, diagonal_lse = causal(q_BxHxCx2xcxQ, k_BxHxCxPp2xcxQ[:, :, :, P:], v_BxHxCxPp2xcxQ[:, :, :, P:])
     k_BxHxCxPxcxQ, v_BxHxCxPxcxQ = k_BxHxCxPp2xcxQ[:, :, :, :P], v_BxHxCxPp2xcxQ[:, :, :, :P]
     q_BxHxCxPxcxQ = jnp.where(first_CxP[:, :, None, None], q_BxHxCx2xcxQ[:, :, :, :1], q_BxHxCx2xcxQ[:, :, :, 1:])
@@ -108,7 +113,3 @@ def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, constrain, attend, causal, contex
                        + weight_BxHxCx2xPp1xc[:, :, :, :, -1, :, None] * diagonal_ctx)
     return constrain(ctx_BxHxCx2xcxQ, own).reshape(B, H, T, Q)
 
-
-def reorder(x_BxT, context: int):
-    """Tokens (or targets) [B, T] in load-balanced order, for a `context` > 1."""
-    return x_BxT[:, load_balanced_order(x_BxT.shape[1], context)]

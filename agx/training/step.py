@@ -49,7 +49,8 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     def loss_fn(params, tokens_BxT1, rng):
         tokens_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
         if C > 1:  # each device's positions together: the loss is a mean over all of them, in any order
-            tokens_BxT, targets_BxT = (layout.constrain(reorder(x, C), ("batch", "length")) for x in (tokens_BxT, targets_BxT))
+            in_order = lambda x_BxT: layout.constrain(reorder(x_BxT, C), ("batch", "length"))
+            tokens_BxT, targets_BxT = in_order(tokens_BxT), in_order(targets_BxT)
         if schedule is None:
             logits_BxTxV = GPT(m, layout).apply({"params": params}, tokens_BxT, deterministic=not dropout,
                                                 positions_T=positions_T, rngs={"dropout": rng} if dropout else None)
