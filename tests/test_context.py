@@ -4,13 +4,15 @@ it moves the KV heads only, its activations shrink with the split, and its devic
 
 import dataclasses
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (ARCHITECTURES, assert_same_run, batch, copy_of, llama_tiny_config, records, run_steps,
-                      tiny_config, train_tiny)
+from conftest import (ARCHITECTURES, assert_same_run, batch, copy_of, env_for, llama_tiny_config, records,
+                      run_steps, tiny_config, train_tiny)
 
 from agx.errors import UserError
 from agx.generate import generate
@@ -190,11 +192,16 @@ def test_checkpoints_move_between_context_and_whole_sequences(base, tmp_path):
     for step in (5, 6):
         assert whole[step]["loss"] == pytest.approx(original[step]["loss"], rel=1e-5, abs=1e-6)
 
-    # The KV-cache sampler on a context=4 mesh (each sequence whole there) samples as data=8 does.
+    # The KV-cache sampler on a context=4 mesh (each sequence whole there) samples as data=8 does, and
+    # as the Hugging Face export of the checkpoint does.
     opts = SamplingOptions(max_new_tokens=6, temperature=0.8, top_k=20, seed=5, stop_at_eod=False)
-    on = lambda *mesh: generate(run, ["def f(x):", "import os"], opts, list(mesh), None)[1]
-    split_tokens, whole_tokens = on("mesh.data=2", "mesh.fsdp=1", "mesh.context=4"), on("mesh.data=-1", "mesh.fsdp=1")
-    assert [t.tolist() for t in split_tokens] == [t.tolist() for t in whole_tokens]
+    on = lambda source, *mesh: [t.tolist() for t in generate(source, ["def f(x):", "import os"], opts, list(mesh),
+                                                              None)[1]]
+    exported = subprocess.run([sys.executable, "-m", "agx.export", "--checkpoint", str(run), "--format", "hf",
+                               "--output", str(tmp_path / "hf")], capture_output=True, text=True, env=env_for(1))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    split = on(run, "mesh.data=2", "mesh.fsdp=1", "mesh.context=4")
+    assert split == on(run, "mesh.data=-1", "mesh.fsdp=1") == on(tmp_path / "hf")
 
 
 def test_bad_context_settings_get_one_line():
@@ -209,3 +216,4 @@ def test_bad_context_settings_get_one_line():
         choose_attention(dataclasses.replace(bf16, attention="cudnn"), "cuda", "9.0", 2)
     auto = choose_attention(bf16, "cuda", "9.0", 2)
     assert auto.attention == "xla" and "mesh.context=2" in auto.why
+    assert "split over 2 devices, in load-balanced chunks of 8" in auto.describe(32)

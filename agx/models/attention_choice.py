@@ -27,10 +27,16 @@ class AttentionChoice:
     attention: str  # "xla" or "cudnn", what the model runs
     block: int  # agx's query block; 0: one dense masked product (and always 0 with cudnn)
     why: str  # the reason, for the log
+    context: int = 1  # the devices each sequence is split over (agx.parallel.context)
 
     def describe(self, seq_len: int) -> str:
         if self.attention == "cudnn":
             kind = "cuDNN's fused attention"
+        elif self.context > 1:
+            chunk = seq_len // (2 * self.context)
+            blocks = f" (the diagonal ones in query blocks of {self.block})" if self.block else ""
+            kind = (f"agx's attention over {seq_len} positions split over {self.context} devices, in load-balanced "
+                    f"chunks of {chunk}{blocks}")
         elif self.block:
             kind = f"agx's attention in query blocks of {self.block} of {seq_len} positions"
         else:
@@ -95,13 +101,14 @@ def choose_attention(m: ModelConfig, backend: str, compute_capability: str | Non
     if m.attention == "cudnn" and refusal:
         raise UserError(f"model.attention=cudnn cannot run this model: {refusal}")
     if m.attention != "auto":
-        return AttentionChoice(m.attention, m.attention_block, f"model.attention={m.attention}")
+        return AttentionChoice(m.attention, m.attention_block, f"model.attention={m.attention}", context)
     if m.attention_block:
         return AttentionChoice("xla", m.attention_block, f"auto: model.attention_block={m.attention_block} asks "
-                                                         "for agx's blocked attention")
+                                                         "for agx's blocked attention", context)
     if refusal is None:
         return AttentionChoice("cudnn", 0, f"auto on {backend}: {m.dtype}, head size {m.head_dim}")
-    block = query_block(m.seq_len // (2 * context if context > 1 else 1), backend)
+    length = m.seq_len // (2 * context) if context > 1 else m.seq_len  # a diagonal chunk's, under context
+    block = query_block(length, backend)
     best = BLOCKS.get(backend, GPU_BLOCK)
-    unblocked = "" if block else f"; no block of {best // 2}-{best} positions divides {m.seq_len} into two or more"
-    return AttentionChoice("xla", block, f"auto on {backend}: not cuDNN's, for {refusal}{unblocked}")
+    unblocked = "" if block else f"; no block of {best // 2}-{best} positions divides {length} into two or more"
+    return AttentionChoice("xla", block, f"auto on {backend}: not cuDNN's, for {refusal}{unblocked}", context)
