@@ -76,7 +76,8 @@ from agx.training.loop import Trainer  # noqa: E402
 # worker (--dist loadfile), so that its module-scoped fixtures are built once. The slowest modules
 # go first (measured with --durations), so that the workers finish together. (Not xdist_group
 # markers: with pytest 9.2 and pytest-xdist 3.8 they group nothing.)
-SLOWEST_FIRST = ["test_checkpoint", "test_multiprocess", "test_plan", "test_pipeline", "test_equivalence", "test_padding",
+SLOWEST_FIRST = ["test_checkpoint", "test_multiprocess", "test_plan", "test_pipeline", "test_equivalence", "test_context",
+                 "test_padding",
                  "test_notebooks", "test_sampling", "test_export", "test_cli", "test_trainer", "test_model",
                  "test_data_tools"]
 
