@@ -347,8 +347,8 @@ def test_tensor_groups_that_straddle_hosts_are_found():
     hosts = ["x1"] * 12 + ["x2"] * 12
 
     def mesh(fsdp, tensor):
-        return SimpleNamespace(devices=devices.reshape(1, 1, fsdp, tensor),
-                               shape={"pipeline": 1, "data": 1, "fsdp": fsdp, "tensor": tensor})
+        return SimpleNamespace(devices=devices.reshape(1, 1, fsdp, 1, tensor),
+                               shape={"pipeline": 1, "data": 1, "fsdp": fsdp, "context": 1, "tensor": tensor})
 
     assert tensor_groups_across_hosts(mesh(3, 8), hosts) == [{"x1", "x2"}]  # ranks 8-15
     assert tensor_groups_across_hosts(mesh(2, 12), hosts) == []

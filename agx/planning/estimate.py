@@ -54,7 +54,8 @@ def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: 
     """`nodes`: when the mesh leaves some of their devices idle. Raises UserError when the layout does
     not divide the model."""
     devices = math.prod(shape.values())
-    check_divides(cfg.model.seq_len, shape["context"])
+    context = shape.get("context", 1)  # a shape written before the axis existed has none
+    check_divides(cfg.model.seq_len, context)
     schedule = pipeline_schedule(cfg, shape)
     memory = analytic.memory(cfg, shapes, shape, schedule)
     collectives = analytic.collective_bytes(cfg, shapes, shape, schedule)
@@ -66,7 +67,7 @@ def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: 
     nodes = nodes or max(1, -(-devices // system.devices_per_node))
     tp_link = system.intra_node_gbs if shape["tensor"] <= system.devices_per_node else system.inter_node_gbs
     dp_link = system.inter_node_gbs if nodes > 1 else system.intra_node_gbs
-    context_link = system.intra_node_gbs if shape["tensor"] * shape["context"] <= system.devices_per_node \
+    context_link = system.intra_node_gbs if shape["tensor"] * context <= system.devices_per_node \
         else system.inter_node_gbs
     critical = ("tensor-parallel all-reduce", "pipeline send/receive", "context K/V all-gather",
                 "context K/V-gradient reduce-scatter")
