@@ -93,6 +93,13 @@ def test_a_fresh_start_in_two_processes_sets_the_old_run_aside_once(reference, t
     assert_same_steps(records(aside), reference, [1, 2])
 
 
+def test_sequences_split_across_processes_train_as_one_process(reference, tmp_path):
+    """context=8 over two processes of 4 devices: each process loads every row, and holds half of each
+    sequence (agx.parallel.context); the keys and values are gathered across the process boundary."""
+    run(LAUNCH + TRAIN, tmp_path, "train.steps=2", "mesh.data=1", "mesh.fsdp=1", "mesh.context=8")
+    assert_same_steps(records(tmp_path), reference, [1, 2])
+
+
 @pytest.mark.skipif(MPIEXEC is None and not os.environ.get("AGX_REQUIRE_MPI"), reason="no mpiexec here")
 def test_mpiexec_runs_two_processes_from_a_one_process_checkpoint(reference, tmp_path):
     assert MPIEXEC, "AGX_REQUIRE_MPI is set but mpiexec is missing"
