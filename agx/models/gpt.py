@@ -276,7 +276,7 @@ class GPT(nn.Module):
             if cache is not None:
                 pos_BxTxD = jnp.take(pos_TxD, start_B[:, None] + jnp.arange(T), axis=0)
             else:
-                pos_BxTxD = pos_TxD[:T] if positions_T is None else jnp.take(pos_TxD, jnp.asarray(positions_T), axis=0)
+                pos_BxTxD = _positions_of(pos_TxD, T, positions_T)
         x_BxTxD = _embed(cfg, embed, pos_BxTxD, tokens_BxT, self._constrain)
         if cfg.dropout:
             x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
@@ -303,6 +303,11 @@ class GPT(nn.Module):
 
 def _constrainer(layout: Layout | None):
     return (lambda x, logical: x) if layout is None else layout.constrain
+
+
+def _positions_of(wpe_PxD, T: int, positions_T):
+    """The learned position embeddings of T tokens: 0..T-1, or `positions_T` where given."""
+    return wpe_PxD[:T] if positions_T is None else jnp.take(wpe_PxD, jnp.asarray(positions_T), axis=0)
 
 
 def _split_sequence(layout: Layout | None) -> bool:
@@ -360,10 +365,7 @@ def embed_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, posit
 
     def embed(params, tokens_BxT, rng):
         lookup = lambda t: embedding.apply({"params": params["wte"]}, t)
-        pos_TxD = None
-        if "wpe" in params:
-            T = tokens_BxT.shape[1]
-            pos_TxD = params["wpe"][:T] if positions_T is None else jnp.take(params["wpe"], jnp.asarray(positions_T), 0)
+        pos_TxD = _positions_of(params["wpe"], tokens_BxT.shape[1], positions_T) if "wpe" in params else None
         x_BxTxD = _embed(cfg, lookup, pos_TxD, tokens_BxT, _constrainer(layout))
         if cfg.dropout and not deterministic:
             x_BxTxD = nn.Dropout(cfg.dropout).apply({}, x_BxTxD, deterministic=False, rngs={"dropout": rng})

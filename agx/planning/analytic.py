@@ -9,7 +9,8 @@ tensor-parallel regions divided by t (all 34 with sequence parallelism), the a·
 selective recompute, and only the layer input (2·s·b·h) kept by full recompute, which then holds one
 layer's activations at a time. Context parallelism (C) divides s by C, keeps (2C + block/chunk)/4
 of the s² scores of a device's positions (its chunk pairs, agx.parallel.context: about (2C+1)/(4C²)
-of the whole sequence's), and adds the gathered keys and values, the whole sequence's KV heads. Pipeline stages keep each iteration's stage input instead
+of the whole sequence's), and adds the gathered keys and values, the whole sequence's KV heads.
+Pipeline stages keep each iteration's stage input instead
 (agx.parallel.pipeline). Temporaries are the float32 logits and their gradient (split over pipeline stages as well), and the weights of one layer
 gathered for FSDP/ZeRO-3.
 """

@@ -22,7 +22,6 @@ from agx.errors import RunError, UserError
 from agx.models.attention_choice import AttentionChoice, for_device
 from agx.models.sizes import flops_per_token
 from agx.parallel.batch import batch_sharding, data_parallel_size
-from agx.parallel.context import check_divides
 from agx.parallel.mesh import build_mesh, process_hosts, tensor_groups_across_hosts
 from agx.parallel.pipeline import Schedule
 from agx.training.evaluate import Evaluator
@@ -49,7 +48,6 @@ class Trainer:
     @classmethod
     def build(cls, cfg: Config, devices=None) -> Trainer:
         mesh = build_mesh(cfg.mesh, devices)
-        check_divides(cfg.model.seq_len, mesh.shape["context"])
         attention = for_device(cfg.model, mesh.devices.flat[0], mesh.shape["context"])
         cfg = dataclasses.replace(cfg, model=attention.applied(cfg.model))
         data_parallel = data_parallel_size(mesh.shape)
