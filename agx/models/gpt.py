@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from agx.config import ModelConfig
 from agx.errors import UserError
@@ -28,8 +29,10 @@ from agx.parallel.mesh import Layout
 # of a layer the backward pass may keep.
 CHECKPOINT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    # Megatron's selective recompute: keep projection outputs, recompute attention scores/softmax
-    "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Megatron's selective recompute: keep the projections' outputs (named "projection" in Block),
+    # recompute attention scores and softmax. By name: a policy that keeps dots without batch
+    # dimensions keeps none under a vmap (the pipeline's stages, agx.parallel.data_parallel's replicas).
+    "selective": jax.checkpoint_policies.save_only_these_names("projection"),
 }
 
 
@@ -61,18 +64,49 @@ def _rotate(x_BxHxTxQ, pos_BxT, theta: float):
 
 
 class _Weights(nn.Module):
-    """The parameters of a DenseGeneral from `in_features` to `features` (the same names, shapes,
-    axes and initialisers), for a matmul that the caller fuses with another's."""
+    """The parameters of a DenseGeneral from `in_shape` to `features` (the same names, shapes, axes
+    and initial values), for matmuls written out (_column_matmul, _row_matmul)."""
     features: tuple
     std: float
     axes: tuple
     use_bias: bool
 
     @nn.compact
-    def __call__(self, in_features: int):
-        kernel = self.param("kernel", _init(self.std, self.axes), (in_features, *self.features), jnp.float32)
-        bias = (self.param("bias", _zeros(self.axes[1:]), self.features, jnp.float32) if self.use_bias else None)
+    def __call__(self, in_shape: tuple):
+        flat = (math.prod(in_shape), math.prod(self.features))  # DenseGeneral's initialisation
+        init = lambda rng, shape, dtype: nn.initializers.normal(self.std)(rng, flat, dtype).reshape(shape)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), (*in_shape, *self.features),
+                            jnp.float32)
+        bias = (self.param("bias", _zeros(self.axes[len(in_shape):]), self.features, jnp.float32)
+                if self.use_bias else None)
         return kernel, bias
+
+
+def _column_matmul(h_JxBxTxD, kernel_DxN, split: int, dtype):
+    """[B, T, D] @ [D, *features] -> [B, T, *features], column-parallel: features[split] is the axis
+    split over `tensor`. h comes as J stacked slices of the whole sequence (Layout.gather_sequence),
+    and slice j meets the j-th 1/J of that axis, so the matmul stays on each tensor rank."""
+    J, (D, *features) = h_JxBxTxD.shape[0], kernel_DxN.shape
+    f = "abcefg"[:len(features)]  # the feature axes; the split one is f[split], cut into j and f[split]
+    j = "j" if J > 1 else ""
+    kernel = kernel_DxN.reshape(D, *features[:split], *([J] if j else []), features[split] // J, *features[split + 1:])
+    h = h_JxBxTxD if j else h_JxBxTxD[0]
+    y = jnp.einsum(f"{j}xyd,d{f[:split]}{j}{f[split:]}->xy{f[:split]}{j}{f[split:]}", h.astype(dtype),
+                   kernel.astype(dtype))
+    return y.reshape(*y.shape[:2], *features)
+
+
+def _row_matmul(x_BxTxN, kernel_NxD, J: int, dtype):
+    """[B, T, *ins] @ [*ins, D] -> [J, B, T, D], row-parallel: ins[0] is the axis split over
+    `tensor`. Returns J stacked partial sums, slice j over the j-th 1/J of ins[0], for
+    Layout.scatter_sequence to sum; J = 1: one partial sum, which XLA reduces."""
+    B, T, n, *ins = x_BxTxN.shape
+    f = "abcefg"[:len(ins)]
+    if J == 1:
+        return jnp.einsum(f"xyn{f},n{f}d->xyd", x_BxTxN.astype(dtype), kernel_NxD.astype(dtype))[None]
+    x = x_BxTxN.reshape(B, T, J, n // J, *ins).astype(dtype)
+    kernel = kernel_NxD.reshape(J, n // J, *ins, kernel_NxD.shape[-1]).astype(dtype)
+    return jnp.einsum(f"xyjn{f},jn{f}d->jxyd", x, kernel)
 
 
 class Block(nn.Module):
@@ -86,34 +120,57 @@ class Block(nn.Module):
     def _dropout(self, x):
         return nn.Dropout(self.cfg.dropout)(x, deterministic=self.deterministic) if self.cfg.dropout else x
 
-    def _dense(self, features, name, std, axes, **kw):
-        return nn.DenseGeneral(features, name=name, use_bias=self.cfg.bias, dtype=self.cfg.dtype,
-                               param_dtype=jnp.float32, kernel_init=_init(std, axes),
-                               bias_init=_zeros(axes[-(len(features) if isinstance(features, tuple) else 1):]), **kw)
+    def _stack(self, h_BxTxD):
+        """The whole sequence, as J stacked slices for the column-parallel matmuls (Layout.gather_sequence)."""
+        return h_BxTxD[None] if self.layout is None else self.layout.gather_sequence(h_BxTxD)
+
+    def _column(self, h_JxBxTxD, features: tuple, name: str, std: float, axes: tuple):
+        """A column-parallel projection of the stacked sequence [J, B, T, D] -> [B, T, *features],
+        its output named for selective recompute. The tensor-parallel axis is the first of
+        'heads', 'kv_heads', 'mlp' among `axes` (the kernel's: 'embed', then the features')."""
+        cfg = self.cfg
+        kernel, bias = _Weights(features, std, axes, cfg.bias, name=name)((cfg.d_model,))
+        split = next(i for i, a in enumerate(axes[1:]) if a in ("heads", "kv_heads", "mlp"))
+        y_BxTxN = _column_matmul(h_JxBxTxD, kernel, split, cfg.dtype)
+        return checkpoint_name(y_BxTxN if bias is None else y_BxTxN + bias.astype(cfg.dtype), "projection")
+
+    def _row(self, x_BxTxN, name: str, std: float, axes: tuple):
+        """A row-parallel projection [B, T, *ins] -> [B, T, D], ins[0] split over `tensor`: the sum of
+        the ranks' partial sums, laid out as the residual stream (Layout.scatter_sequence)."""
+        cfg = self.cfg
+        kernel, bias = _Weights((cfg.d_model,), std, axes, cfg.bias, name=name)(x_BxTxN.shape[2:])
+        J = 1 if self.layout is None else self.layout.tensor_stack()
+        partials_JxBxTxD = _row_matmul(x_BxTxN, kernel, J, cfg.dtype)
+        y_BxTxD = partials_JxBxTxD[0] if self.layout is None else self.layout.scatter_sequence(partials_JxBxTxD)
+        return y_BxTxD if bias is None else y_BxTxD + bias.astype(cfg.dtype)
 
     def _project_qkv(self, h_BxTxD):
-        """Queries [B, H, T, Q] and keys and values [B, K, T, Q]. Multi-head attention uses one fused
-        QKV matmul (GPT-3's layout); fewer KV heads one matmul of the regrouped weights where they lie
-        with their query heads (_project_grouped_qkv), else a query matmul and a key/value one."""
+        """Queries [B, H, T, Q] and keys and values [B, K, T, Q] from the normed residual stream.
+        Multi-head attention uses one fused QKV matmul (GPT-3's layout); fewer KV heads one matmul
+        of the regrouped weights where they lie with their query heads (_project_grouped_qkv), else
+        a query matmul and a key/value one, from the sequence gathered by XLA."""
         cfg = self.cfg
         H, K, Q, std = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
         if K == H:
-            qkv_BxTx3xHxQ = self._dense((3, H, Q), "qkv", std, ("embed", "qkv", "heads", "kv"))(h_BxTxD)
+            qkv_BxTx3xHxQ = self._column(self._stack(h_BxTxD), (3, H, Q), "qkv", std, ("embed", "qkv", "heads", "kv"))
             qkv_BxTx3xHxQ = self._constrain(qkv_BxTx3xHxQ, ("batch", "length", "qkv", "heads", "kv"))
             # Heads-major layout for the two attention matmuls: measured 2x faster on CPU than BxTxHxQ.
             return jnp.transpose(qkv_BxTx3xHxQ, (2, 0, 3, 1, 4))
         if self.layout is None or self.layout.spec(("kv_heads",)) == self.layout.spec(("heads",)):
-            return self._project_grouped_qkv(h_BxTxD)
-        q_BxTxHxQ = self._dense((H, Q), "q", std, ("embed", "heads", "kv"))(h_BxTxD)
+            return self._project_grouped_qkv(self._stack(h_BxTxD))
+        # The KV heads whole on every tensor rank: their input gradient is not a partial sum of the
+        # ranks', so the sequence is gathered once, whole, for both matmuls.
+        h_1xBxTxD = self._constrain(h_BxTxD, ("batch", "length", "act_embed"))[None]
+        q_BxTxHxQ = self._column(h_1xBxTxD, (H, Q), "q", std, ("embed", "heads", "kv"))
         q_BxTxHxQ = self._constrain(q_BxTxHxQ, ("batch", "length", "heads", "kv"))
-        kv_BxTx2xKxQ = self._dense((2, K, Q), "kv", std, ("embed", "qkv", "kv_heads", "kv"))(h_BxTxD)
+        kv_BxTx2xKxQ = self._column(h_1xBxTxD, (2, K, Q), "kv", std, ("embed", "qkv", "kv_heads", "kv"))
         kv_BxTx2xKxQ = self._constrain(kv_BxTx2xKxQ, ("batch", "length", "qkv", "kv_heads", "kv"))
         # Each constrained on its own: otherwise their gradients meet unsharded, and XLA gathers them.
         k_BxKxTxQ, v_BxKxTxQ = (self._constrain(c, ("batch", "kv_heads", "length", "kv"))
                                 for c in jnp.transpose(kv_BxTx2xKxQ, (2, 0, 3, 1, 4)))
         return jnp.transpose(q_BxTxHxQ, (0, 2, 1, 3)), k_BxKxTxQ, v_BxKxTxQ
 
-    def _project_grouped_qkv(self, h_BxTxD):
+    def _project_grouped_qkv(self, h_JxBxTxD):
         """Grouped-query attention whose KV heads lie with their query heads (split over `tensor`
         as they are, or unsplit): the "q" and "kv" weights regrouped per KV head, [D, K, H/K + 2, Q]
         (Megatron's fused GQA layout, local to each rank), and one matmul. Its input gradient is one
@@ -121,15 +178,16 @@ class Block(nn.Module):
         cfg = self.cfg
         H, K, Q, D, std = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model, cfg.init_std
         G = H // K
-        wq, bq = _Weights((H, Q), std, ("embed", "heads", "kv"), cfg.bias, name="q")(D)
-        wkv, bkv = _Weights((2, K, Q), std, ("embed", "qkv", "kv_heads", "kv"), cfg.bias, name="kv")(D)
+        wq, bq = _Weights((H, Q), std, ("embed", "heads", "kv"), cfg.bias, name="q")((D,))
+        wkv, bkv = _Weights((2, K, Q), std, ("embed", "qkv", "kv_heads", "kv"), cfg.bias, name="kv")((D,))
         w_DxKxGp2xQ = jnp.concatenate([wq.reshape(D, K, G, Q), jnp.transpose(wkv, (0, 2, 1, 3))], axis=2)
-        qkv_BxTxKxGp2xQ = jnp.einsum("btd,dkgq->btkgq", h_BxTxD.astype(cfg.dtype), w_DxKxGp2xQ.astype(cfg.dtype))
+        qkv_BxTxKxGp2xQ = _column_matmul(h_JxBxTxD, w_DxKxGp2xQ, 0, cfg.dtype)
         if cfg.bias:
             b_KxGp2xQ = jnp.concatenate([bq.reshape(K, G, Q), jnp.transpose(bkv, (1, 0, 2))], axis=1)
             qkv_BxTxKxGp2xQ = qkv_BxTxKxGp2xQ + b_KxGp2xQ.astype(cfg.dtype)
+        qkv_BxTxKxGp2xQ = checkpoint_name(qkv_BxTxKxGp2xQ, "projection")
         qkv_BxTxKxGp2xQ = self._constrain(qkv_BxTxKxGp2xQ, ("batch", "length", "kv_heads", None, "kv"))
-        B, T = h_BxTxD.shape[:2]
+        B, T = qkv_BxTxKxGp2xQ.shape[:2]
         q_BxHxTxQ = jnp.transpose(qkv_BxTxKxGp2xQ[:, :, :, :G].reshape(B, T, H, Q), (0, 2, 1, 3))
         k_BxKxTxQ, v_BxKxTxQ = (jnp.transpose(qkv_BxTxKxGp2xQ[:, :, :, G + i], (0, 2, 1, 3)) for i in (0, 1))
         return q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ
@@ -145,14 +203,15 @@ class Block(nn.Module):
     def _mlp(self, h_BxTxD):
         cfg = self.cfg
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 scaled residual init
+        h_JxBxTxD = self._stack(h_BxTxD)
         if cfg.mlp == "swiglu":  # gate and up projections fused, each tensor-parallel over F
-            h_BxTx2xF = self._dense((2, cfg.d_ff), "fc", cfg.init_std, ("embed", "gate", "mlp"))(h_BxTxD)
+            h_BxTx2xF = self._column(h_JxBxTxD, (2, cfg.d_ff), "fc", cfg.init_std, ("embed", "gate", "mlp"))
             h_BxTx2xF = self._constrain(h_BxTx2xF, ("batch", "length", "gate", "mlp"))
             h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
         else:
-            h_BxTxF = self._dense(cfg.d_ff, "fc", cfg.init_std, ("embed", "mlp"))(h_BxTxD)
+            h_BxTxF = self._column(h_JxBxTxD, (cfg.d_ff,), "fc", cfg.init_std, ("embed", "mlp"))
             h_BxTxF = nn.gelu(self._constrain(h_BxTxF, ("batch", "length", "mlp")), approximate=True)
-        return self._dense(cfg.d_model, "out", out_std, ("mlp", "embed"))(h_BxTxF)
+        return self._row(h_BxTxF, "out", out_std, ("mlp", "embed"))
 
     def _attend(self, q_xTxQ, k_xSxQ, v_xSxQ, allowed_xTxS=None):
         """Softmax attention in float32 over any leading dimensions ([B, H] and more), the normalisation
@@ -200,8 +259,7 @@ class Block(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         # Attention: QKV column-parallel over heads, output projection row-parallel.
-        h_BxTxD = self._constrain(_norm(cfg, "ln_attn")(x_BxTxD), ("batch", "length", "act_embed"))
-        q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ = self._project_qkv(h_BxTxD)
+        q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ = self._project_qkv(_norm(cfg, "ln_attn")(x_BxTxD))
         T = x_BxTxD.shape[1]
         if cache is None:
             pos_BxT = (jnp.arange(T) if positions_T is None else jnp.asarray(positions_T))[None]
@@ -229,12 +287,12 @@ class Block(nn.Module):
             ctx_BxHxTxQ = self._causal_attention(q_BxHxTxQ, *self._for_query_heads(new_cache))[0]
         ctx_BxTxHxQ = jnp.transpose(ctx_BxHxTxQ.astype(dtype), (0, 2, 1, 3))
         ctx_BxTxHxQ = self._constrain(ctx_BxTxHxQ, ("batch", "length", "heads", "kv"))
-        attn_BxTxD = self._dense(cfg.d_model, "proj", out_std, ("heads", "kv", "embed"), axis=(-2, -1))(ctx_BxTxHxQ)
+        attn_BxTxD = self._row(ctx_BxTxHxQ, "proj", out_std, ("heads", "kv", "embed"))
         x_BxTxD = self._constrain(x_BxTxD + self._dropout(attn_BxTxD), ("batch", "act_length", "act_embed"))
 
         # MLP: fc column-parallel, out row-parallel.
-        h_BxTxD = self._constrain(_norm(cfg, "ln_mlp")(x_BxTxD), ("batch", "length", "act_embed"))
-        x_BxTxD = self._constrain(x_BxTxD + self._dropout(self._mlp(h_BxTxD)), ("batch", "act_length", "act_embed"))
+        x_BxTxD = self._constrain(x_BxTxD + self._dropout(self._mlp(_norm(cfg, "ln_mlp")(x_BxTxD))),
+                                  ("batch", "act_length", "act_embed"))
         return x_BxTxD if cache is None else (x_BxTxD, new_cache)
 
 

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import MeshConfig
 from agx.errors import UserError
+from agx.parallel import sequence
 from agx.parallel.padding import axis_names
 
 AXES = ("pipeline", "data", "fsdp", "context", "tensor")  # outermost first: `tensor` on neighbouring devices
@@ -120,11 +121,34 @@ class Layout:
         return math.prod(self.mesh.shape[a] for a in axis_names(dict(self.rules).get("length")))
 
     def whole_sequences(self) -> Layout:
-        """This layout with each sequence whole on every `context` device (the sampler's: its cache
-        grows one position at a time)."""
-        keep = lambda axes: tuple(a for a in axis_names(axes) if a != "context") or None
+        """This layout with each sequence whole on every device, split over neither `context` nor
+        (sequence parallelism) `tensor`: the sampler's, whose cache grows one position at a time."""
+        keep = lambda axes: tuple(a for a in axis_names(axes) if a not in ("context", "tensor")) or None
         return dataclasses.replace(self, split_attention=None, rules=tuple(
             (name, keep(axes) if name in ("length", "act_length") else axes) for name, axes in self.rules))
+
+    def tensor_stack(self) -> int:
+        """J: the stacked slices in which the model's tensor-parallel matmuls meet the residual
+        stream. `tensor` where sequence parallelism splits the stream over it (agx.parallel.sequence),
+        else 1: the matmuls then meet the stream whole, and XLA places their all-reduces."""
+        return self.mesh.shape["tensor"] if "tensor" in axis_names(dict(self.rules)["act_length"]) else 1
+
+    def gather_sequence(self, x_BxTxD):
+        """The residual stream [B, T, D] -> [J, B, T, D], the whole sequence in each of J slices."""
+        if self.tensor_stack() == 1:
+            return self.constrain(x_BxTxD, ("batch", "length", "act_embed"))[None]
+        return sequence.gather(x_BxTxD, self.mesh, *self._stream_specs())
+
+    def scatter_sequence(self, y_JxBxTxD):
+        """J stacked partial sums [J, B, T, D] -> their sum [B, T, D], laid out as the residual stream."""
+        if self.tensor_stack() == 1:
+            return self.constrain(y_JxBxTxD[0], ("batch", "act_length", "act_embed"))
+        split, whole = self._stream_specs()
+        return sequence.scatter(y_JxBxTxD, self.mesh, whole, split)
+
+    def _stream_specs(self) -> tuple[PartitionSpec, PartitionSpec]:
+        """The residual stream's spec, split along the sequence, and whole."""
+        return self.spec(("batch", "act_length", "act_embed")), self.spec(("batch", "length", "act_embed"))
 
     def spec(self, logical: tuple) -> PartitionSpec:
         return nn.logical_to_mesh_axes(logical, self.rules)
