@@ -82,31 +82,44 @@ class _Weights(nn.Module):
         return kernel, bias
 
 
-def _column_matmul(h_JxBxTxD, kernel_DxN, split: int, dtype):
-    """[B, T, D] @ [D, *features] -> [B, T, *features], column-parallel: features[split] is the axis
-    split over `tensor`. h comes as J stacked slices of the whole sequence (Layout.gather_sequence),
-    and slice j meets the j-th 1/J of that axis, so the matmul stays on each tensor rank."""
+def _einsum(equation: str, x, w, *logical):
+    """A matmul without a layout: the logical axes of x, w and the result unused."""
+    return jnp.einsum(equation, x, w)
+
+
+def _column_matmul(h_JxBxTxD, kernel_DxN, axes: tuple, dtype, matmul=_einsum):
+    """[B, T, D] @ [D, *features] -> [B, T, *features], column-parallel: the first of the features'
+    logical `axes` that is 'heads', 'kv_heads' or 'mlp' is split over `tensor`. h comes as J
+    stacked slices of the whole sequence (Layout.gather_sequence), and slice j meets the j-th 1/J
+    of that axis, so the matmul stays on each tensor rank. matmul: Layout.matmul's signature."""
     J, (D, *features) = h_JxBxTxD.shape[0], kernel_DxN.shape
+    split = next(i for i, a in enumerate(axes[1:]) if a in ("heads", "kv_heads", "mlp"))
     f = "abcefg"[:len(features)]  # the feature axes; the split one is f[split], cut into j and f[split]
-    j = "j" if J > 1 else ""
-    kernel = kernel_DxN.reshape(D, *features[:split], *([J] if j else []), features[split] // J, *features[split + 1:])
-    h = h_JxBxTxD if j else h_JxBxTxD[0]
-    y = jnp.einsum(f"{j}xyd,d{f[:split]}{j}{f[split:]}->xy{f[:split]}{j}{f[split:]}", h.astype(dtype),
-                   kernel.astype(dtype))
+    if J == 1:
+        return matmul(f"xyd,d{f}->xy{f}", h_JxBxTxD[0].astype(dtype), kernel_DxN.astype(dtype),
+                      ("batch", "length", "act_embed"), axes, ("batch", "length", *axes[1:]))
+    kernel = kernel_DxN.reshape(D, *features[:split], J, features[split] // J, *features[split + 1:])
+    stacked = (*axes[1:split + 1], "tensor_stack", None, *axes[split + 2:])
+    y = matmul(f"jxyd,d{f[:split]}j{f[split:]}->xy{f[:split]}j{f[split:]}", h_JxBxTxD.astype(dtype),
+               kernel.astype(dtype), ("tensor_stack", "batch", "length", "act_embed"), (axes[0], *stacked),
+               ("batch", "length", *stacked))
     return y.reshape(*y.shape[:2], *features)
 
 
-def _row_matmul(x_BxTxN, kernel_NxD, J: int, dtype):
+def _row_matmul(x_BxTxN, kernel_NxD, axes: tuple, J: int, dtype, matmul=_einsum):
     """[B, T, *ins] @ [*ins, D] -> [J, B, T, D], row-parallel: ins[0] is the axis split over
-    `tensor`. Returns J stacked partial sums, slice j over the j-th 1/J of ins[0], for
-    Layout.scatter_sequence to sum; J = 1: one partial sum, which XLA reduces."""
+    `tensor`; `axes` are the kernel's logical axes. Returns J stacked partial sums, slice j over
+    the j-th 1/J of ins[0], for Layout.scatter_sequence to sum; J = 1: one, which XLA reduces."""
     B, T, n, *ins = x_BxTxN.shape
     f = "abcefg"[:len(ins)]
     if J == 1:
-        return jnp.einsum(f"xyn{f},n{f}d->xyd", x_BxTxN.astype(dtype), kernel_NxD.astype(dtype))[None]
+        return matmul(f"xyn{f},n{f}d->xyd", x_BxTxN.astype(dtype), kernel_NxD.astype(dtype),
+                      ("batch", "length", *axes[:-1]), axes, ("batch", "length", "act_embed"))[None]
     x = x_BxTxN.reshape(B, T, J, n // J, *ins).astype(dtype)
     kernel = kernel_NxD.reshape(J, n // J, *ins, kernel_NxD.shape[-1]).astype(dtype)
-    return jnp.einsum(f"xyjn{f},jn{f}d->jxyd", x, kernel)
+    stacked = ("tensor_stack", None, *axes[1:-1])
+    return matmul(f"xyjn{f},jn{f}d->jxyd", x, kernel, ("batch", "length", *stacked), (*stacked, axes[-1]),
+                  ("tensor_stack", "batch", "length", "act_embed"))
 
 
 class Block(nn.Module):
@@ -120,6 +133,10 @@ class Block(nn.Module):
     def _dropout(self, x):
         return nn.Dropout(self.cfg.dropout)(x, deterministic=self.deterministic) if self.cfg.dropout else x
 
+    @property
+    def _matmul(self):
+        return _einsum if self.layout is None else self.layout.matmul
+
     def _stack(self, h_BxTxD):
         """The whole sequence, as J stacked slices for the column-parallel matmuls (Layout.gather_sequence)."""
         return h_BxTxD[None] if self.layout is None else self.layout.gather_sequence(h_BxTxD)
@@ -130,8 +147,7 @@ class Block(nn.Module):
         'heads', 'kv_heads', 'mlp' among `axes` (the kernel's: 'embed', then the features')."""
         cfg = self.cfg
         kernel, bias = _Weights(features, std, axes, cfg.bias, name=name)((cfg.d_model,))
-        split = next(i for i, a in enumerate(axes[1:]) if a in ("heads", "kv_heads", "mlp"))
-        y_BxTxN = _column_matmul(h_JxBxTxD, kernel, split, cfg.dtype)
+        y_BxTxN = _column_matmul(h_JxBxTxD, kernel, axes, cfg.dtype, self._matmul)
         return checkpoint_name(y_BxTxN if bias is None else y_BxTxN + bias.astype(cfg.dtype), "projection")
 
     def _row(self, x_BxTxN, name: str, std: float, axes: tuple):
@@ -140,7 +156,7 @@ class Block(nn.Module):
         cfg = self.cfg
         kernel, bias = _Weights((cfg.d_model,), std, axes, cfg.bias, name=name)(x_BxTxN.shape[2:])
         J = 1 if self.layout is None else self.layout.tensor_stack()
-        partials_JxBxTxD = _row_matmul(x_BxTxN, kernel, J, cfg.dtype)
+        partials_JxBxTxD = _row_matmul(x_BxTxN, kernel, axes, J, cfg.dtype, self._matmul)
         y_BxTxD = partials_JxBxTxD[0] if self.layout is None else self.layout.scatter_sequence(partials_JxBxTxD)
         return y_BxTxD if bias is None else y_BxTxD + bias.astype(cfg.dtype)
 
@@ -181,7 +197,8 @@ class Block(nn.Module):
         wq, bq = _Weights((H, Q), std, ("embed", "heads", "kv"), cfg.bias, name="q")((D,))
         wkv, bkv = _Weights((2, K, Q), std, ("embed", "qkv", "kv_heads", "kv"), cfg.bias, name="kv")((D,))
         w_DxKxGp2xQ = jnp.concatenate([wq.reshape(D, K, G, Q), jnp.transpose(wkv, (0, 2, 1, 3))], axis=2)
-        qkv_BxTxKxGp2xQ = _column_matmul(h_JxBxTxD, w_DxKxGp2xQ, 0, cfg.dtype)
+        qkv_BxTxKxGp2xQ = _column_matmul(h_JxBxTxD, w_DxKxGp2xQ, ("embed", "kv_heads", None, "kv"), cfg.dtype,
+                                         self._matmul)
         if cfg.bias:
             b_KxGp2xQ = jnp.concatenate([bq.reshape(K, G, Q), jnp.transpose(bkv, (1, 0, 2))], axis=1)
             qkv_BxTxKxGp2xQ = qkv_BxTxKxGp2xQ + b_KxGp2xQ.astype(cfg.dtype)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import MeshConfig
 from agx.errors import UserError
-from agx.parallel import sequence
+from agx.parallel import sequence, weight_gradient
 from agx.parallel.padding import axis_names
 
 AXES = ("pipeline", "data", "fsdp", "context", "tensor")  # outermost first: `tensor` on neighbouring devices
@@ -97,6 +97,7 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads
         ("length", "context"),  # a sequence's positions (agx.parallel.context's order where context > 1)
         ("act_length", ("context", "tensor") if sequence_parallel else "context"),  # residual stream between blocks
         ("vocab", "tensor"),
+        ("tensor_stack", "tensor"),  # one slice per tensor rank (agx.parallel.sequence)
         ("heads", "tensor"),
         ("kv_heads", "tensor" if split_kv_heads else None),
         ("mlp", "tensor"),
@@ -149,6 +150,12 @@ class Layout:
     def _stream_specs(self) -> tuple[PartitionSpec, PartitionSpec]:
         """The residual stream's spec, split along the sequence, and whole."""
         return self.spec(("batch", "act_length", "act_embed")), self.spec(("batch", "length", "act_embed"))
+
+    def matmul(self, equation: str, x, w, x_logical: tuple, w_logical: tuple, y_logical: tuple):
+        """einsum(equation, x, w) of an activation and a weight, the weight's gradient reduced onto
+        its shards by the collectives meant (agx.parallel.weight_gradient)."""
+        specs = (self.spec(x_logical), self.spec(w_logical), self.spec(y_logical))
+        return weight_gradient.matmul(equation, x, w, *specs, self.mesh)
 
     def spec(self, logical: tuple) -> PartitionSpec:
         return nn.logical_to_mesh_axes(logical, self.rules)

@@ -1,0 +1,90 @@
+"""A matmul whose weight gradient is reduced by the collective meant: a reduce-scatter onto the
+weight's shards where data-parallel axes shard it (FSDP, ZeRO-3: Rajbhandari et al. 2020, sec. 5),
+an all-reduce only over the axes that split the batch or the sequence but keep the weight whole.
+
+A weight's gradient, x^T·dy summed over the batch and the sequence, is a partial sum on each device
+wherever those are split. Left to XLA's partitioner, its reduction onto the weight's shards is an
+all-reduce and a slice, twice the bytes, on a backend without the pass that fuses them (the CPU's
+has none). So the backward here computes each device's partial gradient in a shard_map and reduces
+it there, by name. The forward and the input's gradient stay XLA's: their collectives (the weight's
+all-gather, tensor parallelism's) already are the ones meant.
+
+Where a weight's stored shape does not divide over its axes (padded sharding, agx.parallel.padding)
+the shard_map cannot take it, and the matmul is left to XLA whole.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from agx.compat import shard_map
+from agx.parallel.padding import axis_names
+
+
+def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_spec: PartitionSpec, mesh: Mesh):
+    """jnp.einsum(equation, x, w) ("X,W->Y", one letter per axis), each operand laid out by its
+    mesh spec; the weight gradient reduced as this file says."""
+    reduction = _reduction(equation, w, x_spec, w_spec, y_spec, mesh)
+    if reduction is None:
+        return jnp.einsum(equation, x, w)
+    ins, out = equation.split("->")
+    x_letters, w_letters = ins.split(",")
+    gradient_equation = f"{x_letters},{out}->{w_letters}"
+    scatters, sums = reduction
+
+    def local_gradient(x_local, dy_local):
+        dw = jnp.einsum(gradient_equation, x_local, dy_local)
+        for dim, axes in scatters:
+            dw = jax.lax.psum_scatter(dw, axes, scatter_dimension=dim, tiled=True)
+        return jax.lax.psum(dw, sums) if sums else dw
+
+    @jax.custom_vjp
+    def product(x, w):
+        return jnp.einsum(equation, x, w)
+
+    def forward(x, w):
+        return product(x, w), (x, w)
+
+    def backward(saved, dy):
+        x, w = saved
+        dx = jax.vjp(lambda x_: jnp.einsum(equation, x_, w), x)[1](dy)[0]
+        dw = shard_map(local_gradient, mesh, in_specs=(x_spec, y_spec), out_specs=w_spec)(x, dy)
+        return dx, dw
+
+    product.defvjp(forward, backward)
+    return product(x, w)
+
+
+def _reduction(equation, w, x_spec, w_spec, y_spec, mesh):
+    """The weight gradient's collectives: ([(weight dimension, axes reduce-scattered onto it)],
+    axes all-reduced), or None where the shard_map cannot hold them (a dimension its axes do not
+    divide; an index split one way in x and another in the weight)."""
+    ins, out = equation.split("->")
+    x_letters, w_letters = ins.split(",")
+    real = lambda axes: tuple(axis_names(axes))  # size-1 axes too: shard_map's replication check counts them
+    split_by = {}  # each index of x and y: the mesh axes that split it
+    for letters, spec in ((x_letters, x_spec), (out, y_spec)):
+        for i, letter in enumerate(letters):
+            axes = real(spec[i] if i < len(spec) else None)
+            if split_by.setdefault(letter, axes) != axes:
+                return None
+    for i, n in enumerate(w.shape):
+        if n % math.prod(mesh.shape[a] for a in real(w_spec[i] if i < len(w_spec) else None)):
+            return None
+    summed = {a for letter, axes in split_by.items() if letter not in w_letters for a in axes}
+    scatters = []
+    for i, letter in enumerate(w_letters):
+        target = real(w_spec[i] if i < len(w_spec) else None)
+        if target == split_by[letter]:
+            continue
+        if split_by[letter] or not set(target) <= summed:
+            return None
+        scatters.append((i, target))
+        summed -= set(target)
+    if not scatters and not summed:
+        return None
+    return scatters, tuple(a for a in mesh.axis_names if a in summed)
