@@ -87,23 +87,23 @@ def _einsum(equation: str, x, w, *logical):
     return jnp.einsum(equation, x, w)
 
 
-def _column_matmul(h_JxBxTxD, kernel_DxN, axes: tuple, dtype, matmul=_einsum):
-    """[B, T, D] @ [D, *features] -> [B, T, *features], column-parallel: the first of the features'
-    logical `axes` that is 'heads', 'kv_heads' or 'mlp' is split over `tensor`. h comes as J
-    stacked slices of the whole sequence (Layout.gather_sequence), and slice j meets the j-th 1/J
-    of that axis, so the matmul stays on each tensor rank. matmul: Layout.matmul's signature."""
-    J, (D, *features) = h_JxBxTxD.shape[0], kernel_DxN.shape
-    split = next(i for i, a in enumerate(axes[1:]) if a in ("heads", "kv_heads", "mlp"))
-    f = "abcefg"[:len(features)]  # the feature axes; the split one is f[split], cut into j and f[split]
+def _column_matmul(h_JxLxD, kernel_DxN, axes: tuple, dtype, matmul=_einsum, lead: tuple = ("batch", "length")):
+    """[*L, D] @ [D, *features] -> [*L, *features], column-parallel: the first of the features'
+    logical `axes` that is 'heads', 'kv_heads', 'mlp' or 'vocab' is split over `tensor`. h comes
+    as J stacked slices of the whole sequence (Layout.gather_sequence), and slice j meets the j-th
+    1/J of that axis, so the matmul stays on each tensor rank. lead: the logical axes of L.
+    matmul: Layout.matmul's signature."""
+    J, (D, *features) = h_JxLxD.shape[0], kernel_DxN.shape
+    split = next(i for i, a in enumerate(axes[1:]) if a in ("heads", "kv_heads", "mlp", "vocab"))
+    f, x = "abcefg"[:len(features)], "xyz"[:len(lead)]  # the split feature f[split] is cut into j and f[split]
     if J == 1:
-        return matmul(f"xyd,d{f}->xy{f}", h_JxBxTxD[0].astype(dtype), kernel_DxN.astype(dtype),
-                      ("batch", "length", "act_embed"), axes, ("batch", "length", *axes[1:]))
+        return matmul(f"{x}d,d{f}->{x}{f}", h_JxLxD[0].astype(dtype), kernel_DxN.astype(dtype),
+                      (*lead, "act_embed"), axes, (*lead, *axes[1:]))
     kernel = kernel_DxN.reshape(D, *features[:split], J, features[split] // J, *features[split + 1:])
     stacked = (*axes[1:split + 1], "tensor_stack", None, *axes[split + 2:])
-    y = matmul(f"jxyd,d{f[:split]}j{f[split:]}->xy{f[:split]}j{f[split:]}", h_JxBxTxD.astype(dtype),
-               kernel.astype(dtype), ("tensor_stack", "batch", "length", "act_embed"), (axes[0], *stacked),
-               ("batch", "length", *stacked))
-    return y.reshape(*y.shape[:2], *features)
+    y = matmul(f"j{x}d,d{f[:split]}j{f[split:]}->{x}{f[:split]}j{f[split:]}", h_JxLxD.astype(dtype),
+               kernel.astype(dtype), ("tensor_stack", *lead, "act_embed"), (axes[0], *stacked), (*lead, *stacked))
+    return y.reshape(*y.shape[:len(lead)], *features)
 
 
 def _row_matmul(x_BxTxN, kernel_NxD, axes: tuple, J: int, dtype, matmul=_einsum):
@@ -352,7 +352,7 @@ class GPT(nn.Module):
                 pos_BxTxD = jnp.take(pos_TxD, start_B[:, None] + jnp.arange(T), axis=0)
             else:
                 pos_BxTxD = _positions_of(pos_TxD, T, positions_T)
-        x_BxTxD = _embed(cfg, embed, pos_BxTxD, tokens_BxT, self._constrain)
+        x_BxTxD = _embed(cfg, embed.embedding, pos_BxTxD, tokens_BxT, self.layout)
         if cfg.dropout:
             x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
 
@@ -368,8 +368,12 @@ class GPT(nn.Module):
                 return block.apply({"params": params}, x_BxTxD, layer_cache, start_B)
 
             x_BxTxD, cache = jax.lax.scan(cached_layer, x_BxTxD, (stack_LxW, cache))
-        head = embed.attend if cfg.tie_embeddings else _lm_head(cfg, "lm_head")
-        logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), head, x_BxTxD, self._constrain, _split_sequence(self.layout))
+        if cfg.tie_embeddings:
+            kernel_DxV = embed.embedding.T
+        else:
+            kernel_DxV = _Weights((cfg.padded_vocab,), cfg.init_std, ("embed", "vocab"), False, name="lm_head")(
+                (cfg.d_model,))[0]
+        logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), kernel_DxV, x_BxTxD, self.layout)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
     def _constrain(self, x, logical):
@@ -436,12 +440,10 @@ def layers_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, posi
 def embed_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, positions_T=None):
     """(params, tokens_BxT, rng) -> x_BxTxD: the token (and learned position) embedding, as
     GPT.__call__ computes it; rng: dropout's, or None. positions_T: as GPT.__call__'s."""
-    embedding = _embedding(cfg)
 
     def embed(params, tokens_BxT, rng):
-        lookup = lambda t: embedding.apply({"params": params["wte"]}, t)
         pos_TxD = _positions_of(params["wpe"], tokens_BxT.shape[1], positions_T) if "wpe" in params else None
-        x_BxTxD = _embed(cfg, lookup, pos_TxD, tokens_BxT, _constrainer(layout))
+        x_BxTxD = _embed(cfg, params["wte"]["embedding"], pos_TxD, tokens_BxT, layout)
         if cfg.dropout and not deterministic:
             x_BxTxD = nn.Dropout(cfg.dropout).apply({}, x_BxTxD, deterministic=False, rngs={"dropout": rng})
         return x_BxTxD
@@ -451,15 +453,12 @@ def embed_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, posit
 
 def head_fn(cfg: ModelConfig, layout: Layout | None):
     """(params, x_BxTxD) -> float32 logits over the padded vocabulary, as GPT.__call__ computes them."""
-    embedding, norm, lm_head = _embedding(cfg), _norm(cfg), _lm_head(cfg)
+    norm = _norm(cfg)
 
     def head(params, x_BxTxD):
-        if cfg.tie_embeddings:
-            project = lambda h: embedding.apply({"params": params["wte"]}, h, method="attend")
-        else:
-            project = lambda h: lm_head.apply({"params": params["lm_head"]}, h)
+        kernel_DxV = params["wte"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
         final_norm = lambda y: norm.apply({"params": params["ln_f"]}, y)
-        return _logits(cfg, final_norm, project, x_BxTxD, _constrainer(layout), _split_sequence(layout))
+        return _logits(cfg, final_norm, kernel_DxV, x_BxTxD, layout)
 
     return head
 
@@ -469,30 +468,34 @@ def _embedding(cfg: ModelConfig, name: str | None = None) -> nn.Embed:
                     embedding_init=_init(cfg.init_std, ("vocab", "embed")))
 
 
-def _lm_head(cfg: ModelConfig, name: str | None = None) -> nn.Dense:
-    """The untied LM head, vocab-parallel like the embedding."""
-    return nn.Dense(cfg.padded_vocab, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32, name=name,
-                    kernel_init=_init(cfg.init_std, ("embed", "vocab")))
-
-
-def _embed(cfg: ModelConfig, lookup, pos_TxD, tokens_BxT, constrain):
-    """Vocab-parallel lookup (each shard contributes its rows, summed), then split the sequence if
-    sequence parallel is on: without the constraints XLA gathers the whole table. The rules may
-    place the looked-up rows apart first ('lookup_batch', 'lookup_embed'; agx.parallel.mesh)."""
-    x_BxTxD = constrain(constrain(lookup(tokens_BxT), ("lookup_batch", "length", "lookup_embed")),
-                        ("batch", "length", "act_embed"))
+def _embed(cfg: ModelConfig, table_VxD, pos_TxD, tokens_BxT, layout: Layout | None):
+    """The vocab-parallel lookup (each shard contributes its rows, summed; Layout.lookup), plus the
+    learned positions, laid out as the residual stream (split along the sequence under sequence
+    parallelism)."""
+    table_VxD = table_VxD.astype(cfg.dtype)
+    if layout is None:
+        return jnp.take(table_VxD, tokens_BxT, axis=0) + (0 if pos_TxD is None else pos_TxD.astype(cfg.dtype))
+    x_BxTxD = layout.lookup(table_VxD, tokens_BxT)
     if pos_TxD is not None:
         x_BxTxD = x_BxTxD + pos_TxD.astype(cfg.dtype)
-    return constrain(x_BxTxD, ("batch", "act_length", "act_embed"))
+    return layout.constrain(x_BxTxD, ("batch", "act_length", "act_embed"))
 
 
-def _logits(cfg: ModelConfig, norm, head, x_BxTxD, constrain, split_sequence: bool):
-    """The final norm and the vocab-parallel LM head, split over the pipeline's devices as well.
-    One 2-D matmul: XLA's CPU backend then computes the weight gradient without a transposed copy
-    of the [B·T, V] logit gradient. Not where `context` splits the sequence (split_sequence): the
-    rows of [B·T, D] cannot be split over both the batch's axes and its, and XLA would gather them."""
+def _logits(cfg: ModelConfig, norm, kernel_DxV, x_BxTxD, layout: Layout | None):
+    """The final norm and the vocab-parallel LM head, split over the pipeline's devices as well
+    ('head_batch'). Where each device holds whole sequences in one slice, one 2-D matmul: XLA's CPU
+    backend then computes the weight gradient without a transposed copy of the [B·T, V] logit
+    gradient. Not where `context` splits the sequence: the rows of [B·T, D] cannot be split over
+    both the batch's axes and its, and XLA would gather them."""
+    constrain = _constrainer(layout)
     x_BxTxD = norm(constrain(x_BxTxD, ("head_batch", "act_length", "act_embed")))
     B, T, D = x_BxTxD.shape
-    x_NxD = x_BxTxD if split_sequence else x_BxTxD.reshape(B * T, D)
-    logits_BxTxV = head(x_NxD).astype(jnp.float32).reshape(B, T, cfg.padded_vocab)
-    return constrain(logits_BxTxV, ("head_batch", "length", "vocab"))
+    h_JxBxTxD = x_BxTxD[None] if layout is None else layout.gather_sequence(x_BxTxD, "head_batch")
+    matmul = _einsum if layout is None else layout.matmul
+    if h_JxBxTxD.shape[0] == 1 and not _split_sequence(layout):
+        logits_NxV = _column_matmul(h_JxBxTxD.reshape(1, B * T, D), kernel_DxV, ("embed", "vocab"), cfg.dtype, matmul,
+                                    ("head_batch",))
+        logits_BxTxV = logits_NxV.reshape(B, T, cfg.padded_vocab)
+    else:
+        logits_BxTxV = _column_matmul(h_JxBxTxD, kernel_DxV, ("embed", "vocab"), cfg.dtype, matmul, ("head_batch", "length"))
+    return constrain(logits_BxTxV.astype(jnp.float32), ("head_batch", "length", "vocab"))

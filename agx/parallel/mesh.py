@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.experimental import mesh_utils
@@ -24,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agx.config import MeshConfig
 from agx.errors import UserError
-from agx.parallel import sequence, weight_gradient
+from agx.parallel import sequence, vocab, weight_gradient
 from agx.parallel.padding import axis_names
 
 AXES = ("pipeline", "data", "fsdp", "context", "tensor")  # outermost first: `tensor` on neighbouring devices
@@ -134,11 +135,12 @@ class Layout:
         else 1: the matmuls then meet the stream whole, and XLA places their all-reduces."""
         return self.mesh.shape["tensor"] if "tensor" in axis_names(dict(self.rules)["act_length"]) else 1
 
-    def gather_sequence(self, x_BxTxD):
-        """The residual stream [B, T, D] -> [J, B, T, D], the whole sequence in each of J slices."""
+    def gather_sequence(self, x_BxTxD, batch: str = "batch"):
+        """The residual stream [B, T, D] -> [J, B, T, D], the whole sequence in each of J slices.
+        batch: the batch's logical axis ('head_batch' for the LM head)."""
         if self.tensor_stack() == 1:
-            return self.constrain(x_BxTxD, ("batch", "length", "act_embed"))[None]
-        return sequence.gather(x_BxTxD, self.mesh, *self._stream_specs())
+            return self.constrain(x_BxTxD, (batch, "length", "act_embed"))[None]
+        return sequence.gather(x_BxTxD, self.mesh, *self._stream_specs(batch))
 
     def scatter_sequence(self, y_JxBxTxD):
         """J stacked partial sums [J, B, T, D] -> their sum [B, T, D], laid out as the residual stream."""
@@ -147,15 +149,28 @@ class Layout:
         split, whole = self._stream_specs()
         return sequence.scatter(y_JxBxTxD, self.mesh, whole, split)
 
-    def _stream_specs(self) -> tuple[PartitionSpec, PartitionSpec]:
+    def _stream_specs(self, batch: str = "batch") -> tuple[PartitionSpec, PartitionSpec]:
         """The residual stream's spec, split along the sequence, and whole."""
-        return self.spec(("batch", "act_length", "act_embed")), self.spec(("batch", "length", "act_embed"))
+        return self.spec((batch, "act_length", "act_embed")), self.spec((batch, "length", "act_embed"))
 
     def matmul(self, equation: str, x, w, x_logical: tuple, w_logical: tuple, y_logical: tuple):
         """einsum(equation, x, w) of an activation and a weight, the weight's gradient reduced onto
         its shards by the collectives meant (agx.parallel.weight_gradient)."""
         specs = (self.spec(x_logical), self.spec(w_logical), self.spec(y_logical))
         return weight_gradient.matmul(equation, x, w, *specs, self.mesh)
+
+    def lookup(self, table_VxD, ids_BxT):
+        """The embedding rows of `ids` [B, T]: [B, T, D], by agx.parallel.vocab's lookup where the
+        mesh divides the shapes, else by XLA (the rules may place the rows apart first: 'lookup_batch',
+        'lookup_embed')."""
+        specs = (self.spec(("vocab", "embed")), self.spec(("batch", "length")), self._stream_specs()[0])
+        if self._divides(table_VxD.shape, specs[0]) and self._divides((*ids_BxT.shape, 1), specs[2]):
+            return vocab.lookup(table_VxD, ids_BxT, self.mesh, *specs)
+        rows_BxTxD = self.constrain(jnp.take(table_VxD, ids_BxT, axis=0), ("lookup_batch", "length", "lookup_embed"))
+        return self.constrain(rows_BxTxD, ("batch", "length", "act_embed"))
+
+    def _divides(self, shape: tuple, spec: PartitionSpec) -> bool:
+        return all(n % math.prod(self.mesh.shape[a] for a in axis_names(axes)) == 0 for n, axes in zip(shape, spec))
 
     def spec(self, logical: tuple) -> PartitionSpec:
         return nn.logical_to_mesh_axes(logical, self.rules)

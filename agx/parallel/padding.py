@@ -31,6 +31,13 @@ def axis_names(axes) -> tuple[str, ...]:
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def without_unit_axes(spec: PartitionSpec, mesh_shape) -> PartitionSpec:
+    """`spec` without the mesh axes of size 1, which split nothing: a shard_map then runs no
+    collective over them, nor needs one to agree with its specs."""
+    kept = [tuple(a for a in axis_names(axes) if mesh_shape[a] > 1) for axes in spec]
+    return PartitionSpec(*(names[0] if len(names) == 1 else names or None for names in kept))
+
+
 def stored_shape(shape: tuple, specs: list[PartitionSpec], mesh_shape: dict, what) -> tuple[int, ...]:
     """`shape` with each dimension rounded up to a multiple of the mesh axes that shard it in any of
     `specs`; a UserError in one line where `tensor` or `pipeline` does not divide it. `what()` names

@@ -22,12 +22,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from agx.compat import shard_map
-from agx.parallel.padding import axis_names
+from agx.parallel.padding import axis_names, without_unit_axes
 
 
 def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_spec: PartitionSpec, mesh: Mesh):
     """jnp.einsum(equation, x, w) ("X,W->Y", one letter per axis), each operand laid out by its
     mesh spec; the weight gradient reduced as this file says."""
+    x_spec, w_spec, y_spec = (without_unit_axes(s, mesh.shape) for s in (x_spec, w_spec, y_spec))
     reduction = _reduction(equation, w, x_spec, w_spec, y_spec, mesh)
     if reduction is None:
         return jnp.einsum(equation, x, w)
@@ -65,20 +66,20 @@ def _reduction(equation, w, x_spec, w_spec, y_spec, mesh):
     divide; an index split one way in x and another in the weight)."""
     ins, out = equation.split("->")
     x_letters, w_letters = ins.split(",")
-    real = lambda axes: tuple(axis_names(axes))  # size-1 axes too: shard_map's replication check counts them
+    axes_of = lambda spec, i: axis_names(spec[i] if i < len(spec) else None)
     split_by = {}  # each index of x and y: the mesh axes that split it
     for letters, spec in ((x_letters, x_spec), (out, y_spec)):
         for i, letter in enumerate(letters):
-            axes = real(spec[i] if i < len(spec) else None)
+            axes = axes_of(spec, i)
             if split_by.setdefault(letter, axes) != axes:
                 return None
     for i, n in enumerate(w.shape):
-        if n % math.prod(mesh.shape[a] for a in real(w_spec[i] if i < len(w_spec) else None)):
+        if n % math.prod(mesh.shape[a] for a in axes_of(w_spec, i)):
             return None
     summed = {a for letter, axes in split_by.items() if letter not in w_letters for a in axes}
     scatters = []
     for i, letter in enumerate(w_letters):
-        target = real(w_spec[i] if i < len(w_spec) else None)
+        target = axes_of(w_spec, i)
         if target == split_by[letter]:
             continue
         if split_by[letter] or not set(target) <= summed:
