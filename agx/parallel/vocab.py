@@ -8,6 +8,7 @@ reduce-scatter along the sequence under sequence parallelism, else an all-reduce
 their transposes: the table's gradient is scattered into each device's rows and reduce-scattered
 over the axes that gathered its columns, summed over those that split only the batch or the
 sequence. Left to XLA, the lookup became all-to-alls and the table's gradient an all-reduce.
+Without sequence parallelism the tensor ranks' sum is left to XLA: an all-reduce either way.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ def lookup(table_VxD, ids_BxT, mesh: Mesh, table_spec: PartitionSpec, ids_spec: 
     sequence axis may be split over `tensor` (sequence parallelism)."""
     table_spec, ids_spec, rows_spec = (without_unit_axes(s, mesh.shape) for s in (table_spec, ids_spec, rows_spec))
     vocab_axes, column_axes = axis_names(table_spec[0]), axis_names(table_spec[1])
-    summed_over = tuple(a for a in vocab_axes if a not in axis_names(rows_spec[1]))
-    scattered_over = tuple(a for a in vocab_axes if a in axis_names(rows_spec[1]))
+    scatter = bool(vocab_axes) and set(vocab_axes) <= set(axis_names(rows_spec[1]))  # sequence parallel
 
     def local(table_vxd, ids_bxt):
         table_vxD = jax.lax.all_gather(table_vxd, column_axes, axis=1, tiled=True) if column_axes else table_vxd
@@ -36,8 +36,14 @@ def lookup(table_VxD, ids_BxT, mesh: Mesh, table_spec: PartitionSpec, ids_spec: 
         local_ids_bxt = ids_bxt - first
         mine_bxt = (local_ids_bxt >= 0) & (local_ids_bxt < v)
         rows_bxtxD = jnp.take(table_vxD, jnp.where(mine_bxt, local_ids_bxt, 0), axis=0) * mine_bxt[..., None]
-        if scattered_over:
-            rows_bxtxD = jax.lax.psum_scatter(rows_bxtxD, scattered_over, scatter_dimension=1, tiled=True)
-        return jax.lax.psum(rows_bxtxD, summed_over) if summed_over else rows_bxtxD
+        if scatter:
+            return jax.lax.psum_scatter(rows_bxtxD, vocab_axes, scatter_dimension=1, tiled=True)
+        return rows_bxtxD[None]
 
-    return shard_map(local, mesh, in_specs=(table_spec, ids_spec), out_specs=rows_spec)(table_VxD, ids_BxT)
+    if scatter:
+        return shard_map(local, mesh, in_specs=(table_spec, ids_spec), out_specs=rows_spec)(table_VxD, ids_BxT)
+    # Else each vocabulary shard's rows, stacked on its axes and summed by XLA: an all-reduce, whose
+    # gradient is each shard's copy, with nothing to reduce (a shard_map's psum would reduce it on
+    # jax 0.5.0, which transposes psum to psum).
+    stacked_spec = PartitionSpec(vocab_axes or None, *rows_spec)
+    return shard_map(local, mesh, in_specs=(table_spec, ids_spec), out_specs=stacked_spec)(table_VxD, ids_BxT).sum(0)
