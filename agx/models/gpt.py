@@ -31,7 +31,8 @@ CHECKPOINT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
     # Megatron's selective recompute: keep the projections' outputs (named "projection" in Block),
     # recompute attention scores and softmax. By name: a policy that keeps dots without batch
-    # dimensions keeps none under a vmap (the pipeline's stages, agx.parallel.data_parallel's replicas).
+    # dimensions keeps none under the pipeline's vmap over stages (each stage's own weights), nor
+    # the stacked slices' matmuls of sequence parallelism (agx.parallel.sequence).
     "selective": jax.checkpoint_policies.save_only_these_names("projection"),
 }
 
