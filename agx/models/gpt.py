@@ -112,14 +112,14 @@ def _row_matmul(x_BxTxN, kernel_NxD, axes: tuple, J: int, dtype, matmul=_einsum)
     `tensor`; `axes` are the kernel's logical axes. Returns J stacked partial sums, slice j over
     the j-th 1/J of ins[0], for Layout.scatter_sequence to sum; J = 1: one, which XLA reduces."""
     B, T, n, *ins = x_BxTxN.shape
-    f = "abcefg"[:len(ins)]
+    f = "bcefgh"[:len(ins)]  # after ins[0]'s "a": jnp.einsum orders the contracted axes by letter
     if J == 1:
-        return matmul(f"xyn{f},n{f}d->xyd", x_BxTxN.astype(dtype), kernel_NxD.astype(dtype),
+        return matmul(f"xya{f},a{f}d->xyd", x_BxTxN.astype(dtype), kernel_NxD.astype(dtype),
                       ("batch", "length", *axes[:-1]), axes, ("batch", "length", "act_embed"))[None]
     x = x_BxTxN.reshape(B, T, J, n // J, *ins).astype(dtype)
     kernel = kernel_NxD.reshape(J, n // J, *ins, kernel_NxD.shape[-1]).astype(dtype)
     stacked = ("tensor_stack", None, *axes[1:-1])
-    return matmul(f"xyjn{f},jn{f}d->jxyd", x, kernel, ("batch", "length", *stacked), (*stacked, axes[-1]),
+    return matmul(f"xyja{f},ja{f}d->jxyd", x, kernel, ("batch", "length", *stacked), (*stacked, axes[-1]),
                   ("tensor_stack", "batch", "length", "act_embed"))
 
 
