@@ -136,7 +136,7 @@ class Block(nn.Module):
 
     @property
     def _matmul(self):
-        return _einsum if self.layout is None else self.layout.matmul
+        return _matmul_of(self.layout)
 
     def _stack(self, h_BxTxD):
         """The whole sequence, as J stacked slices for the column-parallel matmuls (Layout.gather_sequence)."""
@@ -385,6 +385,11 @@ def _constrainer(layout: Layout | None):
     return (lambda x, logical: x) if layout is None else layout.constrain
 
 
+def _matmul_of(layout: Layout | None):
+    """Layout.matmul, or a plain einsum without a layout."""
+    return _einsum if layout is None else layout.matmul
+
+
 def _positions_of(wpe_PxD, T: int, positions_T):
     """The learned position embeddings of T tokens: 0..T-1, or `positions_T` where given."""
     return wpe_PxD[:T] if positions_T is None else jnp.take(wpe_PxD, jnp.asarray(positions_T), axis=0)
@@ -492,7 +497,7 @@ def _logits(cfg: ModelConfig, norm, kernel_DxV, x_BxTxD, layout: Layout | None):
     x_BxTxD = norm(constrain(x_BxTxD, ("head_batch", "act_length", "act_embed")))
     B, T, D = x_BxTxD.shape
     h_JxBxTxD = x_BxTxD[None] if layout is None else layout.gather_sequence(x_BxTxD, "head_batch")
-    matmul = _einsum if layout is None else layout.matmul
+    matmul = _matmul_of(layout)
     if h_JxBxTxD.shape[0] == 1 and not _split_sequence(layout):
         logits_NxV = _column_matmul(h_JxBxTxD.reshape(1, B * T, D), kernel_DxV, ("embed", "vocab"), cfg.dtype, matmul,
                                     ("head_batch",))

@@ -166,7 +166,8 @@ class Layout:
         the rows apart first: 'lookup_batch', 'lookup_embed')."""
         specs = (self.spec(("vocab", "embed")), self.spec(("batch", "length")), self._stream_specs()[0])
         split = self.tensor_stack() > 1 or math.prod(self.mesh.shape[a] for a in axis_names(specs[0][1])) > 1
-        if split and self._divides(table_VxD.shape, specs[0]) and self._divides((*ids_BxT.shape, 1), specs[2]):
+        rows_shape = (*ids_BxT.shape, table_VxD.shape[1])
+        if split and self._divides(table_VxD.shape, specs[0]) and self._divides(rows_shape, specs[2]):
             return vocab.lookup(table_VxD, ids_BxT, self.mesh, *specs)
         rows_BxTxD = self.constrain(jnp.take(table_VxD, ids_BxT, axis=0), ("lookup_batch", "length", "lookup_embed"))
         return self.constrain(rows_BxTxD, ("batch", "length", "act_embed"))
