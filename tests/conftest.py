@@ -14,14 +14,20 @@ from pathlib import Path
 def fast_xla_flags() -> str:
     """The tests compile a few hundred programs and check numbers, not speed: backend optimisation
     off and, where this XLA has the flag, the CPU's loop fusion emitters in place of the MLIR ones
-    (a sharded tiny step built and ran in about two thirds of the time). XLA aborts on a flag it does
-    not know, so a probe process asks it, once per session (workers and subprocesses inherit it)."""
+    (a sharded tiny step built and ran in about two thirds of the time). Where it has the flag, the
+    CPU collectives' termination timeout raised: a pytest worker died twice with "Fatal Python
+    error: Aborted" in a pipelined step while 2 cores ran two workers' 8 devices each, as XLA
+    exits when a rendezvous's threads do not all arrive in time (suspected, not shown). XLA
+    aborts on a flag it does not know, so a probe process asks it, once per session (workers and
+    subprocesses inherit it)."""
     if "AGX_TEST_XLA_FLAGS" not in os.environ:
-        flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-        emitters = "--xla_cpu_use_fusion_emitters=false"
-        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
-                               env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": emitters})
-        os.environ["AGX_TEST_XLA_FLAGS"] = f"{flags} {emitters}" if probe.returncode == 0 else flags
+        flags = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+        for optional in ("--xla_cpu_use_fusion_emitters=false",
+                         "--xla_cpu_collective_call_terminate_timeout_seconds=1800"):
+            probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                                   env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": optional})
+            flags += [optional] if probe.returncode == 0 else []
+        os.environ["AGX_TEST_XLA_FLAGS"] = " ".join(flags)
     return os.environ["AGX_TEST_XLA_FLAGS"]
 
 
