@@ -10,23 +10,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from agx.runtime import simulate_cpu_devices  # imports no JAX
+
 
 def fast_xla_flags() -> str:
     """The tests compile a few hundred programs and check numbers, not speed: backend optimisation
     off and, where this XLA has the flag, the CPU's loop fusion emitters in place of the MLIR ones
-    (a sharded tiny step built and ran in about two thirds of the time). Where it has the flag, the
-    CPU collectives' termination timeout raised: a pytest worker died twice with "Fatal Python
-    error: Aborted" in a pipelined step while 2 cores ran two workers' 8 devices each, as XLA
-    exits when a rendezvous's threads do not all arrive in time (suspected, not shown). XLA
-    aborts on a flag it does not know, so a probe process asks it, once per session (workers and
-    subprocesses inherit it)."""
+    (a sharded tiny step built and ran in about two thirds of the time). XLA aborts on a flag it
+    does not know, so a probe process asks it, once per session (workers and subprocesses inherit
+    it)."""
     if "AGX_TEST_XLA_FLAGS" not in os.environ:
         flags = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-        for optional in ("--xla_cpu_use_fusion_emitters=false",
-                         "--xla_cpu_collective_call_terminate_timeout_seconds=1800"):
-            probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
-                                   env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": optional})
-            flags += [optional] if probe.returncode == 0 else []
+        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                               env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false"})
+        flags += ["--xla_cpu_use_fusion_emitters=false"] if probe.returncode == 0 else []
         os.environ["AGX_TEST_XLA_FLAGS"] = " ".join(flags)
     return os.environ["AGX_TEST_XLA_FLAGS"]
 
@@ -38,6 +35,7 @@ FAST_XLA = " " + fast_xla_flags()
 os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(
     os.environ.get("XLA_FLAGS", "").split() + ["--xla_force_host_platform_device_count=8"] + FAST_XLA.split()))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+simulate_cpu_devices(8)  # the flag as above; and XLA's CPU thread pools with room for collectives to wait
 MADE_HERE = []  # the session's own folders, removed when it ends (pytest_sessionfinish)
 
 
@@ -173,7 +171,8 @@ def assert_same_run(run, reference):
 
 
 # As a user runs it: no JAX_PLATFORMS, so agx.train makes its own backend choice.
-CLI_ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+# The `agx.train` processes size XLA's thread pools themselves (agx.runtime.simulate_cpu_devices).
+CLI_ENV = {**{k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "PJRT_NPROC")},
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 

@@ -330,6 +330,29 @@ def test_a_job_of_several_processes_on_the_intel_plugin_routes_its_collectives_t
         assert all(b"\0" + switch.encode() + b"\0" in binary for switch in ONECCL_SWITCHES)
 
 
+def test_simulated_cpu_devices_leave_xla_threads_for_collectives_to_wait_in():
+    """XLA's CPU thread pools, one thread a device by default, grow to four a device where agx
+    simulates devices, unless the user sized them; flags already asking for the count are left
+    as they were (JAX's compilation cache keys them). The thread count of a started JAX shows that
+    this jaxlib reads the variable."""
+    from agx.runtime import simulate_cpu_devices
+
+    env = {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false --xla_force_host_platform_device_count=8"}
+    simulate_cpu_devices(8, env)
+    assert env == {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false --xla_force_host_platform_device_count=8",
+                   "PJRT_NPROC": str(max(32, os.cpu_count()))}
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false", "NPROC": "3"}
+    simulate_cpu_devices(2, env)
+    assert env == {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false --xla_force_host_platform_device_count=2",
+                   "NPROC": "3"}
+    threads = "import os, jax; jax.devices(); print(len(os.listdir('/proc/self/task')))"
+    started = lambda **env: int(subprocess.run([sys.executable, "-c", threads], capture_output=True, text=True,
+                                               check=True, env={**os.environ, "JAX_PLATFORMS": "cpu", **env}).stdout)
+    sized = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+    simulate_cpu_devices(8, sized)
+    assert started(**sized) - started(XLA_FLAGS=sized["XLA_FLAGS"], PJRT_NPROC="1") >= 3 * 8
+
+
 def test_the_gpu_job_scripts_xla_flags_are_known_to_this_jaxlib():
     """XLA aborts every process at start on a flag it does not know: each of the flags that
     tools/jobs/slurm_gpu.sbatch sets starts JAX here (both stacks' jaxlibs parse every backend's flags),

@@ -27,8 +27,8 @@ def test_there_are_four_notebooks_stored_without_outputs():
 def test_the_notebook_runs_on_a_fresh_kernel_and_draws_its_pictures(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     # The kernel inherits this environment: no accelerator, agx's test cache; the notebooks set
-    # their own simulated device counts.
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    # their own simulated device counts, and XLA's thread pools with them.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "PJRT_NPROC")}
     started = time.monotonic()
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute(env=env)  # raises on any error

@@ -21,7 +21,7 @@ from agx.runtime.launchers import Processes, discover
 from agx.runtime.platform import choose_platform, silence_plugin_failure, started_platform
 from agx.runtime.rendezvous import bind_address, rendezvous
 
-__all__ = ["Processes", "choose_platform", "silence_plugin_failure", "start"]
+__all__ = ["Processes", "choose_platform", "silence_plugin_failure", "simulate_cpu_devices", "start"]
 
 
 # The Intel plugin (0.7.0) reads these switches when it builds its collectives API
@@ -48,8 +48,9 @@ def start(cfg: RuntimeConfig, env=os.environ) -> Processes:
     collectives_environment(cfg.platform, processes.num_processes, env)
     choose_platform(cfg.platform)
     per_process = _devices_per_process(env)
-    if per_process:
-        _set_cpu_device_count(per_process, env)  # read by the CPU backend only
+    simulated = per_process or _simulated_cpu_devices(env)
+    if per_process or simulated > 1:
+        simulate_cpu_devices(simulated, env)  # read by the CPU backend only
     if processes.num_processes > 1:
         _join(cfg, processes, per_process, env)
     platform = started_platform(cfg.platform)
@@ -92,6 +93,28 @@ def _devices_per_process(env) -> int | None:
     return int(text)
 
 
-def _set_cpu_device_count(count: int, env) -> None:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).split()
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
+COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\S+)")
+THREADS_PER_SIMULATED_DEVICE = 4
+
+
+def simulate_cpu_devices(count: int, env=os.environ) -> None:
+    """Asks XLA's CPU backend for `count` devices; call it before JAX starts a backend.
+
+    It also gives XLA's CPU thread pools THREADS_PER_SIMULATED_DEVICE threads a device (PJRT_NPROC),
+    unless PJRT_NPROC or NPROC already says. XLA sizes them at one a device, or one a core where
+    there are more cores. But a device can wait in two collectives at once, as its independent
+    operations run concurrently, and a waiting participant holds a thread. On a machine with
+    fewer cores than devices, a pipelined step deadlocked so (jax 0.10.2, 2 cores, 8 devices):
+    seven devices waited in a collective-permute and one in an all-gather; that took the eight
+    threads, and the eighth device, which all of them waited for, never ran."""
+    flags = env.get("XLA_FLAGS", "")
+    if _simulated_cpu_devices(env) != count:  # flags left as they were keep JAX's compilation cache keys
+        env["XLA_FLAGS"] = " ".join([*COUNT_FLAG.sub("", flags).split(), f"--xla_force_host_platform_device_count={count}"])
+    if "PJRT_NPROC" not in env and "NPROC" not in env:
+        env["PJRT_NPROC"] = str(max(THREADS_PER_SIMULATED_DEVICE * count, os.cpu_count() or 1))
+
+
+def _simulated_cpu_devices(env) -> int:
+    """The device count XLA_FLAGS asks of the CPU backend (the last one given), else 1."""
+    counts = COUNT_FLAG.findall(env.get("XLA_FLAGS", ""))
+    return int(counts[-1]) if counts and counts[-1].isdigit() else 1
