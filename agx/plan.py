@@ -61,11 +61,19 @@ def report(plan, system) -> str:
                  (f"{_gib(compiled.memory['total']):>16}" if compiled else ""))
     lines.append("  collectives per device per step (analytic minimum):")
     for purpose, n in plan.collectives.items() or {"none": 0}.items():
-        lines.append(f"    {purpose:<28}{_gib(n):>12}")
+        lines.append(f"    {purpose:<36}{_gib(n):>16}")
     if compiled:
-        lines.append(f"  collectives in the compiled step (compiled on {compiled.devices} devices{compiled.note}):")
+        from agx.planning.canonical import minimum_by_kind
+
+        minimum = minimum_by_kind(plan.collectives)
+        lines.append(f"  collectives in the compiled step (compiled on {compiled.devices} devices{compiled.note}),"
+                     " and the minimum by kind:")
         for kind, v in compiled.collectives.items() or {"none": {"count": 0, "bytes": 0}}.items():
-            lines.append(f"    {kind:<20}{v['count']:>6} ops {_gib(v['bytes']):>12}")
+            lines.append(f"    {kind:<20}{v['count']:>6} ops {_gib(v['bytes']):>16}{_gib(minimum.get(kind, 0)):>16}")
+        moved = sum(v["bytes"] for v in compiled.collectives.values())
+        least = sum(minimum.values())
+        ratio = f"  {moved / least:.2f}x" if least else ""
+        lines.append(f"    {'total':<30}{_gib(moved):>16}{_gib(least):>16}{ratio}")
     fits = compiled.memory["total"] <= system.memory_bytes if compiled else plan.fits
     lines.append(f"  fits in {system.memory_gib:g} GiB: {'yes' if fits else 'NO'}"
                  f" ({'compiled' if compiled else 'analytic'} figure)")

@@ -84,8 +84,8 @@ class _Weights(nn.Module):
 
 
 def _einsum(equation: str, x, w, *logical):
-    """A matmul without a layout: the logical axes of x, w and the result unused."""
-    return jnp.einsum(equation, x, w)
+    """A matmul without a layout, in x's dtype: the logical axes of x, w and the result unused."""
+    return jnp.einsum(equation, x, w.astype(x.dtype))
 
 
 def _column_matmul(h_JxLxD, kernel_DxN, axes: tuple, dtype, matmul=_einsum, lead: tuple = ("batch", "length")):
@@ -98,12 +98,12 @@ def _column_matmul(h_JxLxD, kernel_DxN, axes: tuple, dtype, matmul=_einsum, lead
     split = next(i for i, a in enumerate(axes[1:]) if a in ("heads", "kv_heads", "mlp", "vocab"))
     f, x = "abcefg"[:len(features)], "xyz"[:len(lead)]  # the split feature f[split] is cut into j and f[split]
     if J == 1:
-        return matmul(f"{x}d,d{f}->{x}{f}", h_JxLxD[0].astype(dtype), kernel_DxN.astype(dtype),
+        return matmul(f"{x}d,d{f}->{x}{f}", h_JxLxD[0].astype(dtype), kernel_DxN,
                       (*lead, "act_embed"), axes, (*lead, *axes[1:]))
     kernel = kernel_DxN.reshape(D, *features[:split], J, features[split] // J, *features[split + 1:])
     stacked = (*axes[1:split + 1], "tensor_stack", None, *axes[split + 2:])
     y = matmul(f"j{x}d,d{f[:split]}j{f[split:]}->{x}{f[:split]}j{f[split:]}", h_JxLxD.astype(dtype),
-               kernel.astype(dtype), ("tensor_stack", *lead, "act_embed"), (axes[0], *stacked), (*lead, *stacked))
+               kernel, ("tensor_stack", *lead, "act_embed"), (axes[0], *stacked), (*lead, *stacked))
     return y.reshape(*y.shape[:len(lead)], *features)
 
 
@@ -114,10 +114,10 @@ def _row_matmul(x_BxTxN, kernel_NxD, axes: tuple, J: int, dtype, matmul=_einsum)
     B, T, n, *ins = x_BxTxN.shape
     f = "bcefgh"[:len(ins)]  # after ins[0]'s "a": jnp.einsum orders the contracted axes by letter
     if J == 1:
-        return matmul(f"xya{f},a{f}d->xyd", x_BxTxN.astype(dtype), kernel_NxD.astype(dtype),
+        return matmul(f"xya{f},a{f}d->xyd", x_BxTxN.astype(dtype), kernel_NxD,
                       ("batch", "length", *axes[:-1]), axes, ("batch", "length", "act_embed"))[None]
     x = x_BxTxN.reshape(B, T, J, n // J, *ins).astype(dtype)
-    kernel = kernel_NxD.reshape(J, n // J, *ins, kernel_NxD.shape[-1]).astype(dtype)
+    kernel = kernel_NxD.reshape(J, n // J, *ins, kernel_NxD.shape[-1])
     stacked = ("tensor_stack", None, *axes[1:-1])
     return matmul(f"xyja{f},ja{f}d->jxyd", x, kernel, ("batch", "length", *stacked), (*stacked, axes[-1]),
                   ("tensor_stack", "batch", "length", "act_embed"))

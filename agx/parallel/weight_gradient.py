@@ -9,6 +9,11 @@ has none). So the backward here computes each device's partial gradient in a sha
 it there, by name. The forward and the input's gradient stay XLA's: their collectives (the weight's
 all-gather, tensor parallelism's) already are the ones meant.
 
+The weight comes in its stored dtype and is cast to the activation's for the product, on its
+shards, so a bf16 model gathers bf16 weights. Its gradient is summed in float32 and stays float32,
+as Megatron reduces a bf16 model's gradients (`accumulate_allreduce_grads_in_fp32`): a sum of bf16
+partials over 64 devices would round at every step of the ring.
+
 Where a weight's stored shape does not divide over its axes (padded sharding, agx.parallel.padding)
 the shard_map cannot take it, and the matmul is left to XLA whole.
 """
@@ -26,35 +31,37 @@ from agx.parallel.padding import axis_names, without_unit_axes
 
 
 def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_spec: PartitionSpec, mesh: Mesh):
-    """jnp.einsum(equation, x, w) ("X,W->Y", one letter per axis), each operand laid out by its
-    mesh spec; the weight gradient reduced as this file says."""
+    """jnp.einsum(equation, x, w) ("X,W->Y", one letter per axis) in x's dtype, each operand laid
+    out by its mesh spec; the weight gradient reduced as this file says."""
     x_spec, w_spec, y_spec = (without_unit_axes(s, mesh.shape) for s in (x_spec, w_spec, y_spec))
     reduction = _reduction(equation, w, x_spec, w_spec, y_spec, mesh)
+    einsum = lambda x, w: jnp.einsum(equation, x, w.astype(x.dtype))
     if reduction is None:
-        return jnp.einsum(equation, x, w)
+        return einsum(x, w)
     ins, out = equation.split("->")
     x_letters, w_letters = ins.split(",")
     gradient_equation = f"{x_letters},{out}->{w_letters}"
     scatters, sums = reduction
 
     def local_gradient(x_local, dy_local):
-        dw = jnp.einsum(gradient_equation, x_local, dy_local)
+        dw = jnp.einsum(gradient_equation, x_local, dy_local, preferred_element_type=jnp.float32)
         for dim, axes in scatters:
             dw = jax.lax.psum_scatter(dw, axes, scatter_dimension=dim, tiled=True)
         return jax.lax.psum(dw, sums) if sums else dw
 
     @jax.custom_vjp
     def product(x, w):
-        return jnp.einsum(equation, x, w)
+        return einsum(x, w)
 
-    def forward(x, w):
-        return product(x, w), (x, w)
+    def forward(x, w):  # the cast weight kept for the backward: one gather serves it and a recompute
+        cast = w.astype(x.dtype)
+        return einsum(x, cast), (x, cast)
 
     def backward(saved, dy):
-        x, w = saved
-        dx = jax.vjp(lambda x_: jnp.einsum(equation, x_, w), x)[1](dy)[0]
+        x, cast = saved
+        dx = jax.vjp(lambda x_: einsum(x_, cast), x)[1](dy)[0]
         dw = shard_map(local_gradient, mesh, in_specs=(x_spec, y_spec), out_specs=w_spec)(x, dy)
-        return dx, dw
+        return dx, dw.astype(w.dtype)
 
     product.defvjp(forward, backward)
     return product(x, w)

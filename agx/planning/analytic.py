@@ -191,13 +191,17 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     num_params, layer_params = shapes.stored_param_counts(cfg, mesh_shape)
     layer_weights = layer_params / p / t * 4
     weights = layer_weights + (num_params - layer_params) / t * 4
+    compute = DTYPE_BYTES[m.dtype] / 4  # a weight is cast to the compute dtype on its shards, then gathered
     # layer passes per micro-batch, bubbles included (idle stages compute on zeros)
     passes = schedule.iterations / (schedule.repeats * schedule.microbatches) if schedule else 1
     out = {}
     gathered_over = f * (d if cfg.mesh.zero_stage == 3 else 1)
     if gathered_over > 1:  # a layer's weights are gathered in the forward and again in the backward,
-        # every micro-batch; the rest (embeddings, final norm) once, and kept for the backward
-        out["weight all-gather"] = micro * (2 * passes * layer_weights + (weights - layer_weights)) * ring(gathered_over)
+        # every micro-batch (one gather serves a full recompute and the backward); the rest
+        # (embeddings, final norm) once, and kept for the backward; in the compute dtype (ZeRO-3
+        # gathers mixed-precision training's 16-bit weights, Rajbhandari et al. 2020)
+        out["weight all-gather"] = micro * (2 * passes * layer_weights + (weights - layer_weights)) * compute * ring(
+            gathered_over)
     # Gradients (ZeRO, Rajbhandari et al. 2020, sec. 5): where they are sharded, their reduce-scatter
     # is in the backward of every micro-batch (a micro-batch's full gradient is never held); data
     # replicas keep theirs unreduced until one reduction a step (agx.parallel.data_parallel): under
@@ -224,7 +228,19 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     b = cfg.train.batch_size // micro // (d * f)
     activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch
     if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head
-        out["tensor-parallel all-reduce"] = micro * (4 * m.num_layers / p * passes + 2) * 2 * activation * ring(t)
+        # (Shoeybi et al. 2019, fig. 4). With sequence parallelism each is an all-gather before the
+        # column-parallel matmul and a reduce-scatter after the row-parallel one, of the same bytes
+        # (Korthikanti et al. 2022, sec. 4.2.2). A full recompute runs the layer's forward again
+        # before its backward and needs again what feeds a matmul or the backward: the attention's
+        # all-reduce (the MLP's input), not the MLP's (the layer's output); with sequence
+        # parallelism both all-gathers and the attention's reduce-scatter. (Megatron's full
+        # recompute reruns the MLP's too.)
+        layers, full = micro * m.num_layers / p * passes, m.remat == "full"
+        if cfg.mesh.sequence_parallel:
+            out["sequence-parallel all-gather"] = ((6 if full else 4) * layers + 2 * micro) * activation * ring(t)
+            out["sequence-parallel reduce-scatter"] = ((5 if full else 4) * layers + 2 * micro) * activation * ring(t)
+        else:
+            out["tensor-parallel all-reduce"] = ((5 if full else 4) * layers + 2 * micro) * 2 * activation * ring(t)
     if t > 1 and not kv_heads_split(m.kv_heads, t):
         out.update(whole_kv_gradient_bytes(cfg, b, t, micro * m.num_layers / p * passes))
     C = mesh_shape.get("context", 1)

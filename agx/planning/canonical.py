@@ -38,25 +38,20 @@ KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective
 # What each purpose of the analytic minimum moves as, on a backend that forms every collective meant
 PURPOSE_KIND = {"weight all-gather": "all-gather", "updated-weight all-gather": "all-gather",
                 "KV-gradient all-gather": "all-gather", "gradient reduce-scatter": "reduce-scatter",
-                "tensor-parallel all-reduce": "all-reduce", "LM-head gradient all-reduce": "all-reduce",
+                "tensor-parallel all-reduce": "all-reduce", "sequence-parallel all-gather": "all-gather",
+                "sequence-parallel reduce-scatter": "reduce-scatter", "LM-head gradient all-reduce": "all-reduce",
                 "KV-gradient all-reduce": "all-reduce", "pipeline send/receive": "collective-permute",
                 "circular weight regrouping": "all-to-all", "context K/V all-gather": "all-gather",
                 "context K/V-gradient reduce-scatter": "reduce-scatter", "context gradient all-reduce": "all-reduce"}
 
 
-def minimum_by_kind(minimum: dict, sequence_parallel: bool) -> dict:
+def minimum_by_kind(minimum: dict) -> dict:
     """The analytic minimum (by purpose) by kind. ZeRO-1's one gradient reduction a step is a
     reduce-scatter onto the optimizer's shards, of the bytes the updated shards' all-gather moves
-    back, and an all-reduce of the rest (the weights ZeRO-1 keeps whole); ZeRO-0's is an all-reduce.
-    With sequence parallelism each of Megatron's tensor-parallel all-reduces is an all-gather before
-    the column-parallel matmul and a reduce-scatter after the row-parallel one (Korthikanti et al.
-    2022, sec. 4.2.2): the same bytes, half each."""
+    back, and an all-reduce of the rest (the weights ZeRO-1 keeps whole); ZeRO-0's is an all-reduce."""
     out = dict.fromkeys(KINDS, 0)
     for purpose, n in minimum.items():
-        if purpose == "tensor-parallel all-reduce" and sequence_parallel:
-            out["all-gather"] += n / 2
-            out["reduce-scatter"] += n / 2
-        elif purpose != "gradient reduction":
+        if purpose != "gradient reduction":
             out[PURPOSE_KIND[purpose]] += n
     if "gradient reduction" in minimum:
         scattered = minimum.get("updated-weight all-gather", 0)
@@ -75,7 +70,7 @@ class Measured:
     def row(self, name: str) -> list[str]:
         """The layout's name, then compiled and minimum MiB per kind, and the total ratio."""
         compiled = {kind: self.compiled.get(kind, {"bytes": 0})["bytes"] for kind in KINDS}
-        minimum = minimum_by_kind(self.minimum, self.cfg.mesh.sequence_parallel)
+        minimum = minimum_by_kind(self.minimum)
         cells = [f"{compiled[k] / 2**20:.2f} / {minimum[k] / 2**20:.2f}" for k in KINDS]
         return [name, *cells, f"{sum(compiled.values()) / sum(minimum.values()):.2f}×"]
 

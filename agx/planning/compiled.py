@@ -6,6 +6,15 @@ reduce-scatter of an N-byte operand moves N·(n-1)/n, an all-reduce twice that, 
 N·(n-1)/n, a collective-permute N times the share of devices that send (a rotation split into two
 permutes sends N once per device). A collective inside a loop body counts once per iteration
 (XLA records each loop's trip count).
+
+A collective counts at the width of the data the program gave it. XLA's CPU compiler runs no
+collective in 16 bits: its float normalization converts a bf16 operand to f32 before the
+collective, and back after, which doubles the bytes of every bf16 collective in a CPU-compiled
+step; GPU backends run them in bf16. What it leaves: a reduction's summing computation renamed
+`..._promoted` (its operand may then be computed in f32 already, the CPU's excess precision), and
+before any other collective a convert from bf16 (or f16) to f32 without the `op_name` that every
+conversion the program wrote carries, found through data movement and fusions. Those count at 2
+bytes a number. A conversion the program wrote itself, a bf16 gradient summed in f32, counts at f32.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ _SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _CHILD = re.compile(r"(body|calls|to_apply|condition)=%?([\w.\-]+)")
 _TRIP = re.compile(r'known_trip_count[^0-9]*"n":"?(\d+)')
+# an instruction with one array result: name, element type, opcode, operands
+_DEFINITION = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = (\w+)\[[\d,]*\]\S* ([\w\-]+)\(([^)]*)\)")
+_MOVES = ("bitcast", "copy", "reshape", "transpose")
 
 
 @dataclass
@@ -59,23 +71,41 @@ def compile_step(cfg: Config, devices=None) -> CompiledStep:
 
 def collectives_in(hlo: str, num_devices: int) -> dict:
     """Per kind: how many collectives a step runs and the bytes each device moves for them."""
-    per_computation, children, current = {}, {}, None
+    per_computation, children, definitions, roots, current = {}, {}, {}, {}, None
     for line in hlo.splitlines():
         header = _COMPUTATION.match(line)
         if header and not line[:1].isspace():  # instructions are indented, computation headers not
             current = header.group(1)
-            per_computation[current], children[current] = [], []
+            per_computation[current], children[current], definitions[current] = [], [], {}
             continue
         if current is None:
             continue
         trip = _TRIP.search(line)
         for role, child in _CHILD.findall(line):
             children[current].append((child, int(trip.group(1)) if trip and role == "body" else 1, role == "body"))
+        definition = _DEFINITION.match(line)
+        if definition:
+            root, name, dtype, opcode, operands = definition.groups()
+            calls = re.search(r"(?:calls|to_apply)=%?([\w.\-]+)", line)  # a fusion's; a call's (jaxlib 0.5)
+            definitions[current][name] = (dtype, opcode, re.findall(r"%([\w.\-]+)", operands),
+                                          "op_name=" in line, calls.group(1) if calls else None)
+            if root:
+                roots[current] = name
         op = _INSTRUCTION.match(line)
         if op:
             kind, n = op.group(2), _group(line, num_devices)
             factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": _senders(line) / num_devices}.get(kind, (n - 1) / n)
-            per_computation[current].append((kind, _payload(kind, op.group(1), bool(op.group(3)), n), factor))
+            # The width the program gave a synchronous collective of one array where XLA widened it:
+            # 2 for a promoted reduction; for the others, found from the operand once all is read.
+            given = None
+            if definition and not op.group(3):
+                if re.search(r"to_apply=%?[\w.\-]+_promoted\b", line):
+                    given = 2
+                elif kind not in ("all-reduce", "reduce-scatter"):
+                    given = definition.group(2)
+            width = DTYPE_BYTES.get(definition.group(3)) if definition else None
+            per_computation[current].append((kind, _payload(kind, op.group(1), bool(op.group(3)), n), factor,
+                                             given, width))
     called = {child for kids in children.values() for child, _, _ in kids}
     runs = {name: 1 for name in per_computation if name not in called}  # ENTRY (and anything unreferenced)
     looped = set()  # computations that run inside a loop body
@@ -90,12 +120,33 @@ def collectives_in(hlo: str, num_devices: int) -> dict:
                 pending.append(child)
     totals = {kind: {"count": 0, "bytes": 0, "in_loops": 0} for kind in KINDS}
     for name, ops in per_computation.items():
-        for kind, payload, factor in ops:
+        for kind, payload, factor, given, width in ops:
+            if isinstance(given, str):  # the collective's own name
+                operands = definitions[name][given][2]
+                given = _carried_width(operands[0], name, definitions, roots) if operands else None
+            payload = payload * given // width if given and width else payload
             moved = int(runs.get(name, 0) * payload * factor)
             totals[kind]["count"] += runs.get(name, 0)
             totals[kind]["bytes"] += moved
             totals[kind]["in_loops"] += moved if name in looped else 0
     return {kind: t for kind, t in totals.items() if t["count"]}
+
+
+def _carried_width(name: str, computation: str, definitions: dict, roots: dict) -> int | None:
+    """The bytes a number of the value `name` carries, where a compiler pass widened it (see the
+    module's docstring): followed through data movement and into the fusions that compute it."""
+    for _ in range(64):
+        dtype, opcode, operands, written, calls = definitions[computation].get(name, (None, None, [], True, None))
+        if opcode in ("fusion", "call") and calls in roots:
+            computation, name = calls, roots[calls]
+        elif opcode in _MOVES and operands:
+            name = operands[0]
+        elif opcode == "convert" and not written and operands and operands[0] in definitions[computation]:
+            source = DTYPE_BYTES.get(definitions[computation][operands[0]][0], 0)
+            return source if 0 < source < DTYPE_BYTES[dtype] else None
+        else:
+            return None
+    return None
 
 
 def _payload(kind: str, result_type: str, asynchronous: bool, group: int) -> int:

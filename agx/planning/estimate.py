@@ -2,7 +2,7 @@
 estimate from the system's peak and bandwidths.
 
 The estimate: compute at the system's peak (plus the recomputed forward under remat, and the
-pipeline's bubble), tensor-parallel all-reduces (at intra-node bandwidth) and pipeline sends on the
+pipeline's bubble), tensor- and sequence-parallel traffic (at intra-node bandwidth) and pipeline sends on the
 critical path, and the data-parallel traffic (weight gathers, gradient reduction) overlapped with
 compute; pipeline and data-parallel traffic at inter-node bandwidth once the job spans nodes. It
 is a ranking aid, not a prediction: real MFU is lower.
@@ -69,11 +69,11 @@ def plan_layout(cfg: Config, shapes: analytic.StateShapes, shape: dict, system: 
     dp_link = system.inter_node_gbs if nodes > 1 else system.intra_node_gbs
     context_link = system.intra_node_gbs if shape["tensor"] * context <= system.devices_per_node \
         else system.inter_node_gbs
-    critical = ("tensor-parallel all-reduce", "pipeline send/receive", "context K/V all-gather",
-                "context K/V-gradient reduce-scatter")
-    critical_s = (collectives.get(critical[0], 0) / (tp_link * 1e9) + collectives.get(critical[1], 0) / (dp_link * 1e9)
-                  + (collectives.get(critical[2], 0) + collectives.get(critical[3], 0)) / (context_link * 1e9))
-    dp_s = sum(v for k, v in collectives.items() if k not in critical) / (dp_link * 1e9)
+    links = {"tensor-parallel all-reduce": tp_link, "sequence-parallel all-gather": tp_link,
+             "sequence-parallel reduce-scatter": tp_link, "pipeline send/receive": dp_link,
+             "context K/V all-gather": context_link, "context K/V-gradient reduce-scatter": context_link}
+    critical_s = sum(collectives.get(purpose, 0) / (link * 1e9) for purpose, link in links.items())
+    dp_s = sum(v for k, v in collectives.items() if k not in links) / (dp_link * 1e9)
     step_s = compute_s + critical_s + max(0.0, dp_s - compute_s)
     mfu = flops / (devices * system.peak_tflops * 1e12 * step_s)
     return Plan(cfg, shape, devices, nodes, memory, collectives, step_s, mfu, memory["total"] <= system.memory_bytes)

@@ -109,7 +109,8 @@ def simulate_cpu_devices(count: int, env=os.environ) -> None:
     threads, and the eighth device, which all of them waited for, never ran."""
     flags = env.get("XLA_FLAGS", "")
     if _simulated_cpu_devices(env) != count:  # flags left as they were keep JAX's compilation cache keys
-        env["XLA_FLAGS"] = " ".join([*COUNT_FLAG.sub("", flags).split(), f"--xla_force_host_platform_device_count={count}"])
+        kept = COUNT_FLAG.sub("", flags).split()
+        env["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={count}"])
     if "PJRT_NPROC" not in env and "NPROC" not in env:
         env["PJRT_NPROC"] = str(max(THREADS_PER_SIMULATED_DEVICE * count, os.cpu_count() or 1))
 
