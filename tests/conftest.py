@@ -21,9 +21,10 @@ def fast_xla_flags() -> str:
     it)."""
     if "AGX_TEST_XLA_FLAGS" not in os.environ:
         flags = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+        optional = "--xla_cpu_use_fusion_emitters=false"
         probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
-                               env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false"})
-        flags += ["--xla_cpu_use_fusion_emitters=false"] if probe.returncode == 0 else []
+                               env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": optional})
+        flags += [optional] if probe.returncode == 0 else []
         os.environ["AGX_TEST_XLA_FLAGS"] = " ".join(flags)
     return os.environ["AGX_TEST_XLA_FLAGS"]
 
