@@ -261,12 +261,19 @@ ISSUE_1T = ["--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64"] + 
 
 
 @pytest.mark.slow
-def test_the_trillions_compiled_step_moves_at_most_the_minimum_and_a_fifth():
+def test_the_trillions_compiled_step_moves_at_most_the_minimum_and_a_fifth_in_the_memory_planned():
     """Weight gathers in bf16, gradients reduce-scattered in f32 each micro-batch, and sequence
     parallelism's gathers and reduce-scatters, with the full recompute's: each kind and the total
-    within 1.2x of the analytic minimum (measured 1.00x), and none below it (the minimum's floor)."""
+    within 1.2x of the analytic minimum (measured 1.00x), and none below it (the minimum's floor).
+    Memory: the compiled step within 1.15x of the analytic figure (measured 1.06x on jax 0.10, 1.12x
+    on 0.5), and not below it: 62.6 GiB before the optimizer ran in place, the layers' gradients were
+    summed in the backward (agx.training.accumulation) and the row-parallel weights gathered along
+    their outer dimension (agx.parallel.weight_gradient)."""
     result = plan_cli(*ISSUE_1T)
     assert result.returncode == 0, result.stderr[-3000:]
+    total = next(line for line in result.stdout.splitlines() if line.strip().startswith("total")).split()
+    analytic_gib, compiled_gib = float(total[1]), float(total[3])
+    assert analytic_gib <= compiled_gib <= 1.15 * analytic_gib, (analytic_gib, compiled_gib)
     section = result.stdout.split("and the minimum by kind:")[1].splitlines()[1:5]
     gib = {line.split()[0]: [float(n.replace(",", "")) for n in re.findall(r"([\d,.]+) GiB", line)] for line in section}
     assert set(gib) == {"all-gather", "reduce-scatter", "all-reduce", "total"}, section

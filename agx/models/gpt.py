@@ -421,24 +421,35 @@ def stack_axes(cfg: ModelConfig):
     return nn.get_partition_spec(jax.eval_shape(lambda rng: _init_stack(cfg, rng), jax.random.key(0)))
 
 
-def layers_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, positions_T=None):
-    """(stack_lxW, x_BxTxD, rng) -> x_BxTxD: the consecutive layers of a stack (the whole model's
-    or one stage's), by lax.scan. rng: dropout's, or None. positions_T: as GPT.__call__'s."""
+def layer_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, positions_T=None):
+    """(params, x_BxTxD, rng) -> x_BxTxD: one layer of the stack, its activations checkpointed as
+    model.remat says. rng: dropout's (a key), or anything when there is no dropout."""
     dropout = bool(cfg.dropout) and not deterministic
     block = Block(cfg, layout, not dropout, parent=None)
 
-    def one_layer(x_BxTxD, params_and_rng):
-        params, rng = params_and_rng
+    def one_layer(params, x_BxTxD, rng):
         return block.apply({"params": params}, x_BxTxD, positions_T=positions_T,
-                           rngs={"dropout": rng} if dropout else None), None
+                           rngs={"dropout": rng} if dropout else None)
 
     if cfg.remat != "none":
         one_layer = jax.checkpoint(one_layer, policy=CHECKPOINT_POLICIES[cfg.remat], prevent_cse=False)
+    return one_layer
+
+
+def layer_rngs(cfg: ModelConfig, deterministic: bool, rng, layers: int):
+    """Each layer's dropout key, or zeros without dropout (a scan needs something to slice)."""
+    return jax.random.split(rng, layers) if cfg.dropout and not deterministic else jnp.zeros((layers,))
+
+
+def layers_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, positions_T=None):
+    """(stack_lxW, x_BxTxD, rng) -> x_BxTxD: the consecutive layers of a stack (the whole model's
+    or one stage's), by lax.scan. rng: dropout's, or None. positions_T: as GPT.__call__'s."""
+    one_layer = layer_fn(cfg, layout, deterministic, positions_T)
 
     def run_layers(stack_lxW, x_BxTxD, rng):
-        layers = jax.tree_util.tree_leaves(stack_lxW)[0].shape[0]
-        rngs_l = jax.random.split(rng, layers) if dropout else jnp.zeros((layers,))
-        return jax.lax.scan(one_layer, x_BxTxD, (stack_lxW, rngs_l), unroll=cfg.scan_unroll)[0]
+        rngs_l = layer_rngs(cfg, deterministic, rng, jax.tree_util.tree_leaves(stack_lxW)[0].shape[0])
+        step = lambda x_BxTxD, params_and_rng: (one_layer(params_and_rng[0], x_BxTxD, params_and_rng[1]), None)
+        return jax.lax.scan(step, x_BxTxD, (stack_lxW, rngs_l), unroll=cfg.scan_unroll)[0]
 
     return run_layers
 

@@ -47,15 +47,17 @@ def replica_layout(layout: Layout) -> Layout:
 
 
 def per_replica(grad_fn, R: int, mesh: Mesh):
-    """grad_fn: (params, tokens_bxT1, rng, step) -> (loss, grads). Returns the same function of the
-    whole batch that gives each replica's loss [R] and gradients [R, ...], unreduced."""
+    """grad_fn: (params, tokens_bxT1, rng, step, *per_replica_args) -> (loss, grads). Returns the same
+    function of the whole batch that gives each replica's loss [R] and gradients [R, ...], unreduced;
+    its per_replica_args are [R, ...] too (the replicas' gradient sums, agx.training.accumulation)."""
     rows = NamedSharding(mesh, PartitionSpec(REPLICA_AXIS, "fsdp", None))
-    vmapped = jax.vmap(grad_fn, in_axes=(None, 0, 0, None), spmd_axis_name=REPLICA_AXIS)
 
-    def replica_grads(params, tokens_bxT1, rng, step):
+    def replica_grads(params, tokens_bxT1, rng, step, *per_replica_args):
         tokens_Rxb_xT1 = jax.lax.with_sharding_constraint(tokens_bxT1.reshape(R, -1, tokens_bxT1.shape[-1]), rows)
         rngs_R = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(R))
-        return vmapped(params, tokens_Rxb_xT1, rngs_R, step)
+        vmapped = jax.vmap(grad_fn, in_axes=(None, 0, 0, None) + (0,) * len(per_replica_args),
+                           spmd_axis_name=REPLICA_AXIS)
+        return vmapped(params, tokens_Rxb_xT1, rngs_R, step, *per_replica_args)
 
     return replica_grads
 

@@ -68,6 +68,11 @@ def stored_shapes(abstract, spec_trees: list, mesh_shape: dict, what: str):
     return jax.tree_util.tree_unflatten(tree, stored)
 
 
+def any_padded(stored, logical) -> bool:
+    """Whether any leaf of a stored tree is larger than the same leaf at its logical shape."""
+    return any(a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(logical)))
+
+
 def pad_to(x, shape: tuple):
     """Zeros appended up to `shape` (nothing at all where the shape is already `shape`)."""
     if x.shape == tuple(shape):

@@ -53,13 +53,19 @@ def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_
     def product(x, w):
         return einsum(x, w)
 
+    # The weight's gathered dimensions first, as collectives gather along the outermost (a weight
+    # gathered along its last dimension had its whole layer stack relaid out for it).
+    order = [d for d, _ in scatters] + [d for d in range(len(w_letters)) if d not in dict(scatters)]
+    gathered_first = f"{x_letters},{''.join(w_letters[d] for d in order)}->{out}"
+    product_of_gathered = lambda x, w_first: jnp.einsum(gathered_first, x, w_first)
+
     def forward(x, w):  # the cast weight kept for the backward: one gather serves it and a recompute
-        cast = w.astype(x.dtype)
-        return einsum(x, cast), (x, cast)
+        cast = jnp.transpose(w.astype(x.dtype), order)
+        return product_of_gathered(x, cast), (x, cast)
 
     def backward(saved, dy):
         x, cast = saved
-        dx = jax.vjp(lambda x_: einsum(x_, cast), x)[1](dy)[0]
+        dx = jax.vjp(lambda x_: product_of_gathered(x_, cast), x)[1](dy)[0]
         dw = shard_map(local_gradient, mesh, in_specs=(x_spec, y_spec), out_specs=w_spec)(x, dy)
         return dx, dw.astype(w.dtype)
 

@@ -11,8 +11,12 @@ layer's activations at a time. Context parallelism (C) divides s by C, keeps (2C
 of the s² scores of a device's positions (its chunk pairs, agx.parallel.context: about (2C+1)/(4C²)
 of the whole sequence's), and adds the gathered keys and values, the whole sequence's KV heads.
 Pipeline stages keep each iteration's stage input instead
-(agx.parallel.pipeline). Temporaries are the float32 logits and their gradient (split over pipeline stages as well), and the weights of one layer
-gathered for FSDP/ZeRO-3.
+(agx.parallel.pipeline). Temporaries are the float32 logits and their gradient (split over pipeline
+stages as well), and the weights of one layer gathered for FSDP/ZeRO-3.
+
+Gradients: one float32 gradient-sized buffer, the running sum, where the step adds each layer's
+gradient into it in the backward (agx.training.accumulation: full recompute, no pipeline); with
+accumulation otherwise, a micro-batch's whole gradient beside the sum, two.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from jax.sharding import PartitionSpec
 from agx.config import Config
 from agx.errors import UserError
 from agx.parallel.mesh import kv_heads_split, logical_rules
-from agx.parallel.padding import stored_shapes
+from agx.parallel.padding import any_padded, stored_shapes
 from agx.parallel.pipeline import Schedule
 from agx.parallel.zero import bytes_per_device
+from agx.training import accumulation
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -111,8 +116,12 @@ def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedul
     gathered = 0
     if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):  # a layer's weights gathered, and the next
         gathered = 2 * shapes.stored_param_counts(cfg, mesh_shape)[1] / m.num_layers / t * 4
+    grads = shapes.shard_bytes("params", zero >= 2, cfg, mesh_shape, itemsize=4)
+    stack_padded = any_padded(shapes.stored(cfg, mesh_shape).params["layers"], shapes.abstract.params["layers"])
+    if cfg.train.microbatches > 1 and not accumulation.applies(cfg, schedule is not None, stack_padded):
+        grads *= 2  # a micro-batch's gradients, whole, beside their running sum
     result = {"params": shapes.shard_bytes("params", zero >= 3, cfg, mesh_shape),
-              "grads": shapes.shard_bytes("params", zero >= 2, cfg, mesh_shape, itemsize=4),
+              "grads": grads,
               "opt_state": shapes.shard_bytes("opt_state", zero >= 1, cfg, mesh_shape),
               "activations": activation_bytes(cfg, mesh_shape, schedule), "temporaries": int(logits + gathered)}
     result["total"] = sum(result.values())

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from agx.checkpoint import Checkpoints
@@ -26,7 +25,7 @@ from agx.parallel.mesh import build_mesh, process_hosts, tensor_groups_across_ho
 from agx.parallel.pipeline import Schedule
 from agx.training.evaluate import Evaluator
 from agx.training.metrics import MetricsWriter, peak_tflops_per_device
-from agx.training.optimizer import lr_schedule, make_optimizer
+from agx.training.optimizer import AdamW, make_optimizer
 from agx.training.preemption import StopRequest
 from agx.training.profile import Profile
 from agx.training.state import StatePlan, TrainState, init_state, plan_state
@@ -39,7 +38,7 @@ class Trainer:
 
     cfg: Config
     mesh: Mesh
-    tx: optax.GradientTransformation
+    tx: AdamW
     plan: StatePlan
     step_fn: object
     pipeline: Schedule | None  # None without pipeline stages
@@ -61,7 +60,7 @@ class Trainer:
         pipeline = pipeline_schedule(cfg, dict(mesh.shape))  # refuses a pipeline it cannot run, before the shapes do
         tx = make_optimizer(cfg)
         plan = plan_state(cfg, tx, mesh)
-        step_fn = make_train_step(cfg, tx, lr_schedule(cfg), plan, mesh, pipeline)
+        step_fn = make_train_step(cfg, tx, plan, mesh, pipeline)
         return cls(cfg, mesh, tx, plan, step_fn, pipeline, attention)
 
     def init(self) -> TrainState:

@@ -1,12 +1,23 @@
 """GPT-3's optimizer: AdamW (β 0.9/0.95, eps 1e-8, decay 0.1), linear warm-up, cosine decay to 10%,
-global-norm clipping at 1.0. Biases, LayerNorm weights and embeddings are not decayed."""
+global-norm clipping at 1.0. Biases, LayerNorm weights and embeddings are not decayed.
+
+Written out rather than chained from optax so that the update runs in place: each weight and each
+moment is read by one computation only, the one that overwrites it. The moments are updated first
+and the weights from the new moments, with a barrier between, so the compiler cannot recompute the
+new moments from the old ones inside the weights' update. Left to XLA, the old moments had a second
+reader, and XLA copied them (two moment-sized copies per weight: 15 GiB a device for the trillion).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
-from agx.config import Config
+from agx.config import Config, OptimConfig
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
@@ -30,9 +41,41 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    o = cfg.optim
-    return optax.chain(
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
-    )
+class AdamWState(NamedTuple):
+    count: jax.Array  # steps taken, skipped ones not: the schedule's position and Adam's bias correction
+    mu: Any  # first moments, shaped as the parameters
+    nu: Any  # second moments
+
+
+@dataclass(frozen=True)
+class AdamW:
+    optim: OptimConfig
+    schedule: optax.Schedule
+
+    def init(self, params) -> AdamWState:
+        zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+        return AdamWState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
+
+    def apply(self, grads, grad_norm, state: AdamWState, params, take=True):
+        """(params, state) after one step on `grads`, whose global norm is `grad_norm`; where `take`
+        is false, the same (params, state): a skipped step."""
+        o = self.optim
+        scale = jnp.where(grad_norm < o.grad_clip, 1.0, o.grad_clip / grad_norm)  # optax's clip_by_global_norm
+        keep = lambda new, old: jnp.where(take, new, old)
+        mu = jax.tree_util.tree_map(lambda m, g: keep(o.b1 * m + (1 - o.b1) * (g * scale), m), state.mu, grads)
+        nu = jax.tree_util.tree_map(lambda v, g: keep(o.b2 * v + (1 - o.b2) * jnp.square(g * scale), v), state.nu, grads)
+        mu, nu = jax.lax.optimization_barrier((mu, nu))  # the weights' update reads the moments' new buffers
+        count = state.count + jnp.asarray(take, jnp.int32)
+        lr, t = self.schedule(state.count), count.astype(jnp.float32)
+        first, second = 1 - o.b1 ** t, 1 - o.b2 ** t  # bias corrections
+
+        def step(p, m, v, decayed):
+            update = (m / first) / (jnp.sqrt(v / second) + o.eps) + (o.weight_decay * p if decayed else 0.0)
+            return keep(p - lr * update, p)
+
+        params = jax.tree_util.tree_map(step, params, mu, nu, decay_mask(params))
+        return params, AdamWState(count, mu, nu)
+
+
+def make_optimizer(cfg: Config) -> AdamW:
+    return AdamW(cfg.optim, lr_schedule(cfg))

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import linen as nn
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 from flax import struct
@@ -22,8 +21,9 @@ from jax.sharding import Mesh
 from agx.config import Config, ModelConfig
 from agx.errors import UserError
 from agx.models.gpt import GPT
-from agx.parallel.padding import pad_to, stored_shapes, unpad_to
+from agx.parallel.padding import any_padded, pad_to, stored_shapes, unpad_to
 from agx.parallel.zero import ZeroLayouts, mesh_specs, replicated, zero_layouts
+from agx.training.optimizer import AdamW
 
 
 class TrainState(struct.PyTreeNode):
@@ -63,6 +63,11 @@ class StatePlan:
                                       self.abstract, self.shardings)
 
     @property
+    def layers_padded(self) -> bool:
+        """Whether the mesh pads any weight of the layer stack (agx.parallel.padding)."""
+        return any_padded(self.abstract.params["layers"], self.logical.params["layers"])
+
+    @property
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree_util.tree_leaves(self.logical.params))
 
@@ -73,7 +78,7 @@ def _shapes_only(m: ModelConfig) -> ModelConfig:
     return dataclasses.replace(m, attention="xla", attention_block=0)
 
 
-def init_fn(cfg: Config, tx: optax.GradientTransformation):
+def init_fn(cfg: Config, tx: AdamW):
     """Returns rng -> boxed TrainState (LogicallyPartitioned leaves carry the logical axis names)."""
     model = GPT(_shapes_only(cfg.model))  # no layout: init needs no sharding constraints
 
@@ -102,7 +107,7 @@ def plan_params(cfg: Config, mesh: Mesh):
     return abstract, shardings
 
 
-def plan_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> StatePlan:
+def plan_state(cfg: Config, tx: AdamW, mesh: Mesh) -> StatePlan:
     init, boxed = jax.make_jaxpr(init_fn(cfg, tx), return_shape=True)(jax.random.key(0))
     axes = nn.get_partition_spec(boxed)
     layouts = zero_layouts(mesh, cfg.mesh, cfg.model.kv_heads)

@@ -21,6 +21,8 @@ from agx.parallel.data_parallel import per_replica, reduce_replicas, replica_lay
 from agx.parallel.mesh import BATCH_AXES, Layout
 from agx.parallel.pipeline import Schedule, plan_schedule
 from agx.parallel.zero import replicated
+from agx.training import accumulation
+from agx.training.optimizer import AdamW
 from agx.training.state import StatePlan, TrainState
 
 
@@ -46,17 +48,26 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     loss = lambda logits_BxTxV, targets_BxT: cross_entropy(logits_BxTxV, targets_BxT, m.vocab_size)
     stack_logical = gpt.stack_axes(m) if schedule else None  # traced once here, not in every trace of loss_fn
 
-    def loss_fn(params, tokens_BxT1, rng):
+    def loss_fn(params, tokens_BxT1, rng, layer_grad_sum=None):
+        """layer_grad_sum: where the step accumulates into the layers' gradient sum in the backward
+        (agx.training.accumulation), the sum so far; the layers' gradient then includes it."""
         tokens_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
         if C > 1:  # each device's positions together: the loss is a mean over all of them, in any order
             in_order = lambda x_BxT: layout.constrain(reorder(x_BxT, C), ("batch", "length"))
             tokens_BxT, targets_BxT = in_order(tokens_BxT), in_order(targets_BxT)
-        if schedule is None:
+        if schedule is None and layer_grad_sum is None:
             logits_BxTxV = GPT(m, layout).apply({"params": params}, tokens_BxT, deterministic=not dropout,
                                                 positions_T=positions_T, rngs={"dropout": rng} if dropout else None)
             return loss(logits_BxTxV, targets_BxT)
         params = dict(params)
         stack_LxW = params.pop("layers")
+        if schedule is None:
+            embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
+            x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
+            rngs_L = gpt.layer_rngs(m, not dropout, layers_rng, m.num_layers)
+            y_BxTxD = accumulation.run_layers_into(gpt.layer_fn(m, layout, not dropout, positions_T), stack_LxW,
+                                                   layer_grad_sum, x_BxTxD, rngs_L)
+            return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
         layers = gpt.layers_fn(m, layout, not dropout, positions_T)
         if train and schedule.one_f_one_b:  # the embedding and the head run inside its loop, unconstrained
             embed, head = gpt.embed_fn(m, None, True, positions_T), gpt.head_fn(m, None)
@@ -79,8 +90,7 @@ def make_eval_step(cfg: Config, plan: StatePlan, mesh: Mesh, schedule: Schedule 
                    in_shardings=(plan.shardings.params, batch_sharding(mesh)), out_shardings=replicated(mesh))
 
 
-def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    plan: StatePlan, mesh: Mesh, schedule: Schedule | None):
+def make_train_step(cfg: Config, tx: AdamW, plan: StatePlan, mesh: Mesh, schedule: Schedule | None):
     """Returns jitted (state, tokens_Bx(T+1)) -> (state, metrics); the state argument is donated.
     schedule: the pipeline's, or None."""
     M, R = cfg.train.microbatches, replicas(cfg.mesh.zero_stage, mesh)
@@ -92,19 +102,21 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: 
     reduce = (lambda g: reduce_replicas(g, plan.grad_shardings, plan.update_shardings, R)) if R > 1 else (lambda g: g)
     loss_fn = loss_function(cfg, layout, schedule, train=True)
 
-    def step_loss(params, tokens_BxT1, rng, step):
-        loss = loss_fn(plan.unpad_params(params), tokens_BxT1, rng)  # padding's gradient: zero
+    def step_loss(params, tokens_BxT1, rng, step, layer_grad_sum=None):
+        loss = loss_fn(plan.unpad_params(params), tokens_BxT1, rng, layer_grad_sum)  # padding's gradient: zero
         if cfg.train.fault_nan_steps:  # the fault drill: these steps' loss, and so their gradients, are NaN
             loss = loss * jnp.where(jnp.isin(step + 1, jnp.array(cfg.train.fault_nan_steps)), jnp.nan, 1.0)
         return loss
 
     grad_fn = jax.value_and_grad(step_loss)
+    # the layers' gradients added to their sum inside the backward (agx.training.accumulation)
+    fused = accumulation.applies(cfg, schedule is not None, plan.layers_padded)
     if R > 1:
         grad_fn = per_replica(grad_fn, R, mesh)
 
     def step(state: TrainState, tokens_BxT1):
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
-        if M == 1:
+        if M == 1 and not fused:
             loss, grads = grad_fn(state.params, tokens_BxT1, rng, state.step)
             loss, grads = loss.mean(), reduce(constrain_grads(grads))
         else:
@@ -114,8 +126,14 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: 
             def accumulate(carry, xs):
                 loss_sum, grad_sum = carry
                 m, tokens_bxT1 = xs
-                loss, grads = grad_fn(state.params, tokens_bxT1, jax.random.fold_in(rng, m), state.step)
-                return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, constrain_grads(grads))), None
+                rng_m = jax.random.fold_in(rng, m)
+                if not fused:
+                    loss, grads = grad_fn(state.params, tokens_bxT1, rng_m, state.step)
+                    return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, constrain_grads(grads))), None
+                loss, grads = grad_fn(state.params, tokens_bxT1, rng_m, state.step, grad_sum["layers"])
+                grads = constrain_grads(grads)  # the layers' already hold grad_sum's
+                summed = jax.tree_util.tree_map(jnp.add, {**grad_sum, "layers": None}, {**grads, "layers": None})
+                return (loss_sum + loss, {**summed, "layers": grads["layers"]}), None
 
             zeros = constrain_grads(jax.tree_util.tree_map(
                 lambda p: jnp.zeros(((R,) if R > 1 else ()) + p.shape, p.dtype), state.params))
@@ -123,15 +141,12 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, lr_schedule: 
                                             (jnp.arange(M), micro_MxbxT1))
             loss, grads = loss.mean() / M, jax.tree_util.tree_map(lambda g: g / M, reduce(grads))
         grad_norm = optax.tree_utils.tree_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-        new_state = TrainState(
-            step=state.step + 1, bad_steps=state.bad_steps + (~finite).astype(jnp.int32),
-            params=jax.tree_util.tree_map(keep_if_bad, optax.apply_updates(state.params, updates), state.params),
-            opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state, state.opt_state))
+        params, opt_state = tx.apply(grads, grad_norm, state.opt_state, state.params, take=finite)
+        new_state = TrainState(step=state.step + 1, bad_steps=state.bad_steps + (~finite).astype(jnp.int32),
+                               params=params, opt_state=opt_state)
         # The optimizer's own count stops on skipped steps, so its schedule runs bad_steps behind.
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step - state.bad_steps),
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": tx.schedule(state.step - state.bad_steps),
                            "skipped": ~finite, "bad_steps": new_state.bad_steps}
 
     return jax.jit(step, in_shardings=(plan.shardings, batch_sharding(mesh)),
