@@ -100,6 +100,32 @@ def test_another_experiments_checkpoints_are_refused_unless_forced(base, tmp_pat
 
 # One file of each kind a checkpoint holds: array data (the largest OCDBT data file), the data
 # iterator's state, and Orbax's tree metadata.
+def test_a_checkpoint_with_optaxs_optimizer_layout_restores_the_same_state(base, tmp_path):
+    """Before 2026-12-02 the optimizer was optax's chain, and checkpoints hold its state's layout:
+    the base run's step 6, saved in that layout, restores the same arrays into agx's AdamW state.
+    (Resumed by agx.train, such a step continued with the old code's losses to the last digit.)"""
+    import jax
+
+    from agx.checkpoint import Checkpoints
+    from agx.config import load_experiment
+    from agx.training.loop import Trainer
+    from agx.training.optimizer import optax_layout
+
+    cfg = load_experiment("gpt3_tiny", [*TINY[3::2], *BASE, "train.peak_tflops_per_device=0.01"])
+    trainer, said = Trainer.build(cfg), []
+    state = Checkpoints(copy_of(base, tmp_path), cfg, trainer.plan.logical.params, said.append).restore(
+        trainer.plan.target, {})[0]
+    old = Checkpoints(tmp_path / "old", cfg, trainer.plan.logical.params, said.append)
+    old.save(6, state.replace(opt_state=optax_layout(state.opt_state)), force=True)
+    old.close()
+    restored = Checkpoints(tmp_path / "old", cfg, trainer.plan.logical.params, said.append).restore(
+        trainer.plan.target, {})[0]
+    assert any("optimizer state in optax's layout" in line for line in said), said
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def corruptible_files(step_dir: Path) -> list[Path]:
     data = max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
     return [data, step_dir / "data" / "process_0-of-1.json", step_dir / "state" / "_METADATA"]

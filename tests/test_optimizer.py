@@ -99,6 +99,7 @@ def test_the_update_overwrites_weights_and_moments_without_copying_them():
     tx = make_optimizer(cfg)
     params = {"fc": {"kernel": jnp.zeros((512, 1024))}}  # 2 MiB a buffer
     state = tx.init(params)
-    update = jax.jit(lambda p, s, g: tx.apply(g, optax.tree_utils.tree_norm(g), s, p), donate_argnums=(0, 1))
-    temporaries = update.lower(params, state, params).compile().memory_analysis().temp_size_in_bytes
+    # the gradient's norm given: jax 0.5.0's XLA squares the gradient into a temporary to sum it
+    update = jax.jit(lambda p, s, g, norm: tx.apply(g, norm, s, p), donate_argnums=(0, 1))
+    temporaries = update.lower(params, state, params, jnp.float32(1)).compile().memory_analysis().temp_size_in_bytes
     assert temporaries < 512 * 1024 * 4 / 2, f"{temporaries} bytes of temporaries"

@@ -43,6 +43,7 @@ from agx.compat import grain
 from agx.config import Config, ModelConfig
 from agx.errors import RunError, UserError
 from agx.runtime.agreement import every_process_says
+from agx.training.optimizer import from_optax_layout, optax_layout
 
 # The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple", "num_kv_heads",
@@ -60,6 +61,12 @@ class DataPosition:
 
     start: int
     iterator_state: dict | None = None
+
+
+@dataclass(frozen=True)
+class Restored:
+    state: object  # the TrainState
+    iterator_state: dict | None  # Grain's, where the loader's layout is the saved one
 
 
 class SavedIteratorState:
@@ -146,7 +153,7 @@ class Checkpoints:
                 self.log(f"agx: the loader's layout changed ({saved_layout} then, {loader_layout} now): "
                          f"it restarts at batch {step} instead of restoring Grain's state")
             self.log(f"agx: resumed from checkpoint step {step} in {self.directory}")
-            position = (DataPosition(saved_layout["start"], restored.data.state) if same_layout
+            position = (DataPosition(saved_layout["start"], restored.iterator_state) if same_layout
                         else DataPosition(step))
             return restored.state, position
         return None
@@ -206,11 +213,20 @@ class Checkpoints:
         self._check_same_experiment(saved.config, step)
         saved_layout = self._saved_loader_layout(step)
         same_layout = saved_layout is not None and {**saved_layout, "start": 0} == {**loader_layout, "start": 0}
+        saved_tree = self.manager.item_metadata(step)["state"]
+        optax_era = isinstance(getattr(saved_tree, "tree", saved_tree)["opt_state"], list)
+        if optax_era:
+            self.log(f"agx: checkpoint step {step} holds the optimizer state in optax's layout (saved before "
+                     "2026-12-02): restored into agx's")
+            target = target.replace(opt_state=optax_layout(target.opt_state))
         # not strict: the stored shapes may be padded otherwise (the model's are checked above)
         items = dict(state=ocp.args.StandardRestore(target, strict=False))
         if same_layout:
             items.update(data=grain.checkpoint.CheckpointRestore(SavedIteratorState()))
-        return self.manager.restore(step, args=ocp.args.Composite(**items)), saved_layout, same_layout
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored.state.replace(opt_state=from_optax_layout(restored.state.opt_state)) if optax_era else \
+            restored.state
+        return Restored(state, restored.data.state if same_layout else None), saved_layout, same_layout
 
     def _saved_loader_layout(self, step: int) -> dict | None:
         """The loader layout saved with `step`; None for a checkpoint without a data position."""

@@ -7,10 +7,12 @@ backward runs the layers itself, last to first, recomputing each from its saved 
 layer's weight gradient into the running sum in place: the sum is the only gradient-sized buffer.
 Under full recompute this is the same computation as JAX's (each layer's forward once more, then
 its backward); other remat policies keep activations across the stack, so they are not run here.
+With one micro-batch the sum starts at zero, and the step still holds one gradient, not two.
 
-The saved layer inputs are carried through the backward loop, not read as a loop constant: XLA's CPU
-compiler widens a bf16 dynamic-slice to float32 and hoisted the widening of the whole constant stack
-out of the loop (an f32 copy of every layer's input: 9.4 GiB a device for the trillion).
+The saved layer inputs are carried through the backward loop, tied by a barrier to the gradient
+that changes every iteration, not read as a loop constant: XLA's CPU compiler widens a bf16
+dynamic-slice to float32, and hoisted the widening of the whole constant stack out of the loop (an
+f32 copy of every layer's input: 9.4 GiB a device for the trillion).
 """
 
 from __future__ import annotations
@@ -29,29 +31,30 @@ def applies(cfg: Config, pipelined: bool, stack_padded: bool) -> bool:
     return cfg.model.remat == "full" and not pipelined and not stack_padded
 
 
-def run_layers_into(layer, stack_LxW, sum_LxW, x_BxTxD, rngs_L):
-    """The layers of `stack_LxW` on x, one after another: layer(params, x, rng) -> x. Differentiated,
-    the gradient of `stack_LxW` is `sum_LxW` plus this pass's own gradient; `sum_LxW` has none."""
-    return _run(layer, stack_LxW, sum_LxW, x_BxTxD, rngs_L)
+def run_layers_into(layer, stack_LxW, sum_LxW, x_BxTxD, rngs_L, unroll: int = 1):
+    """The layers of `stack_LxW` on x, one after another: layer(params, x, rng) -> x, in loops of
+    `unroll` layers an iteration. Differentiated, the gradient of `stack_LxW` is `sum_LxW` plus this
+    pass's own gradient; `sum_LxW` has none."""
+    return _run(layer, unroll, stack_LxW, sum_LxW, x_BxTxD, rngs_L)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run(layer, stack_LxW, sum_LxW, x_BxTxD, rngs_L):
-    return _forward(layer, stack_LxW, x_BxTxD, rngs_L)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _run(layer, unroll, stack_LxW, sum_LxW, x_BxTxD, rngs_L):
+    return _forward(layer, unroll, stack_LxW, x_BxTxD, rngs_L)[0]
 
 
-def _forward(layer, stack_LxW, x_BxTxD, rngs_L):
+def _forward(layer, unroll, stack_LxW, x_BxTxD, rngs_L):
     """The output and each layer's input, [L, B, T, D]."""
     step = lambda x_BxTxD, w_and_rng: (layer(w_and_rng[0], x_BxTxD, w_and_rng[1]), x_BxTxD)
-    return jax.lax.scan(step, x_BxTxD, (stack_LxW, rngs_L))
+    return jax.lax.scan(step, x_BxTxD, (stack_LxW, rngs_L), unroll=unroll)
 
 
-def _run_forward(layer, stack_LxW, sum_LxW, x_BxTxD, rngs_L):
-    y_BxTxD, inputs_LxBxTxD = _forward(layer, stack_LxW, x_BxTxD, rngs_L)
+def _run_forward(layer, unroll, stack_LxW, sum_LxW, x_BxTxD, rngs_L):
+    y_BxTxD, inputs_LxBxTxD = _forward(layer, unroll, stack_LxW, x_BxTxD, rngs_L)
     return y_BxTxD, (stack_LxW, sum_LxW, inputs_LxBxTxD, rngs_L)
 
 
-def _run_backward(layer, residuals, dy_BxTxD):
+def _run_backward(layer, unroll, residuals, dy_BxTxD):
     stack_LxW, sum_LxW, inputs_LxBxTxD, rngs_L = residuals
     L = inputs_LxBxTxD.shape[0]
 
@@ -65,7 +68,8 @@ def _run_backward(layer, residuals, dy_BxTxD):
         sum_LxW = jax.tree_util.tree_map(lambda s, d: s.at[l].add(d), sum_LxW, dw)
         return (dx_BxTxD, sum_LxW, inputs_LxBxTxD), None
 
-    (dx_BxTxD, sum_LxW, _), _ = jax.lax.scan(step, (dy_BxTxD, sum_LxW, inputs_LxBxTxD), jnp.arange(L - 1, -1, -1))
+    (dx_BxTxD, sum_LxW, _), _ = jax.lax.scan(step, (dy_BxTxD, sum_LxW, inputs_LxBxTxD), jnp.arange(L - 1, -1, -1),
+                                             unroll=unroll)
     return sum_LxW, None, dx_BxTxD, None
 
 

@@ -66,7 +66,7 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
             x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
             rngs_L = gpt.layer_rngs(m, not dropout, layers_rng, m.num_layers)
             y_BxTxD = accumulation.run_layers_into(gpt.layer_fn(m, layout, not dropout, positions_T), stack_LxW,
-                                                   layer_grad_sum, x_BxTxD, rngs_L)
+                                                   layer_grad_sum, x_BxTxD, rngs_L, m.scan_unroll)
             return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
         layers = gpt.layers_fn(m, layout, not dropout, positions_T)
         if train and schedule.one_f_one_b:  # the embedding and the head run inside its loop, unconstrained
