@@ -106,10 +106,9 @@ def test_a_checkpoint_with_optaxs_optimizer_layout_restores_the_same_state(base,
     (Resumed by agx.train, such a step continued with the old code's losses to the last digit.)"""
     import jax
 
-    from agx.checkpoint import Checkpoints
+    from agx.checkpoint import Checkpoints, optax_layout
     from agx.config import load_experiment
     from agx.training.loop import Trainer
-    from agx.training.optimizer import optax_layout
 
     cfg = load_experiment("gpt3_tiny", [*TINY[3::2], *BASE, "train.peak_tflops_per_device=0.01"])
     trainer, said = Trainer.build(cfg), []

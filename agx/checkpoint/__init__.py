@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 
 from agx.checkpoint import checksums
@@ -43,7 +44,6 @@ from agx.compat import grain
 from agx.config import Config, ModelConfig
 from agx.errors import RunError, UserError
 from agx.runtime.agreement import every_process_says
-from agx.training.optimizer import from_optax_layout, optax_layout
 
 # The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple", "num_kv_heads",
@@ -80,6 +80,20 @@ class SavedIteratorState:
 
     def start_prefetch(self) -> None:  # the handler starts a restored iterator; there is none here
         pass
+
+
+def optax_layout(opt_state):
+    """agx's AdamW state (count, mu, nu) as optax's chain(clip_by_global_norm, adamw(mask=...)) laid
+    it out: the layout of agx's checkpoints before 2026-12-02, a target to restore those into."""
+    return (optax.EmptyState(), (optax.ScaleByAdamState(opt_state.count, opt_state.mu, opt_state.nu),
+                                 optax.MaskedState(inner_state=optax.EmptyState()),
+                                 optax.ScaleByScheduleState(opt_state.count)))
+
+
+def from_optax_layout(chained, like):
+    """The state of optax's layout in the layout of `like` (agx's AdamW state)."""
+    adam = chained[1][0]
+    return like._replace(count=adam.count, mu=adam.mu, nu=adam.nu)
 
 
 class Checkpoints:
@@ -218,14 +232,14 @@ class Checkpoints:
         if optax_era:
             self.log(f"agx: checkpoint step {step} holds the optimizer state in optax's layout (saved before "
                      "2026-12-02): restored into agx's")
-            target = target.replace(opt_state=optax_layout(target.opt_state))
+            ours, target = target.opt_state, target.replace(opt_state=optax_layout(target.opt_state))
         # not strict: the stored shapes may be padded otherwise (the model's are checked above)
         items = dict(state=ocp.args.StandardRestore(target, strict=False))
         if same_layout:
             items.update(data=grain.checkpoint.CheckpointRestore(SavedIteratorState()))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        state = restored.state.replace(opt_state=from_optax_layout(restored.state.opt_state)) if optax_era else \
-            restored.state
+        state = restored.state.replace(opt_state=from_optax_layout(restored.state.opt_state, ours)) if optax_era \
+            else restored.state
         return Restored(state, restored.data.state if same_layout else None), saved_layout, same_layout
 
     def _saved_loader_layout(self, step: int) -> dict | None:

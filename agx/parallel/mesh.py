@@ -81,12 +81,17 @@ def tensor_groups_across_hosts(mesh: Mesh, host_of_process) -> list[set[str]]:
     return [h for h in hosts if len(h) > 1]
 
 
-def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads: bool) -> tuple:
+def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads: bool,
+                  batch_order: bool = False) -> tuple:
     """Logical axis -> mesh axes. Weights use 'embed'; activations use 'act_embed' and 'act_length'.
 
     shard_over_data: also shard weight-shaped arrays over `data` (ZeRO), besides `fsdp`.
     split_kv_heads: the KV heads of grouped-query attention divide by `tensor`; otherwise every
     tensor rank keeps them all, as Megatron does when tensor parallelism exceeds the KV heads.
+    batch_order: split them over `data` and `fsdp` in the batch's order (ZeRO-3, whose weights are
+    gathered over both: in the other order XLA reordered the gathered shards by collective-permutes).
+    Otherwise `fsdp` comes first: ZeRO-1's one reduction scatters each replica's `fsdp` shard over
+    `data` (agx.parallel.data_parallel).
     """
     return (
         ("batch", BATCH_AXES),
@@ -102,7 +107,7 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads
         ("heads", "tensor"),
         ("kv_heads", "tensor" if split_kv_heads else None),
         ("mlp", "tensor"),
-        ("embed", ("fsdp", "data") if shard_over_data else "fsdp"),
+        ("embed", (BATCH_AXES if batch_order else ("fsdp", "data")) if shard_over_data else "fsdp"),
     )
 
 

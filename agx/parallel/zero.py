@@ -37,7 +37,8 @@ def zero_layouts(mesh: Mesh, mesh_cfg: MeshConfig, kv_heads: int) -> ZeroLayouts
 
     def layout(min_stage: int) -> Layout:
         return with_split_attention(
-            Layout(mesh, logical_rules(mesh_cfg.zero_stage >= min_stage, mesh_cfg.sequence_parallel, split_kv)))
+            Layout(mesh, logical_rules(mesh_cfg.zero_stage >= min_stage, mesh_cfg.sequence_parallel, split_kv,
+                                       batch_order=mesh_cfg.zero_stage == 3)))
 
     return ZeroLayouts(params=layout(3), grads=layout(2), opt_state=layout(1))
 

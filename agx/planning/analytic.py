@@ -96,7 +96,7 @@ class StateShapes:
 
     def _specs(self, part: str, over_data: bool, cfg: Config, mesh_shape: dict):
         rules = logical_rules(over_data, cfg.mesh.sequence_parallel,
-                              kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"]))
+                              kv_heads_split(cfg.model.kv_heads, mesh_shape["tensor"]), cfg.mesh.zero_stage == 3)
         if (part, rules) not in self._spec_trees:
             self._spec_trees[part, rules] = jax.tree_util.tree_map(
                 lambda logical: nn.logical_to_mesh_axes(tuple(logical), rules), getattr(self.logical, part),

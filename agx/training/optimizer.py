@@ -77,17 +77,5 @@ class AdamW:
         return params, AdamWState(count, mu, nu)
 
 
-def optax_layout(state: AdamWState):
-    """The same state as optax's chain(clip_by_global_norm, adamw(mask=...)) laid it out, the layout
-    of agx's checkpoints before 2026-12-02: a target to restore those into."""
-    return (optax.EmptyState(), (optax.ScaleByAdamState(state.count, state.mu, state.nu),
-                                 optax.MaskedState(inner_state=optax.EmptyState()), optax.ScaleByScheduleState(state.count)))
-
-
-def from_optax_layout(chained) -> AdamWState:
-    adam = chained[1][0]
-    return AdamWState(adam.count, adam.mu, adam.nu)
-
-
 def make_optimizer(cfg: Config) -> AdamW:
     return AdamW(cfg.optim, lr_schedule(cfg))
