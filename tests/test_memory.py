@@ -57,16 +57,17 @@ def test_accumulating_micro_batches_adds_no_gradient_sized_buffer_under_full_rec
     """Under full recompute the backward adds each layer's weight gradient into the step's running
     sum in place (agx.training.accumulation), so four micro-batches compile to no more temporaries
     than one: JAX's own backward returned a micro-batch's whole gradient beside the sum, one more
-    gradient-sized buffer (+40 MiB here with selective recompute, for a 49 MiB gradient). A model whose gradients dominate
-    (8 layers of width 1024, 16 positions), FSDP over 8 devices."""
+    gradient-sized buffer (+40 MiB here with selective recompute, for a 49 MiB gradient). A model
+    whose gradients dominate (8 layers of width 1024, 16 positions), FSDP over 8 devices."""
     from agx.config import load_experiment
     from agx.planning import analytic
     from agx.planning.compiled import compile_step
 
     def compiled_and_planned(microbatches: int):
         cfg = load_experiment("gpt3_tiny", [
-            "model.num_layers=8", "model.d_model=1024", "model.num_heads=8", "model.seq_len=16", "model.vocab_size=1024",
-            "train.batch_size=32", "mesh.data=1", "mesh.fsdp=8", "model.remat=full", f"train.microbatches={microbatches}"])
+            "model.num_layers=8", "model.d_model=1024", "model.num_heads=8", "model.seq_len=16",
+            "model.vocab_size=1024", "train.batch_size=32", "mesh.data=1", "mesh.fsdp=8", "model.remat=full",
+            f"train.microbatches={microbatches}"])
         shape = {"pipeline": 1, "data": 1, "fsdp": 8, "context": 1, "tensor": 1}
         grads = analytic.memory(cfg, analytic.StateShapes(cfg), shape, None)["grads"]
         return compile_step(cfg).memory["temporaries"], grads

@@ -70,7 +70,8 @@ def stored_shapes(abstract, spec_trees: list, mesh_shape: dict, what: str):
 
 def any_padded(stored, logical) -> bool:
     """Whether any leaf of a stored tree is larger than the same leaf at its logical shape."""
-    return any(a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(stored), jax.tree_util.tree_leaves(logical)))
+    leaves = jax.tree_util.tree_leaves
+    return any(a.shape != b.shape for a, b in zip(leaves(stored), leaves(logical)))
 
 
 def pad_to(x, shape: tuple):

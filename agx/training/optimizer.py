@@ -62,8 +62,9 @@ class AdamW:
         o = self.optim
         scale = jnp.where(grad_norm < o.grad_clip, 1.0, o.grad_clip / grad_norm)  # optax's clip_by_global_norm
         keep = lambda new, old: jnp.where(take, new, old)
-        mu = jax.tree_util.tree_map(lambda m, g: keep(o.b1 * m + (1 - o.b1) * (g * scale), m), state.mu, grads)
-        nu = jax.tree_util.tree_map(lambda v, g: keep(o.b2 * v + (1 - o.b2) * jnp.square(g * scale), v), state.nu, grads)
+        moment = lambda b, power: lambda old, g: keep(b * old + (1 - b) * (g * scale) ** power, old)
+        mu = jax.tree_util.tree_map(moment(o.b1, 1), state.mu, grads)
+        nu = jax.tree_util.tree_map(moment(o.b2, 2), state.nu, grads)
         mu, nu = jax.lax.optimization_barrier((mu, nu))  # the weights' update reads the moments' new buffers
         count = state.count + jnp.asarray(take, jnp.int32)
         lr, t = self.schedule(state.count), count.astype(jnp.float32)
