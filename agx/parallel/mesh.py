@@ -97,7 +97,7 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads
         ("batch", BATCH_AXES),
         ("lookup_batch", BATCH_AXES),  # the embedding's looked-up rows: where the batch is, unless
         ("lookup_embed", None),        # agx.parallel.data_parallel moves them in two steps
-        ("head_batch", ("pipeline", *BATCH_AXES)),  # after the layers: the head is split over stages too
+        ("head_batch", (*BATCH_AXES, "pipeline")),  # after the layers: the head is split over stages too
         ("layers", "pipeline"),
         ("stage", "pipeline"),
         ("length", "context"),  # a sequence's positions (agx.parallel.context's order where context > 1)
@@ -126,6 +126,10 @@ class Layout:
     def sequence_split(self) -> int:
         """How many ways a sequence's positions ('length') are split over devices."""
         return math.prod(self.mesh.shape[a] for a in axis_names(dict(self.rules).get("length")))
+
+    def batch_split(self) -> int:
+        """How many ways the batch's rows ('batch') are split over devices."""
+        return math.prod(self.mesh.shape[a] for a in axis_names(dict(self.rules).get("batch")))
 
     def whole_sequences(self) -> Layout:
         """This layout with each sequence whole on every device, split over neither `context` nor

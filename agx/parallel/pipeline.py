@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec
 
 from agx.config import PipelineConfig
 from agx.errors import UserError
-from agx.parallel.batch import data_parallel_size, join_microbatches, split_microbatches
+from agx.parallel.batch import data_parallel_size
 
 STAGE_INPUT = "pipeline_stage_input"
 # The backward pass keeps only each iteration's stage input and recomputes the stage from it.
@@ -100,13 +100,14 @@ def stage_view(stack_LxW, logical_W, repeats: int, stages: int, constrain):
     return jax.tree_util.tree_unflatten(treedef, [view(w, tuple(s)) for w, s in zip(weights, specs)])
 
 
-def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, rng=None,
+def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, batch_split: int = 1, rng=None,
         policy=SAVE_STAGE_INPUTS, bubble_value: float = 0.0):
     """The layer stack applied to x_BxTxD by the pipeline; equal to stage_fn(stack_LxW, x_BxTxD, rng).
 
     stage_fn(stack_lxW, x_bxTxD, rng) runs consecutive layers; logical_W holds each weight's logical
     axes as a PartitionSpec (its first is 'layers'); constrain(x, logical) pins an array to the
-    layout. rng (or None) is folded per iteration and stage. policy: what the backward pass keeps
+    layout; batch_split: how many ways it splits the batch's rows (Layout.batch_split). rng (or
+    None) is folded per iteration and stage. policy: what the backward pass keeps
     of an iteration (None: plain remat, which keeps its inputs). bubble_value fills the stages'
     inputs before their first micro-batch (a test sets NaN).
     """
@@ -118,12 +119,17 @@ def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, 
     stack_RxPxlxW = stage_view(stack_LxW, logical_W, R, P, constrain)
     io_logical = ("stage", None, "batch", "act_length", "act_embed")
     state_logical = ("stage", "batch", "act_length", "act_embed")
-    x_MxbxTxD = split_microbatches(x_BxTxD, M)
-    # Slot row p holds the micro-batches k·P + (-p mod P): the rows reversed, then rotated by one.
-    # (Reversal and rotation partition into local slices and collective-permutes; an indexed
-    # gather would become an all-reduce.)
-    x_PxKxbxTxD = x_MxbxTxD.reshape(K, P, b, T, D).swapaxes(0, 1)
-    io_PxKxbxTxD = constrain(jnp.roll(jnp.flip(x_PxKxbxTxD, 0), 1, axis=0), io_logical)
+    # Micro-batch (q, k), in slot row q and column k, takes from each of the S shards of the batch's
+    # rows the block of b/S rows at q·K + k: every device keeps its own rows of every micro-batch,
+    # and the finished buffer comes back in rows split as the head splits them (the batch's axes,
+    # then `pipeline`), so that neither end moves a row between devices (each did: XLA gathered the
+    # whole buffer to reorder it).
+    S = batch_split
+    x_PxKxbxTxD = x_BxTxD.reshape(S, P, K, b // S, T, D).transpose(1, 2, 0, 3, 4, 5).reshape(P, K, b, T, D)
+    # The buffer moves one stage onward every iteration, so at iteration t stage 0 reads the slot
+    # from row -t mod P: it takes the micro-batches in the order q = 0, P-1, ..., 1 within each k
+    # (a reversal of the rows to take them in order is an all-gather; a rotation is a collective-permute).
+    io_PxKxbxTxD = constrain(x_PxKxbxTxD, io_logical)
     state_PxbxTxD = constrain(jnp.full((P, b, T, D), bubble_value, x_BxTxD.dtype), state_logical)
     stage_P = jnp.arange(P)
 
@@ -157,7 +163,8 @@ def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, 
 
     iteration = jax.checkpoint(iteration, policy=policy, prevent_cse=False)
     (_, io_PxKxbxTxD), _ = jax.lax.scan(iteration, (state_PxbxTxD, io_PxKxbxTxD), jnp.arange(N))
-    # Micro-batches k·P + q are now in row (N - q) mod P: reverse, rotate by N + 1.
-    io_PxKxbxTxD = jnp.roll(jnp.flip(io_PxKxbxTxD, 0), N + 1, axis=0)
-    return join_microbatches(io_PxKxbxTxD.swapaxes(0, 1).reshape(M, b, T, D))
+    # Slot row q is now in row (q + N) mod P: rotate it back.
+    io_PxKxbxTxD = constrain(jnp.roll(io_PxKxbxTxD, -N, axis=0), io_logical)
+    y_BxTxD = io_PxKxbxTxD.reshape(P, K, S, b // S, T, D).transpose(2, 0, 1, 3, 4, 5).reshape(B, T, D)
+    return constrain(y_BxTxD, ("head_batch", "act_length", "act_embed"))  # its gradient arrives so too
 

@@ -263,10 +263,10 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
         out["context gradient all-reduce"] = micro * 2 * shapes.shard_bytes(
             "params", cfg.mesh.zero_stage >= 2, cfg, mesh_shape, itemsize=4) * ring(C)
     if schedule:  # every iteration, forward and backward: the stage outputs and the micro-batch buffer,
-        # which is then put back in order (a reversal and a rotation, and back in the backward);
+        # which is then rotated back in order (and back in the backward; agx.parallel.pipeline);
         # 1F1B: every tick, one micro-batch forward and one gradient back
         K = schedule.microbatches // p
-        sent = 2 * schedule.iterations * (1 if schedule.one_f_one_b else 1 + K) + (0 if schedule.one_f_one_b else 4 * K)
+        sent = 2 * schedule.iterations * (1 if schedule.one_f_one_b else 1 + K) + (0 if schedule.one_f_one_b else 2 * K)
         out["pipeline send/receive"] = micro * sent * activation / schedule.microbatches
         if schedule.repeats > 1:  # the stored layer order regrouped for the circular schedule, and back
             out["circular weight regrouping"] = micro * 2 * layer_weights * ring(p)

@@ -77,7 +77,7 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
         embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
         x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
         y_BxTxD = pipeline.run(layers, stack_LxW, stack_logical, x_BxTxD, schedule, layout.constrain,
-                               layers_rng, bubble_value=bubble_value)
+                               layout.batch_split(), layers_rng, bubble_value=bubble_value)
         return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
 
     return loss_fn
