@@ -26,7 +26,3 @@ def split_microbatches(x_BxX, M: int):
     shard of the rows splits evenly on its own device."""
     return x_BxX.reshape(x_BxX.shape[0] // M, M, *x_BxX.shape[1:]).swapaxes(0, 1)
 
-
-def join_microbatches(x_MxbxX):
-    """The inverse of split_microbatches: [M, b, ...] -> [M·b, ...]."""
-    return x_MxbxX.swapaxes(0, 1).reshape(-1, *x_MxbxX.shape[2:])

@@ -61,23 +61,22 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
             return loss(logits_BxTxV, targets_BxT)
         params = dict(params)
         stack_LxW = params.pop("layers")
-        if schedule is None:
-            embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
-            x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
-            rngs_L = gpt.layer_rngs(m, not dropout, layers_rng, m.num_layers)
-            y_BxTxD = accumulation.run_layers_into(gpt.layer_fn(m, layout, not dropout, positions_T), stack_LxW,
-                                                   layer_grad_sum, x_BxTxD, rngs_L, m.scan_unroll)
-            return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
-        layers = gpt.layers_fn(m, layout, not dropout, positions_T)
-        if train and schedule.one_f_one_b:  # the embedding and the head run inside its loop, unconstrained
-            embed, head = gpt.embed_fn(m, None, True, positions_T), gpt.head_fn(m, None)
+        if train and schedule and schedule.one_f_one_b:  # the embedding and the head run inside its loop
+            layers = gpt.layers_fn(m, layout, not dropout, positions_T)
+            embed, head = gpt.embed_fn(m, None, True, positions_T), gpt.head_fn(m, None)  # unconstrained
             return one_f_one_b.loss(lambda p, t: embed(p, t, None), lambda w, x: layers(w, x, None),
                                     lambda p, y, t: loss(head(p, y), t), params, stack_LxW, stack_logical,
                                     tokens_BxT, targets_BxT, schedule, layout.constrain)
         embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
         x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
-        y_BxTxD = pipeline.run(layers, stack_LxW, stack_logical, x_BxTxD, schedule, layout.constrain,
-                               layout.batch_split(), layers_rng, bubble_value=bubble_value)
+        if schedule is None:
+            rngs_L = gpt.layer_rngs(m, not dropout, layers_rng, m.num_layers)
+            y_BxTxD = accumulation.run_layers_into(gpt.layer_fn(m, layout, not dropout, positions_T), stack_LxW,
+                                                   layer_grad_sum, x_BxTxD, rngs_L, m.scan_unroll)
+        else:
+            y_BxTxD = pipeline.run(gpt.layers_fn(m, layout, not dropout, positions_T), stack_LxW, stack_logical,
+                                   x_BxTxD, schedule, layout.constrain, layout.batch_split(), layers_rng,
+                                   bubble_value=bubble_value)
         return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
 
     return loss_fn
