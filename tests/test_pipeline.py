@@ -133,7 +133,8 @@ def _mlp_pipeline_temp_bytes(policy) -> tuple[int, dict]:
         return jax.lax.scan(layer, x_BxTxD, stack)[0]
 
     def loss(stack, x_BxTxD):
-        return jnp.mean(pipeline.run(layers, stack, logical, x_BxTxD, schedule, layout.constrain, policy=policy) ** 2)
+        x_PxnxTxD = pipeline.stage_rows(x_BxTxD, 4, 1)
+        return jnp.mean(pipeline.run(layers, stack, logical, x_PxnxTxD, schedule, layout.constrain, policy=policy) ** 2)
 
     keys = jax.random.split(jax.random.key(0), 3)
     stack = {"w_in": jax.random.normal(keys[0], (L, D, F)) / 8, "w_out": jax.random.normal(keys[1], (L, F, D)) / 16}

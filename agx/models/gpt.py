@@ -499,20 +499,19 @@ def _embed(cfg: ModelConfig, table_VxD, pos_TxD, tokens_BxT, layout: Layout | No
 
 
 def _logits(cfg: ModelConfig, norm, kernel_DxV, x_BxTxD, layout: Layout | None):
-    """The final norm and the vocab-parallel LM head, split over the pipeline's devices as well
-    ('head_batch'). Where each device holds whole sequences in one slice, one 2-D matmul: XLA's CPU
-    backend then computes the weight gradient without a transposed copy of the [B·T, V] logit
+    """The final norm and the vocab-parallel LM head. Where each device holds whole sequences in one
+    slice, one 2-D matmul: XLA's CPU backend then computes the weight gradient without a transposed copy of the [B·T, V] logit
     gradient. Not where `context` splits the sequence: the rows of [B·T, D] cannot be split over
     both the batch's axes and its, and XLA would gather them."""
     constrain = _constrainer(layout)
-    x_BxTxD = norm(constrain(x_BxTxD, ("head_batch", "act_length", "act_embed")))
+    x_BxTxD = norm(constrain(x_BxTxD, ("batch", "act_length", "act_embed")))
     B, T, D = x_BxTxD.shape
-    h_JxBxTxD = x_BxTxD[None] if layout is None else layout.gather_sequence(x_BxTxD, "head_batch")
+    h_JxBxTxD = x_BxTxD[None] if layout is None else layout.gather_sequence(x_BxTxD)
     matmul = _matmul_of(layout)
     if h_JxBxTxD.shape[0] == 1 and not _split_sequence(layout):
         logits_NxV = _column_matmul(h_JxBxTxD.reshape(1, B * T, D), kernel_DxV, ("embed", "vocab"), cfg.dtype, matmul,
-                                    ("head_batch",))
+                                    ("batch",))
         logits_BxTxV = logits_NxV.reshape(B, T, cfg.padded_vocab)
     else:
-        logits_BxTxV = _column_matmul(h_JxBxTxD, kernel_DxV, ("embed", "vocab"), cfg.dtype, matmul, ("head_batch", "length"))
-    return constrain(logits_BxTxV.astype(jnp.float32), ("head_batch", "length", "vocab"))
+        logits_BxTxV = _column_matmul(h_JxBxTxD, kernel_DxV, ("embed", "vocab"), cfg.dtype, matmul, ("batch", "length"))
+    return constrain(logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab"))

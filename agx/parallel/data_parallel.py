@@ -41,7 +41,7 @@ def replica_layout(layout: Layout) -> Layout:
     rematerialization") where data and fsdp both exceed 1."""
     rules = dict(layout.rules)
     drop = lambda axes: tuple(a for a in axis_names(axes) if a != REPLICA_AXIS) or None
-    changed = {"batch": drop(rules["batch"]), "head_batch": drop(rules["head_batch"]), "lookup_batch": None,
+    changed = {"batch": drop(rules["batch"]), "lookup_batch": None,
                "lookup_embed": rules["embed"]}
     return dataclasses.replace(layout, rules=tuple((name, changed.get(name, axes)) for name, axes in layout.rules))
 

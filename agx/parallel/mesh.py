@@ -97,7 +97,6 @@ def logical_rules(shard_over_data: bool, sequence_parallel: bool, split_kv_heads
         ("batch", BATCH_AXES),
         ("lookup_batch", BATCH_AXES),  # the embedding's looked-up rows: where the batch is, unless
         ("lookup_embed", None),        # agx.parallel.data_parallel moves them in two steps
-        ("head_batch", (*BATCH_AXES, "pipeline")),  # after the layers: the head is split over stages too
         ("layers", "pipeline"),
         ("stage", "pipeline"),
         ("length", "context"),  # a sequence's positions (agx.parallel.context's order where context > 1)
@@ -144,12 +143,11 @@ class Layout:
         else 1: the matmuls then meet the stream whole, and XLA places their all-reduces."""
         return self.mesh.shape["tensor"] if "tensor" in axis_names(dict(self.rules)["act_length"]) else 1
 
-    def gather_sequence(self, x_BxTxD, batch: str = "batch"):
-        """The residual stream [B, T, D] -> [J, B, T, D], the whole sequence in each of J slices.
-        batch: the batch's logical axis ('head_batch' for the LM head)."""
+    def gather_sequence(self, x_BxTxD):
+        """The residual stream [B, T, D] -> [J, B, T, D], the whole sequence in each of J slices."""
         if self.tensor_stack() == 1:
-            return self.constrain(x_BxTxD, (batch, "length", "act_embed"))[None]
-        return sequence.gather(x_BxTxD, self.mesh, *self._stream_specs(batch))
+            return self.constrain(x_BxTxD, ("batch", "length", "act_embed"))[None]
+        return sequence.gather(x_BxTxD, self.mesh, *self._stream_specs())
 
     def scatter_sequence(self, y_JxBxTxD):
         """J stacked partial sums [J, B, T, D] -> their sum [B, T, D], laid out as the residual stream."""
@@ -158,9 +156,9 @@ class Layout:
         split, whole = self._stream_specs()
         return sequence.scatter(y_JxBxTxD, self.mesh, whole, split)
 
-    def _stream_specs(self, batch: str = "batch") -> tuple[PartitionSpec, PartitionSpec]:
+    def _stream_specs(self) -> tuple[PartitionSpec, PartitionSpec]:
         """The residual stream's spec, split along the sequence, and whole."""
-        return self.spec((batch, "act_length", "act_embed")), self.spec((batch, "length", "act_embed"))
+        return self.spec(("batch", "act_length", "act_embed")), self.spec(("batch", "length", "act_embed"))
 
     def matmul(self, equation: str, x, w, x_logical: tuple, w_logical: tuple, y_logical: tuple):
         """einsum(equation, x, w) of an activation and a weight, the weight's gradient reduced onto

@@ -100,9 +100,27 @@ def stage_view(stack_LxW, logical_W, repeats: int, stages: int, constrain):
     return jax.tree_util.tree_unflatten(treedef, [view(w, tuple(s)) for w, s in zip(weights, specs)])
 
 
-def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, batch_split: int = 1, rng=None,
+def stage_rows(x_BxZ, stages: int, batch_split: int):
+    """The batch [B, ...] as each stage's rows [P, B/P, ...], split as the head and the embedding are
+    split over the stages: the batch's rows in S·P blocks, block (s, p) on stage p at place s, where
+    S = batch_split (Layout.batch_split) splits each stage's rows in turn. No row moves between devices."""
+    S, P = batch_split, stages
+    split_SxPxZ = x_BxZ.reshape(S, P, x_BxZ.shape[0] // (S * P), *x_BxZ.shape[1:])
+    return split_SxPxZ.swapaxes(0, 1).reshape(P, -1, *x_BxZ.shape[1:])
+
+
+def stage_copies(params, stages: int):
+    """Each stage's own copy of `params`, [P, ...], for the embedding and the head that every stage
+    runs on its rows: their gradients from all stages are summed once, over `pipeline`, where the
+    copies are made. (Each use of one shared array in the stages' vmap would be summed apart: the
+    lookup's and the tied head's, twice.)"""
+    return jax.tree_util.tree_map(lambda w: jnp.broadcast_to(w, (stages, *w.shape)), params)
+
+
+def run(stage_fn, stack_LxW, logical_W, x_PxnxTxD, schedule: Schedule, constrain, batch_split: int = 1, rng=None,
         policy=SAVE_STAGE_INPUTS, bubble_value: float = 0.0):
-    """The layer stack applied to x_BxTxD by the pipeline; equal to stage_fn(stack_LxW, x_BxTxD, rng).
+    """The layer stack applied to each stage's rows x_PxnxTxD (stage_rows) by the pipeline; equal to
+    stage_fn(stack_LxW, x_BxTxD, rng) on the batch, and returned in the same rows [P, n, T, D].
 
     stage_fn(stack_lxW, x_bxTxD, rng) runs consecutive layers; logical_W holds each weight's logical
     axes as a PartitionSpec (its first is 'layers'); constrain(x, logical) pins an array to the
@@ -113,24 +131,23 @@ def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, 
     """
     P, M, R = schedule.stages, schedule.microbatches, schedule.repeats
     K, N = M // P, R * M + P - 1  # N: GPipe's count, also when evaluating a 1F1B schedule
-    B, T, D = x_BxTxD.shape
-    b = B // M
+    _, n, T, D = x_PxnxTxD.shape
+    b = n // K
 
     stack_RxPxlxW = stage_view(stack_LxW, logical_W, R, P, constrain)
     io_logical = ("stage", None, "batch", "act_length", "act_embed")
     state_logical = ("stage", "batch", "act_length", "act_embed")
-    # Micro-batch (q, k), in slot row q and column k, takes from each of the S shards of the batch's
-    # rows the block of b/S rows at q·K + k: every device keeps its own rows of every micro-batch,
-    # and the finished buffer comes back in rows split as the head splits them (the batch's axes,
-    # then `pipeline`), so that neither end moves a row between devices (each did: XLA gathered the
-    # whole buffer to reorder it).
+    # Micro-batch (q, k), in slot row q and column k, takes from each of the S places of a stage's
+    # rows the block of b/S rows at k: every device keeps its own rows of every micro-batch, and
+    # the finished buffer comes back in the same rows, so that neither end moves a row between
+    # devices (each did: XLA gathered the whole buffer to reorder it).
     S = batch_split
-    x_PxKxbxTxD = x_BxTxD.reshape(S, P, K, b // S, T, D).transpose(1, 2, 0, 3, 4, 5).reshape(P, K, b, T, D)
+    x_PxKxbxTxD = x_PxnxTxD.reshape(P, S, K, b // S, T, D).swapaxes(1, 2).reshape(P, K, b, T, D)
     # The buffer moves one stage onward every iteration, so at iteration t stage 0 reads the slot
     # from row -t mod P: it takes the micro-batches in the order q = 0, P-1, ..., 1 within each k
     # (a reversal of the rows to take them in order is an all-gather; a rotation is a collective-permute).
     io_PxKxbxTxD = constrain(x_PxKxbxTxD, io_logical)
-    state_PxbxTxD = constrain(jnp.full((P, b, T, D), bubble_value, x_BxTxD.dtype), state_logical)
+    state_PxbxTxD = constrain(jnp.full((P, b, T, D), bubble_value, x_PxnxTxD.dtype), state_logical)
     stage_P = jnp.arange(P)
 
     def run_stage(stack_RxlxW, repeat, x_bxTxD, stage_rng):
@@ -165,6 +182,5 @@ def run(stage_fn, stack_LxW, logical_W, x_BxTxD, schedule: Schedule, constrain, 
     (_, io_PxKxbxTxD), _ = jax.lax.scan(iteration, (state_PxbxTxD, io_PxKxbxTxD), jnp.arange(N))
     # Slot row q is now in row (q + N) mod P: rotate it back.
     io_PxKxbxTxD = constrain(jnp.roll(io_PxKxbxTxD, -N, axis=0), io_logical)
-    y_BxTxD = io_PxKxbxTxD.reshape(P, K, S, b // S, T, D).transpose(2, 0, 1, 3, 4, 5).reshape(B, T, D)
-    return constrain(y_BxTxD, ("head_batch", "act_length", "act_embed"))  # its gradient arrives so too
-
+    y_PxnxTxD = io_PxKxbxTxD.reshape(P, K, S, b // S, T, D).swapaxes(1, 2).reshape(P, n, T, D)
+    return constrain(y_PxnxTxD, state_logical)  # its gradient arrives so too

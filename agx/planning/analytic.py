@@ -228,12 +228,15 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
             out["updated-weight all-gather"] = split * ring(d)  # the updated shards gathered back
         if cfg.mesh.zero_stage <= 1:
             out["gradient reduction"] = (2 * whole - split) * ring(d)
-    if p > 1:  # the LM head runs on every stage for its share of the batch ('head_batch'), and its
-        # matrix (tied: the embedding) and the final norm are stored whole on every stage: their
-        # gradients are summed over the stages once a step, an all-reduce of the stored shard
+    if p > 1:  # every stage embeds and runs the LM head for its own rows (agx.parallel.pipeline),
+        # and the tables (tied: one), the learned positions and the final norm are stored whole on
+        # every stage: their gradients are summed over the stages once a step, an all-reduce of the
+        # stored shard. (Megatron keeps them on the first and last stage and all-reduces a tied table
+        # between the two: half these bytes, for p - 1 idle stages during the embedding and the head.)
         norm = m.d_model * (2 if m.norm == "layernorm" and m.bias else 1)
-        head = (m.padded_vocab * m.d_model / t + norm) / gathered_over * 4
-        out["LM-head gradient all-reduce"] = 2 * head * ring(p)
+        tables = m.padded_vocab * m.d_model * (1 if m.tie_embeddings else 2) / t
+        outside = tables + (m.seq_len * m.d_model if m.position == "learned" else 0) + norm
+        out["embedding and LM-head gradient all-reduce"] = 2 * outside / gathered_over * 4 * ring(p)
     b = cfg.train.batch_size // micro // (d * f)
     activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch
     if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head

@@ -171,7 +171,8 @@ def _senders(line: str) -> int:
 
 def _group(line: str, num_devices: int) -> int:
     """Devices in each replica group of the collective."""
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)  # mesh['a'=8,'b'=2] {'a'}
+    # mesh['a'=8,'b'=2] {'a'}, or with the devices' order between: mesh[...], device_ids=([4,2]T(1,0)) {'a'}
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)?\s*\{([^}]*)\}", line)
     if mesh:
         sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
         return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", mesh.group(2)))

@@ -68,16 +68,24 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
                                     lambda p, y, t: loss(head(p, y), t), params, stack_LxW, stack_logical,
                                     tokens_BxT, targets_BxT, schedule, layout.constrain)
         embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
-        x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
+        embed, head = gpt.embed_fn(m, layout, not dropout, positions_T), gpt.head_fn(m, layout)
         if schedule is None:
+            x_BxTxD = embed(params, tokens_BxT, embed_rng)
             rngs_L = gpt.layer_rngs(m, not dropout, layers_rng, m.num_layers)
             y_BxTxD = accumulation.run_layers_into(gpt.layer_fn(m, layout, not dropout, positions_T), stack_LxW,
                                                    layer_grad_sum, x_BxTxD, rngs_L, m.scan_unroll)
-        else:
-            y_BxTxD = pipeline.run(gpt.layers_fn(m, layout, not dropout, positions_T), stack_LxW, stack_logical,
-                                   x_BxTxD, schedule, layout.constrain, layout.batch_split(), layers_rng,
-                                   bubble_value=bubble_value)
-        return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
+            return loss(head(params, y_BxTxD), targets_BxT)
+        # Every stage embeds, and runs the head and the loss on, its own rows of the batch, with its
+        # own copy of the weights outside the layers (pipeline.stage_copies)
+        P, S = schedule.stages, layout.batch_split()
+        rows = lambda x_BxT: layout.constrain(pipeline.stage_rows(x_BxT, P, S), ("stage", "batch", "length"))
+        on_stages = lambda f, *in_axes: jax.vmap(f, in_axes=in_axes or 0, spmd_axis_name="pipeline")
+        copies = pipeline.stage_copies(params, P)
+        embed_rngs = jax.random.split(embed_rng, P) if dropout else None
+        x_PxnxTxD = on_stages(embed, 0, 0, 0 if dropout else None)(copies, rows(tokens_BxT), embed_rngs)
+        y_PxnxTxD = pipeline.run(gpt.layers_fn(m, layout, not dropout, positions_T), stack_LxW, stack_logical,
+                                 x_PxnxTxD, schedule, layout.constrain, S, layers_rng, bubble_value=bubble_value)
+        return on_stages(lambda p, y, t: loss(head(p, y), t))(copies, y_PxnxTxD, rows(targets_BxT)).mean()
 
     return loss_fn
 
