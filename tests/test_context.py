@@ -114,9 +114,9 @@ def test_dropout_trains_across_the_split(corpus):
 
 def test_only_the_kv_heads_are_gathered():
     """Llama's 8 query heads share 2 KV heads: at context=4 each layer gathers the keys and values,
-    [b, K, T, Q] each (b = 12: a device's sequences; jax 0.5.0 gathers V in two halves), and sums
-    their gradients back; no collective moves anything larger that holds a sequence's rows: no
-    queries, scores or activations [b, T, D]."""
+    [b, K, T, Q] each (b = 12: a device's sequences; jax 0.5.0 gathers V in two halves), and
+    reduce-scatters their gradients back, [b, K, T/4, Q] each; no collective moves anything larger
+    that holds a sequence's rows: no queries, scores or activations [b, T, D]."""
     cfg = llama_tiny_config(data=2, context=4, zero_stage=0)  # weights whole: no weight all-gathers
     cfg.train = dataclasses.replace(cfg.train, batch_size=24)
     hlo = Trainer.build(cfg).compile().as_text()
@@ -126,8 +126,8 @@ def test_only_the_kv_heads_are_gathered():
     moved = [(op, tuple(int(d) for d in shape.split(",") if d)) for op, shape in moved]
     rows = [(op, shape) for op, shape in moved if b in shape]  # a device's sequences: activations and their kin
     moved_by = lambda kind: sum(np.prod(shape) for op, shape in rows if op == kind)
-    assert moved_by("all-gather") == moved_by("all-reduce") == 2 * kv_elements, rows
-    assert all(op in ("all-gather", "all-reduce") and np.prod(shape) <= kv_elements for op, shape in rows), rows
+    assert moved_by("all-gather") == 4 * moved_by("reduce-scatter") == 2 * kv_elements, rows
+    assert all(op in ("all-gather", "reduce-scatter") and np.prod(shape) <= kv_elements for op, shape in rows), rows
 
 
 def test_activation_memory_falls_with_the_split_as_planned():

@@ -299,8 +299,8 @@ class Block(nn.Module):
         elif cfg.attention == "cudnn":
             ctx_BxHxTxQ = _cudnn_attention(q_BxHxTxQ, *self._for_query_heads(new_cache))
         elif self.layout is not None and self.layout.split_attention:  # the sequence split over devices
-            ctx_BxHxTxQ = self.layout.split_attention(q_BxHxTxQ, k_BxKxSxQ, v_BxKxSxQ, self._constrain, self._attend,
-                                                      self._causal_attention)
+            ctx_BxHxTxQ = self.layout.split_attention(self.layout, q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, self._attend,
+                                                      self._causal_attention)  # which gathers the keys
         else:
             ctx_BxHxTxQ = self._causal_attention(q_BxHxTxQ, *self._for_query_heads(new_cache))[0]
         ctx_BxTxHxQ = jnp.transpose(ctx_BxHxTxQ.astype(dtype), (0, 2, 1, 3))

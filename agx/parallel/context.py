@@ -5,8 +5,9 @@ Every activation's sequence axis is split over `context` (the rules in agx.paral
 are not, so their gradients are summed over it like a data-parallel axis's (Megatron keeps them
 whole over its CP ranks too: sharding them as well is what `fsdp` is for). Only attention needs
 the other devices' positions. It all-gathers the keys and values, the KV heads only, and the
-backward sums their gradients back onto their devices (MaxText's default and Megatron's `allgather`
-type): the simplest correct design, one [B, K, T, Q] gather per layer each for K and V.
+backward reduce-scatters their gradients back onto their devices (MaxText's default and Megatron's
+`allgather` type): the simplest correct design, one [B, K, T, Q] gather per layer each for K and V.
+Both are written out in a shard_map, so that the backward's is a reduce-scatter on every backend.
 
 Load balance. Under a causal mask the last positions attend to the most keys, so contiguous chunks
 would give the last device 2C-1 times the first's work. The sequence is therefore cut into 2C chunks
@@ -29,8 +30,12 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec
+
+from agx.compat import shard_map
 from agx.errors import UserError
 from agx.parallel.mesh import Layout
+from agx.parallel.padding import without_unit_axes
 
 
 def check_divides(seq_len: int, context: int) -> None:
@@ -68,19 +73,19 @@ def with_split_attention(layout: Layout) -> Layout:
     return dataclasses.replace(layout, split_attention=functools.partial(attention, context=C))
 
 
-def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, constrain, attend, causal, context: int):
+def attention(layout: Layout, q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, attend, causal, context: int):
     """Causal attention over a sequence in load-balanced order, split over `context` devices.
 
     q: each device's own positions (split over `context`); k, v: the whole sequence, gathered, of
     the K KV heads (each serving H/K consecutive query heads: repeated here, after the gather and
     the pairing, so that neither moves more than the KV heads, forward or backward).
+    layout: the one the model runs in (a data replica's, agx.parallel.data_parallel, inside its vmap).
     attend(q, k, v) and causal(q, k, v): the model's unmasked and causal attention over any leading
     dimensions, each returning (context vectors [..., t, Q] float32, log-sum-exp [..., t])."""
     B, H, T, Q = q_BxHxTxQ.shape
-    K = k_BxKxTxQ.shape[1]
+    K, constrain = k_BxKxTxQ.shape[1], layout.constrain
     C, c, P = context, T // (2 * context), 2 * context - 1
     own = ("batch", "heads", "length", None, None, "kv")  # [B, H, C, ..., c, Q], C over `context`
-    own_kv, whole_kv = ("batch", "kv_heads", "length", None, None, "kv"), ("batch", "kv_heads", None, None, None, "kv")
     on_devices = lambda x, logical: constrain(x.reshape(x.shape[0], x.shape[1], C, 2, c, Q), logical)
     heads = lambda x: x if K == H else constrain(jnp.repeat(x, H // K, axis=1), own)  # K -> H, locally
     on_devices_table = lambda table: constrain(jnp.asarray(table), ("length", None))  # row i on device i
@@ -89,14 +94,10 @@ def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, constrain, attend, causal, contex
     # Each device's key chunks: its full pairs' and then its own two (for the diagonal), taken from the
     # gathered keys in one gather, so that their gradients meet in one sum before it is split back.
     own_chunks_Cx2 = np.stack([np.arange(C), 2 * C - 1 - np.arange(C)], axis=1)
-    key_chunk_CxPp2 = on_devices_table(np.concatenate([key_chunk_CxP, own_chunks_Cx2], axis=1))
+    key_chunk_CxPp2 = np.concatenate([key_chunk_CxP, own_chunks_Cx2], axis=1)
     first_CxP = on_devices_table(first_CxP)
 
-    def in_position_order(x_BxKxTxQ):  # [B, K, 2C, c, Q]: chunk j holds positions j·c ... (j+1)·c - 1
-        x_BxKxCx2xcxQ = on_devices(x_BxKxTxQ, whole_kv)
-        return jnp.concatenate([x_BxKxCx2xcxQ[:, :, :, 0], x_BxKxCx2xcxQ[:, :, ::-1, 1]], axis=2)
-
-    taken = lambda x_BxKxTxQ: constrain(jnp.take(in_position_order(x_BxKxTxQ), key_chunk_CxPp2, axis=2), own_kv)
+    taken = _key_chunks(layout, key_chunk_CxPp2, c)
     k_BxHxCxPp2xcxQ, v_BxHxCxPp2xcxQ = heads(taken(k_BxKxTxQ)), heads(taken(v_BxKxTxQ))
     diagonal_ctx, diagonal_lse = causal(q_BxHxCx2xcxQ, k_BxHxCxPp2xcxQ[:, :, :, P:], v_BxHxCxPp2xcxQ[:, :, :, P:])
     k_BxHxCxPxcxQ, v_BxHxCxPxcxQ = k_BxHxCxPp2xcxQ[:, :, :, :P], v_BxHxCxPp2xcxQ[:, :, :, :P]
@@ -113,3 +114,43 @@ def attention(q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, constrain, attend, causal, contex
                        + weight_BxHxCx2xPp1xc[:, :, :, :, -1, :, None] * diagonal_ctx)
     return constrain(ctx_BxHxCx2xcxQ, own).reshape(B, H, T, Q)
 
+
+def _key_chunks(layout: Layout, key_chunk_CxN, c: int):
+    """x [B, K, T, Q] (T split over `context` in load-balanced order) -> [B, K, C, N, c, Q]: on
+    device i, the N chunks of c positions that row i of key_chunk_CxN names, in position order.
+    Each device gathers the whole sequence and takes its chunks; the backward sums each chunk's
+    gradient on its device, then reduce-scatters the sequence's back onto the devices. Both ways
+    written out, in a custom_vjp: JAX's transpose of the gather fails under 1F1B's vmaps, and so does
+    its check of the shard_maps, which nothing transposes."""
+    spec = lambda logical: without_unit_axes(layout.spec(logical), layout.mesh.shape)
+    x_spec, out_spec = spec(("batch", "kv_heads", "length", "kv")), spec(("batch", "kv_heads", "length", None, None, "kv"))
+    axes = x_spec[2]
+    table_spec = PartitionSpec(axes, None)  # row i on device i
+    on_devices = lambda f, in_spec, out_spec: shard_map(f, layout.mesh, (in_spec, table_spec), out_spec, checked=False)
+    C = len(key_chunk_CxN)
+
+    def in_position_order(x_bxkxTxQ):  # slot order (device j's chunks j and 2C-1-j) -> chunk order
+        x_bxkxCx2xcxQ = x_bxkxTxQ.reshape(*x_bxkxTxQ.shape[:2], C, 2, c, x_bxkxTxQ.shape[-1])
+        return jnp.concatenate([x_bxkxCx2xcxQ[:, :, :, 0], x_bxkxCx2xcxQ[:, :, ::-1, 1]], axis=2)
+
+    def take_mine(x_bxkxtxQ, mine_1xN):
+        x_bxkxTxQ = jax.lax.all_gather(x_bxkxtxQ, axes, axis=2, tiled=True)
+        return jnp.take(in_position_order(x_bxkxTxQ), mine_1xN[0], axis=2)[:, :, None]
+
+    def give_back(d_bxkx1xNxcxQ, mine_1xN):
+        b, k, _, N, _, Q = d_bxkx1xNxcxQ.shape
+        d_bxkx2CxcxQ = jnp.zeros((b, k, 2 * C, c, Q), d_bxkx1xNxcxQ.dtype).at[:, :, mine_1xN[0]].add(
+            d_bxkx1xNxcxQ[:, :, 0])
+        first, second = d_bxkx2CxcxQ[:, :, :C], d_bxkx2CxcxQ[:, :, C:][:, :, ::-1]  # back to slot order
+        d_bxkxTxQ = jnp.stack([first, second], axis=3).reshape(b, k, 2 * C * c, Q)
+        return jax.lax.psum_scatter(d_bxkxTxQ, axes, scatter_dimension=2, tiled=True)
+
+    @jax.custom_vjp
+    def chunks(x_BxKxTxQ):
+        return on_devices(take_mine, x_spec, out_spec)(x_BxKxTxQ, jnp.asarray(key_chunk_CxN))
+
+    def backward(_, d_BxKxCxNxcxQ):
+        return (on_devices(give_back, out_spec, x_spec)(d_BxKxCxNxcxQ, jnp.asarray(key_chunk_CxN)),)
+
+    chunks.defvjp(lambda x_BxKxTxQ: (chunks(x_BxKxTxQ), None), backward)
+    return chunks
