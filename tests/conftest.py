@@ -16,15 +16,17 @@ from agx.runtime import simulate_cpu_devices  # imports no JAX
 def fast_xla_flags() -> str:
     """The tests compile a few hundred programs and check numbers, not speed: backend optimisation
     off and, where this XLA has the flag, the CPU's loop fusion emitters in place of the MLIR ones
-    (a sharded tiny step built and ran in about two thirds of the time). XLA aborts on a flag it
-    does not know, so a probe process asks it, once per session (workers and subprocesses inherit
-    it)."""
+    (a sharded tiny step built and ran in about two thirds of the time); and the CPU scheduler that
+    reorders for concurrency off: a Llama FSDP step on 8 devices, loaded from the persistent
+    compilation cache, deadlocked in two collectives that devices entered in different orders (a
+    fresh compile of it ran; jax 0.10.2). XLA aborts on a flag it does not know, so a probe process
+    asks it, once per session (workers and subprocesses inherit it)."""
     if "AGX_TEST_XLA_FLAGS" not in os.environ:
         flags = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-        optional = "--xla_cpu_use_fusion_emitters=false"
-        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
-                               env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": optional})
-        flags += [optional] if probe.returncode == 0 else []
+        for optional in ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_enable_concurrency_optimized_scheduler=false"):
+            probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                                   env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": optional})
+            flags += [optional] if probe.returncode == 0 else []
         os.environ["AGX_TEST_XLA_FLAGS"] = " ".join(flags)
     return os.environ["AGX_TEST_XLA_FLAGS"]
 

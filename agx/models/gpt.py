@@ -45,12 +45,30 @@ def _zeros(axes: tuple):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
-    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
-    common = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=jnp.float32, name=name, scale_init=ones)
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(**common)
-    return nn.LayerNorm(use_bias=cfg.bias, bias_init=_zeros(("embed",)), **common)
+class _Norm(nn.Module):
+    """LayerNorm (GPT-3) or RMSNorm (Llama) of the residual stream, with flax's parameters (names,
+    shapes, axes, initial values) and float32 statistics; the scale and the bias are applied by the
+    layout's matmul and add, so that their gradients are reduced onto their shards by the
+    collectives meant (agx.parallel.weight_gradient)."""
+    cfg: ModelConfig
+    layout: Layout | None = None
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg, D = self.cfg, x_BxTxD.shape[-1]
+        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (D,),
+                             jnp.float32)
+        x_BxTxD = x_BxTxD.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            x_BxTxD = x_BxTxD - jnp.mean(x_BxTxD, axis=-1, keepdims=True)
+        normed_BxTxD = x_BxTxD * jax.lax.rsqrt(jnp.mean(x_BxTxD * x_BxTxD, axis=-1, keepdims=True) + cfg.norm_eps)
+        stream = ("batch", "act_length", "act_embed")
+        y_BxTxD = _matmul_of(self.layout)("xyd,d->xyd", normed_BxTxD.astype(cfg.dtype), scale_D, stream, ("embed",),
+                                          stream)
+        if cfg.norm == "layernorm" and cfg.bias:
+            y_BxTxD = _add_of(self.layout)(y_BxTxD, self.param("bias", _zeros(("embed",)), (D,), jnp.float32),
+                                           stream, ("embed",))
+        return y_BxTxD
 
 
 def _rotate(x_BxHxTxQ, pos_BxT, theta: float):
@@ -149,7 +167,9 @@ class Block(nn.Module):
         cfg = self.cfg
         kernel, bias = _Weights(features, std, axes, cfg.bias, name=name)((cfg.d_model,))
         y_BxTxN = _column_matmul(h_JxBxTxD, kernel, axes, cfg.dtype, self._matmul)
-        return checkpoint_name(y_BxTxN if bias is None else y_BxTxN + bias.astype(cfg.dtype), "projection")
+        if bias is not None:
+            y_BxTxN = _add_of(self.layout)(y_BxTxN, bias, ("batch", "length", *axes[1:]), axes[1:])
+        return checkpoint_name(y_BxTxN, "projection")
 
     def _row(self, x_BxTxN, name: str, std: float, axes: tuple):
         """A row-parallel projection [B, T, *ins] -> [B, T, D], ins[0] split over `tensor`: the sum of
@@ -159,7 +179,9 @@ class Block(nn.Module):
         J = 1 if self.layout is None else self.layout.tensor_stack()
         partials_JxBxTxD = _row_matmul(x_BxTxN, kernel, axes, J, cfg.dtype, self._matmul)
         y_BxTxD = partials_JxBxTxD[0] if self.layout is None else self.layout.scatter_sequence(partials_JxBxTxD)
-        return y_BxTxD if bias is None else y_BxTxD + bias.astype(cfg.dtype)
+        if bias is None:
+            return y_BxTxD
+        return _add_of(self.layout)(y_BxTxD, bias, ("batch", "act_length", "act_embed"), axes[-1:])
 
     def _project_qkv(self, h_BxTxD):
         """Queries [B, H, T, Q] and keys and values [B, K, T, Q] from the normed residual stream.
@@ -202,7 +224,8 @@ class Block(nn.Module):
                                          self._matmul)
         if cfg.bias:
             b_KxGp2xQ = jnp.concatenate([bq.reshape(K, G, Q), jnp.transpose(bkv, (1, 0, 2))], axis=1)
-            qkv_BxTxKxGp2xQ = qkv_BxTxKxGp2xQ + b_KxGp2xQ.astype(cfg.dtype)
+            qkv_BxTxKxGp2xQ = _add_of(self.layout)(qkv_BxTxKxGp2xQ, b_KxGp2xQ, ("batch", "length", "kv_heads", None, "kv"),
+                                                   ("kv_heads", None, "kv"))
         qkv_BxTxKxGp2xQ = checkpoint_name(qkv_BxTxKxGp2xQ, "projection")
         qkv_BxTxKxGp2xQ = self._constrain(qkv_BxTxKxGp2xQ, ("batch", "length", "kv_heads", None, "kv"))
         B, T = qkv_BxTxKxGp2xQ.shape[:2]
@@ -277,7 +300,7 @@ class Block(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
 
         # Attention: QKV column-parallel over heads, output projection row-parallel.
-        q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ = self._project_qkv(_norm(cfg, "ln_attn")(x_BxTxD))
+        q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ = self._project_qkv(_Norm(cfg, self.layout, name="ln_attn")(x_BxTxD))
         T = x_BxTxD.shape[1]
         if cache is None:
             pos_BxT = (jnp.arange(T) if positions_T is None else jnp.asarray(positions_T))[None]
@@ -309,7 +332,7 @@ class Block(nn.Module):
         x_BxTxD = self._constrain(x_BxTxD + self._dropout(attn_BxTxD), ("batch", "act_length", "act_embed"))
 
         # MLP: fc column-parallel, out row-parallel.
-        x_BxTxD = self._constrain(x_BxTxD + self._dropout(self._mlp(_norm(cfg, "ln_mlp")(x_BxTxD))),
+        x_BxTxD = self._constrain(x_BxTxD + self._dropout(self._mlp(_Norm(cfg, self.layout, name="ln_mlp")(x_BxTxD))),
                                   ("batch", "act_length", "act_embed"))
         return x_BxTxD if cache is None else (x_BxTxD, new_cache)
 
@@ -374,7 +397,7 @@ class GPT(nn.Module):
         else:
             kernel_DxV = _Weights((cfg.padded_vocab,), cfg.init_std, ("embed", "vocab"), False, name="lm_head")(
                 (cfg.d_model,))[0]
-        logits_BxTxV = _logits(cfg, _norm(cfg, "ln_f"), kernel_DxV, x_BxTxD, self.layout)
+        logits_BxTxV = _logits(cfg, _Norm(cfg, self.layout, name="ln_f"), kernel_DxV, x_BxTxD, self.layout)
         return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
     def _constrain(self, x, logical):
@@ -388,6 +411,11 @@ def _constrainer(layout: Layout | None):
 def _matmul_of(layout: Layout | None):
     """Layout.matmul, or a plain einsum without a layout."""
     return _einsum if layout is None else layout.matmul
+
+
+def _add_of(layout: Layout | None):
+    """Layout.add, or a plain sum (in x's dtype) without a layout."""
+    return (lambda x, b, *logical: x + b.astype(x.dtype)) if layout is None else layout.add
 
 
 def _positions_of(wpe_PxD, T: int, positions_T):
@@ -470,7 +498,7 @@ def embed_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, posit
 
 def head_fn(cfg: ModelConfig, layout: Layout | None):
     """(params, x_BxTxD) -> float32 logits over the padded vocabulary, as GPT.__call__ computes them."""
-    norm = _norm(cfg)
+    norm = _Norm(cfg, layout)
 
     def head(params, x_BxTxD):
         kernel_DxV = params["wte"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
@@ -493,8 +521,9 @@ def _embed(cfg: ModelConfig, table_VxD, pos_TxD, tokens_BxT, layout: Layout | No
     if layout is None:
         return jnp.take(table_VxD, tokens_BxT, axis=0) + (0 if pos_TxD is None else pos_TxD.astype(cfg.dtype))
     x_BxTxD = layout.lookup(table_VxD, tokens_BxT)
-    if pos_TxD is not None:
-        x_BxTxD = x_BxTxD + pos_TxD.astype(cfg.dtype)
+    if pos_TxD is not None:  # [T, D] when training, [B, T, D] when sampling
+        x_BxTxD = layout.add(x_BxTxD, pos_TxD, ("batch", "act_length", "act_embed"),
+                             ("pos", "embed") if pos_TxD.ndim == 2 else ("batch", "length", "embed"))
     return layout.constrain(x_BxTxD, ("batch", "act_length", "act_embed"))
 
 

@@ -166,6 +166,11 @@ class Layout:
         specs = (self.spec(x_logical), self.spec(w_logical), self.spec(y_logical))
         return weight_gradient.matmul(equation, x, w, *specs, self.mesh)
 
+    def add(self, x, b, x_logical: tuple, b_logical: tuple):
+        """x + b of an activation and a bias (or the positions), b's gradient reduced onto its shards
+        by the collectives meant (agx.parallel.weight_gradient)."""
+        return weight_gradient.add(x, b, self.spec(x_logical), self.spec(b_logical), self.mesh)
+
     def lookup(self, table_VxD, ids_BxT):
         """The embedding rows of `ids` [B, T]: [B, T, D]. By agx.parallel.vocab's lookup where the
         table's columns are split (FSDP, ZeRO-3) or the sequence is (sequence parallelism), and the

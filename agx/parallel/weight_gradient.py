@@ -1,4 +1,4 @@
-"""A matmul whose weight gradient is reduced by the collective meant: a reduce-scatter onto the
+"""A matmul, and a bias added, whose weight gradient is reduced by the collective meant: a reduce-scatter onto the
 weight's shards where data-parallel axes shard it (FSDP, ZeRO-3: Rajbhandari et al. 2020, sec. 5),
 an all-reduce only over the axes that split the batch or the sequence but keep the weight whole.
 
@@ -41,13 +41,10 @@ def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_
     ins, out = equation.split("->")
     x_letters, w_letters = ins.split(",")
     gradient_equation = f"{x_letters},{out}->{w_letters}"
-    scatters, sums = reduction
+    scatters = reduction[0]
 
     def local_gradient(x_local, dy_local):
-        dw = jnp.einsum(gradient_equation, x_local, dy_local, preferred_element_type=jnp.float32)
-        for dim, axes in scatters:
-            dw = jax.lax.psum_scatter(dw, axes, scatter_dimension=dim, tiled=True)
-        return jax.lax.psum(dw, sums) if sums else dw
+        return _reduce(jnp.einsum(gradient_equation, x_local, dy_local, preferred_element_type=jnp.float32), reduction)
 
     @jax.custom_vjp
     def product(x, w):
@@ -71,6 +68,38 @@ def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_
 
     product.defvjp(forward, backward)
     return product(x, w)
+
+
+def add(x, b, x_spec: PartitionSpec, b_spec: PartitionSpec, mesh: Mesh):
+    """x + b in x's dtype, b broadcast over x's leading dimensions, each laid out by its mesh spec;
+    b's gradient (the sum of x's over those dimensions and wherever they are split) reduced as this
+    file says: biases, and the learned positions, under FSDP and ZeRO-3."""
+    x_spec, b_spec = (without_unit_axes(s, mesh.shape) for s in (x_spec, b_spec))
+    letters, lead = "abcdefgh"[:x.ndim], x.ndim - b.ndim
+    reduction = _reduction(f"{letters},{letters[lead:]}->{letters}", b, x_spec, b_spec, x_spec, mesh)
+    if reduction is None:
+        return x + b.astype(x.dtype)
+
+    def local_gradient(dy_local):
+        return _reduce(jnp.sum(dy_local, axis=tuple(range(lead)), dtype=jnp.float32), reduction)
+
+    @jax.custom_vjp
+    def plus(x, b):
+        return x + b.astype(x.dtype)
+
+    def backward(_, dy):
+        return dy, shard_map(local_gradient, mesh, in_specs=(x_spec,), out_specs=b_spec)(dy).astype(b.dtype)
+
+    plus.defvjp(lambda x, b: (plus(x, b), None), backward)
+    return plus(x, b)
+
+
+def _reduce(dw, reduction: tuple):
+    """A device's partial weight gradient, reduce-scattered onto its shards and all-reduced (_reduction)."""
+    scatters, sums = reduction
+    for dim, axes in scatters:
+        dw = jax.lax.psum_scatter(dw, axes, scatter_dimension=dim, tiled=True)
+    return jax.lax.psum(dw, sums) if sums else dw
 
 
 def _reduction(equation, w, x_spec, w_spec, y_spec, mesh):

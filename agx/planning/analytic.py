@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec
 from agx.config import Config
 from agx.errors import UserError
 from agx.parallel.mesh import kv_heads_split, logical_rules
-from agx.parallel.padding import any_padded, stored_shapes
+from agx.parallel.padding import any_padded, axis_names, stored_shapes
 from agx.parallel.pipeline import Schedule
 from agx.parallel.zero import bytes_per_device
 from agx.training import accumulation
@@ -77,6 +77,26 @@ class StateShapes:
             count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
             self._counts[key] = count(stored.params), count(stored.params["layers"])
         return self._counts[key]
+
+    def data_split_bytes(self, cfg: Config, mesh_shape: dict, over_data: bool) -> dict:
+        """Float32 bytes per device of the parameters whole over the data-parallel axes, stored, by
+        (where: 'layers', 'positions' (learned) or 'rest', how: 'split' by the data-parallel axes (over `data` too where
+        over_data), 'whole' where no rule splits them (biases without an 'embed' axis), 'tensor'
+        where `tensor` does not split them either: each tensor rank's whole copy)."""
+        stored = self.stored(cfg, mesh_shape)
+        if isinstance(stored, str):
+            raise UserError(stored)
+        whole_mesh = {**mesh_shape, "data": 1, "fsdp": 1}
+        specs = jax.tree_util.tree_leaves(self._specs("params", over_data, cfg, mesh_shape),
+                                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+        out = {(where, how): 0 for where in ("layers", "positions", "rest") for how in ("split", "whole", "tensor")}
+        for (path, array), spec in zip(jax.tree_util.tree_leaves_with_path(stored.params), specs):
+            axes = {a for dim in spec for a in axis_names(dim)}
+            where = {"['layers']": "layers", "['wpe']": "positions"}.get(jax.tree_util.keystr(path[:1]), "rest")
+            nbytes = bytes_per_device([array], [spec], whole_mesh, "params", itemsize=4)
+            out[where, "split" if axes & {"fsdp", "data"} else "whole"] += nbytes
+            out[where, "tensor"] += 0 if "tensor" in axes else nbytes
+        return out
 
     def stored(self, cfg: Config, mesh_shape: dict):
         """The state at its stored shapes, padded for every layout of the weights, gradients and
@@ -194,32 +214,36 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     """The least each device must send per step for this layout (ring algorithms), by purpose."""
     m = cfg.model
     p, d, f, t = mesh_shape["pipeline"], mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
-    micro = cfg.train.microbatches
+    micro, C = cfg.train.microbatches, mesh_shape.get("context", 1)
     ring = lambda n: (n - 1) / n
-    # float32, per tensor rank, as stored (padded); each pipeline stage holds 1/p of the layers
-    num_params, layer_params = shapes.stored_param_counts(cfg, mesh_shape)
-    layer_weights = layer_params / p / t * 4
-    weights = layer_weights + (num_params - layer_params) / t * 4
+    layer_weights = shapes.stored_param_counts(cfg, mesh_shape)[1] / p / t * 4  # float32, a tensor rank's, stored
     compute = DTYPE_BYTES[m.dtype] / 4  # a weight is cast to the compute dtype on its shards, then gathered
     # layer passes per micro-batch, bubbles included (idle stages compute on zeros)
     passes = schedule.iterations / (schedule.repeats * schedule.microbatches) if schedule else 1
     out = {}
     gathered_over = f * (d if cfg.mesh.zero_stage == 3 else 1)
+    stored = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage == 3)  # the weights' layout
     if gathered_over > 1:  # a layer's weights are gathered in the forward and again in the backward,
         # every micro-batch (one gather serves a full recompute and the backward); the rest
         # (embeddings, final norm) once, and kept for the backward; in the compute dtype (ZeRO-3
-        # gathers mixed-precision training's 16-bit weights, Rajbhandari et al. 2020)
-        out["weight all-gather"] = micro * (2 * passes * layer_weights + (weights - layer_weights)) * compute * ring(
-            gathered_over)
+        # gathers mixed-precision training's 16-bit weights, Rajbhandari et al. 2020). What no rule
+        # splits over the data-parallel axes (biases without an 'embed' axis) is not gathered.
+        out["weight all-gather"] = micro * (2 * passes * stored["layers", "split"] + stored["rest", "split"]
+                                          + stored["positions", "split"]) * (
+            compute * ring(gathered_over))
     # Gradients (ZeRO, Rajbhandari et al. 2020, sec. 5): where they are sharded, their reduce-scatter
-    # is in the backward of every micro-batch (a micro-batch's full gradient is never held); data
-    # replicas keep theirs unreduced until one reduction a step (agx.parallel.data_parallel): under
-    # ZeRO-1 a reduce-scatter onto the optimizer's shards of each weight that `data` shards there
-    # (and an all-reduce of the rest, biases, which it does not), then an all-gather of the updated
-    # shards; under ZeRO-0 an all-reduce of everything.
+    # is in the backward of every micro-batch (a micro-batch's full gradient is never held), and an
+    # all-reduce of what the data-parallel axes do not split; data replicas keep theirs unreduced
+    # until one reduction a step (agx.parallel.data_parallel): under ZeRO-1 a reduce-scatter onto the
+    # optimizer's shards of each weight that `data` shards there (and an all-reduce of the rest,
+    # biases, which it does not), then an all-gather of the updated shards; under ZeRO-0 an
+    # all-reduce of everything.
     sharded_in_backward = f * (d if cfg.mesh.zero_stage >= 2 else 1)
     if sharded_in_backward > 1:
-        out["gradient reduce-scatter"] = micro * weights * ring(sharded_in_backward)
+        grads = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage >= 2)
+        total = lambda how: sum(grads[where, how] for where in ("layers", "positions", "rest"))
+        out["gradient reduce-scatter"] = micro * total("split") * ring(sharded_in_backward)
+        out["gradient all-reduce"] = micro * 2 * total("whole") * ring(sharded_in_backward)
     if cfg.mesh.zero_stage <= 2 and d > 1:
         whole = shapes.shard_bytes("params", False, cfg, mesh_shape, itemsize=4)  # per device, over fsdp
         split = 0  # of which the weights that ZeRO shards over data
@@ -233,10 +257,8 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
         # every stage: their gradients are summed over the stages once a step, an all-reduce of the
         # stored shard. (Megatron keeps them on the first and last stage and all-reduces a tied table
         # between the two: half these bytes, for p - 1 idle stages during the embedding and the head.)
-        norm = m.d_model * (2 if m.norm == "layernorm" and m.bias else 1)
-        tables = m.padded_vocab * m.d_model * (1 if m.tie_embeddings else 2) / t
-        outside = tables + (m.seq_len * m.d_model if m.position == "learned" else 0) + norm
-        out["embedding and LM-head gradient all-reduce"] = 2 * outside / gathered_over * 4 * ring(p)
+        outside = sum(stored[where, "split"] / gathered_over + stored[where, "whole"] for where in ("positions", "rest"))
+        out["embedding and LM-head gradient all-reduce"] = 2 * outside * ring(p)
     b = cfg.train.batch_size // micro // (d * f)
     activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch
     if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head
@@ -253,9 +275,19 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
             out["sequence-parallel reduce-scatter"] = ((5 if full else 4) * layers + 2 * micro) * activation * ring(t)
         else:
             out["tensor-parallel all-reduce"] = ((5 if full else 4) * layers + 2 * micro) * 2 * activation * ring(t)
+    if t > 1 and cfg.mesh.sequence_parallel:  # the weights that `tensor` does not split but that meet
+        # the sequence split over it (norms, the row-parallel biases) have their gradients summed
+        # over it, every micro-batch (Korthikanti et al. 2022, sec. 4.2.2; Megatron's all-reduce of
+        # the layer norms' gradients); the learned positions' gradient, each rank's own positions,
+        # is gathered
+        unsplit = (stored["layers", "tensor"] + stored["rest", "tensor"]) / gathered_over
+        out["sequence-parallel weight-gradient all-reduce"] = micro * 2 * unsplit * ring(t)
+        out["sequence-parallel position-gradient all-gather"] = micro * stored["positions", "tensor"] * ring(t)
+    if t > 1:  # the vocab-parallel cross-entropy's per-token maximum, target logit and sum of exponentials
+        # (Megatron's three all-reduces, Shoeybi et al. 2019, sec. 3), float32, for a device's tokens
+        out["cross-entropy statistics all-reduce"] = micro * 3 * b * m.seq_len / (C * p) * 4 * 2 * ring(t)
     if t > 1 and not kv_heads_split(m.kv_heads, t):
         out.update(whole_kv_gradient_bytes(cfg, b, t, micro * m.num_layers / p * passes))
-    C = mesh_shape.get("context", 1)
     if C > 1:  # agx.parallel.context: each layer gathers the KV heads' keys and values, [b, K, s, Q] each,
         # forward (again in the backward under full remat), and sums their gradients back onto their
         # devices; the weights, whole over `context`, have their gradients summed over it in the backward

@@ -40,7 +40,10 @@ PURPOSE_KIND = {"weight all-gather": "all-gather", "updated-weight all-gather": 
                 "KV-gradient all-gather": "all-gather", "gradient reduce-scatter": "reduce-scatter",
                 "tensor-parallel all-reduce": "all-reduce", "sequence-parallel all-gather": "all-gather",
                 "sequence-parallel reduce-scatter": "reduce-scatter", "KV-gradient all-reduce": "all-reduce",
-                "embedding and LM-head gradient all-reduce": "all-reduce", "pipeline send/receive": "collective-permute",
+                "embedding and LM-head gradient all-reduce": "all-reduce", "gradient all-reduce": "all-reduce",
+                "sequence-parallel weight-gradient all-reduce": "all-reduce",
+                "sequence-parallel position-gradient all-gather": "all-gather",
+                "cross-entropy statistics all-reduce": "all-reduce", "pipeline send/receive": "collective-permute",
                 "circular weight regrouping": "all-to-all", "context K/V all-gather": "all-gather",
                 "context K/V-gradient reduce-scatter": "reduce-scatter", "context gradient all-reduce": "all-reduce"}
 
