@@ -23,7 +23,8 @@ def fast_xla_flags() -> str:
     asks it, once per session (workers and subprocesses inherit it)."""
     if "AGX_TEST_XLA_FLAGS" not in os.environ:
         flags = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-        for optional in ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_enable_concurrency_optimized_scheduler=false"):
+        for optional in ("--xla_cpu_use_fusion_emitters=false",
+                         "--xla_cpu_enable_concurrency_optimized_scheduler=false"):
             probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
                                    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": optional})
             flags += [optional] if probe.returncode == 0 else []

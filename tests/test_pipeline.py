@@ -12,7 +12,7 @@ from conftest import (TINY, agx_train, assert_same_run, batch, env_for, llama_ti
                       run_steps, sets, tiny_config)
 
 from agx.parallel import pipeline
-from agx.parallel.batch import batch_sharding
+from agx.parallel.batch import batch_sharding, row_groups
 from agx.parallel.mesh import Layout, build_mesh, logical_rules
 from agx.planning.compiled import compile_step
 from agx.training.loop import Trainer
@@ -133,7 +133,7 @@ def _mlp_pipeline_temp_bytes(policy) -> tuple[int, dict]:
         return jax.lax.scan(layer, x_BxTxD, stack)[0]
 
     def loss(stack, x_BxTxD):
-        x_PxnxTxD = pipeline.stage_rows(x_BxTxD, 4, 1)
+        x_PxnxTxD = row_groups(x_BxTxD, 4, 1)
         return jnp.mean(pipeline.run(layers, stack, logical, x_PxnxTxD, schedule, layout.constrain, policy=policy) ** 2)
 
     keys = jax.random.split(jax.random.key(0), 3)

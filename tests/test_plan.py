@@ -49,9 +49,12 @@ def canonical(name: str) -> canonical_layouts.Measured:
     return canonical_layouts.measure(*canonical_layouts.LAYOUTS[name])
 
 
-def test_the_readmes_collectives_table_is_what_this_stack_compiles():
-    """Each canonical layout's compiled bytes by kind and their analytic minimum, as the README's
-    table for this stack (newest or xpu) gives them, within 1% or 0.01 MiB."""
+def test_every_canonical_layout_moves_the_minimum_of_each_collective_kind_as_the_readme_says():
+    """Each canonical layout's compiled bytes of each kind of collective are at most 1.1x their
+    analytic minimum (the issue's bar), and at least 0.95x of it: a minimum above what the compiler
+    found is a wrong minimum. Both up to 512 bytes: the loss and the gradient norm's partial sums,
+    which the minimum leaves out. And they are what the README's table for this stack (newest or
+    xpu) gives, within 1% or 0.01 MiB."""
     stack = "xpu" if jax.__version__ == "0.5.0" else "newest"
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme.split(f"<!-- collectives table, {stack} stack -->")[1].split("<!-- end of table -->")[0]
@@ -59,8 +62,14 @@ def test_the_readmes_collectives_table_is_what_this_stack_compiles():
                                                     for line in table.strip().splitlines()[2:])}
     assert list(documented) == list(canonical_layouts.LAYOUTS)
     numbers = lambda cells: [float(n) for cell in cells for n in cell.rstrip("×").split(" / ")]
+    scalars = 512
     for name in canonical_layouts.LAYOUTS:
-        row = canonical(name).row(name)
+        layout = canonical(name)
+        minimum = canonical_layouts.minimum_by_kind(layout.minimum)
+        for kind in canonical_layouts.KINDS:
+            compiled = layout.compiled.get(kind, {"bytes": 0})["bytes"]
+            assert 0.95 * minimum[kind] - scalars <= compiled <= 1.1 * minimum[kind] + scalars, (name, kind, minimum)
+        row = layout.row(name)
         assert numbers(documented[name]) == pytest.approx(numbers(row[1:]), rel=0.01, abs=0.01), (name, row)
 
 
@@ -89,17 +98,16 @@ def test_data_replicas_reduce_the_gradients_once_a_step_at_the_minimum(zero_stag
 def test_fsdp_and_sequence_parallel_reductions_are_reduce_scatters_on_a_backend_that_forms_none():
     """XLA's CPU backend turns no all-reduce into a reduce-scatter, so these are agx's own
     (agx.parallel.weight_gradient, .sequence, .vocab). FSDP: each micro-batch's weight gradients
-    are reduce-scattered, at the minimum but for the tied embedding, whose lookup and head reduce
-    their parts apart; all-reduces move only what `fsdp` does not shard (biases) or what XLA's norm
-    gradients leave whole (a few % of it); the lookup moves no all-to-all. Sequence parallelism: an
-    all-gather and a reduce-scatter for each of Megatron's all-reduces, and no all-reduce at all."""
+    are reduce-scattered, the tied embedding's once (its lookup and head add into one copy a
+    device); all-reduces move only what `fsdp` does not shard (biases without an `embed` axis) and
+    the loss; the lookup moves no all-to-all. Sequence parallelism: an all-gather and a
+    reduce-scatter for each of Megatron's all-reduces."""
     fsdp = canonical("fsdp=8, 4 micro-batches")
     minimum, compiled = canonical_layouts.minimum_by_kind(fsdp.minimum), fsdp.compiled
-    m = fsdp.cfg.model
-    tied_table = fsdp.cfg.train.microbatches * m.padded_vocab * m.d_model * 4 * 7 / 8
-    assert compiled["all-gather"]["bytes"] == pytest.approx(minimum["all-gather"], rel=0.05)
-    assert minimum["reduce-scatter"] <= compiled["reduce-scatter"]["bytes"] <= minimum["reduce-scatter"] + tied_table
-    assert compiled["all-reduce"]["bytes"] <= 0.05 * minimum["reduce-scatter"]
+    assert compiled["all-gather"]["bytes"] == pytest.approx(minimum["all-gather"], rel=0.01)
+    assert compiled["reduce-scatter"]["bytes"] == pytest.approx(minimum["reduce-scatter"], rel=0.001)
+    assert 0 < fsdp.minimum["gradient all-reduce"] <= compiled["all-reduce"]["bytes"] <= fsdp.minimum[
+        "gradient all-reduce"] + 512
     assert set(compiled) == {"all-gather", "reduce-scatter", "all-reduce"}
     sequence_parallel = canonical("tensor=8, sequence parallel")
     minimum = canonical_layouts.minimum_by_kind(sequence_parallel.minimum)

@@ -224,8 +224,8 @@ class Block(nn.Module):
                                          self._matmul)
         if cfg.bias:
             b_KxGp2xQ = jnp.concatenate([bq.reshape(K, G, Q), jnp.transpose(bkv, (1, 0, 2))], axis=1)
-            qkv_BxTxKxGp2xQ = _add_of(self.layout)(qkv_BxTxKxGp2xQ, b_KxGp2xQ, ("batch", "length", "kv_heads", None, "kv"),
-                                                   ("kv_heads", None, "kv"))
+            logical = ("batch", "length", "kv_heads", None, "kv")
+            qkv_BxTxKxGp2xQ = _add_of(self.layout)(qkv_BxTxKxGp2xQ, b_KxGp2xQ, logical, logical[2:])
         qkv_BxTxKxGp2xQ = checkpoint_name(qkv_BxTxKxGp2xQ, "projection")
         qkv_BxTxKxGp2xQ = self._constrain(qkv_BxTxKxGp2xQ, ("batch", "length", "kv_heads", None, "kv"))
         B, T = qkv_BxTxKxGp2xQ.shape[:2]
@@ -449,6 +449,15 @@ def stack_axes(cfg: ModelConfig):
     return nn.get_partition_spec(jax.eval_shape(lambda rng: _init_stack(cfg, rng), jax.random.key(0)))
 
 
+def outside_axes(cfg: ModelConfig) -> dict:
+    """The logical axes of the weights outside the layer stack (embeddings, final norm, LM head), as
+    PartitionSpecs, by name as in the parameters."""
+    init = lambda rng: GPT(cfg, None).init(rng, jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+    axes = dict(nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0))))
+    axes.pop("layers")
+    return axes
+
+
 def layer_fn(cfg: ModelConfig, layout: Layout | None, deterministic: bool, positions_T=None):
     """(params, x_BxTxD, rng) -> x_BxTxD: one layer of the stack, its activations checkpointed as
     model.remat says. rng: dropout's (a key), or anything when there is no dropout."""
@@ -529,9 +538,9 @@ def _embed(cfg: ModelConfig, table_VxD, pos_TxD, tokens_BxT, layout: Layout | No
 
 def _logits(cfg: ModelConfig, norm, kernel_DxV, x_BxTxD, layout: Layout | None):
     """The final norm and the vocab-parallel LM head. Where each device holds whole sequences in one
-    slice, one 2-D matmul: XLA's CPU backend then computes the weight gradient without a transposed copy of the [B·T, V] logit
-    gradient. Not where `context` splits the sequence: the rows of [B·T, D] cannot be split over
-    both the batch's axes and its, and XLA would gather them."""
+    slice, one 2-D matmul: XLA's CPU backend then computes the weight gradient without a transposed
+    copy of the [B·T, V] logit gradient. Not where `context` splits the sequence: the rows of
+    [B·T, D] cannot be split over both the batch's axes and its, and XLA would gather them."""
     constrain = _constrainer(layout)
     x_BxTxD = norm(constrain(x_BxTxD, ("batch", "act_length", "act_embed")))
     B, T, D = x_BxTxD.shape

@@ -123,7 +123,8 @@ def _key_chunks(layout: Layout, key_chunk_CxN, c: int):
     written out, in a custom_vjp: JAX's transpose of the gather fails under 1F1B's vmaps, and so does
     its check of the shard_maps, which nothing transposes."""
     spec = lambda logical: without_unit_axes(layout.spec(logical), layout.mesh.shape)
-    x_spec, out_spec = spec(("batch", "kv_heads", "length", "kv")), spec(("batch", "kv_heads", "length", None, None, "kv"))
+    x_spec = spec(("batch", "kv_heads", "length", "kv"))
+    out_spec = spec(("batch", "kv_heads", "length", None, None, "kv"))
     axes = x_spec[2]
     table_spec = PartitionSpec(axes, None)  # row i on device i
     on_devices = lambda f, in_spec, out_spec: shard_map(f, layout.mesh, (in_spec, table_spec), out_spec, checked=False)

@@ -137,6 +137,12 @@ class Layout:
         return dataclasses.replace(self, split_attention=None, rules=tuple(
             (name, keep(axes) if name in ("length", "act_length") else axes) for name, axes in self.rules))
 
+    def without(self, axes: tuple) -> Layout:
+        """This layout with `axes` taken out of every rule: the layout inside a vmap over them
+        (spmd_axis_name), which splits the vmapped dimension over them instead."""
+        drop = lambda names: tuple(a for a in axis_names(names) if a not in axes) or None
+        return dataclasses.replace(self, rules=tuple((name, drop(names)) for name, names in self.rules))
+
     def tensor_stack(self) -> int:
         """J: the stacked slices in which the model's tensor-parallel matmuls meet the residual
         stream. `tensor` where sequence parallelism splits the stream over it (agx.parallel.sequence),

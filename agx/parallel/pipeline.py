@@ -100,15 +100,6 @@ def stage_view(stack_LxW, logical_W, repeats: int, stages: int, constrain):
     return jax.tree_util.tree_unflatten(treedef, [view(w, tuple(s)) for w, s in zip(weights, specs)])
 
 
-def stage_rows(x_BxZ, stages: int, batch_split: int):
-    """The batch [B, ...] as each stage's rows [P, B/P, ...], split as the head and the embedding are
-    split over the stages: the batch's rows in S·P blocks, block (s, p) on stage p at place s, where
-    S = batch_split (Layout.batch_split) splits each stage's rows in turn. No row moves between devices."""
-    S, P = batch_split, stages
-    split_SxPxZ = x_BxZ.reshape(S, P, x_BxZ.shape[0] // (S * P), *x_BxZ.shape[1:])
-    return split_SxPxZ.swapaxes(0, 1).reshape(P, -1, *x_BxZ.shape[1:])
-
-
 def stage_copies(params, stages: int):
     """Each stage's own copy of `params`, [P, ...], for the embedding and the head that every stage
     runs on its rows: their gradients from all stages are summed once, over `pipeline`, where the
@@ -119,7 +110,7 @@ def stage_copies(params, stages: int):
 
 def run(stage_fn, stack_LxW, logical_W, x_PxnxTxD, schedule: Schedule, constrain, batch_split: int = 1, rng=None,
         policy=SAVE_STAGE_INPUTS, bubble_value: float = 0.0):
-    """The layer stack applied to each stage's rows x_PxnxTxD (stage_rows) by the pipeline; equal to
+    """The layer stack applied to each stage's rows x_PxnxTxD (agx.parallel.batch.row_groups) by the pipeline; equal to
     stage_fn(stack_LxW, x_BxTxD, rng) on the batch, and returned in the same rows [P, n, T, D].
 
     stage_fn(stack_lxW, x_bxTxD, rng) runs consecutive layers; logical_W holds each weight's logical

@@ -30,6 +30,7 @@ from agx.compat import shard_map
 from agx.parallel.padding import axis_names, without_unit_axes
 
 
+
 def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_spec: PartitionSpec, mesh: Mesh):
     """jnp.einsum(equation, x, w) ("X,W->Y", one letter per axis) in x's dtype, each operand laid
     out by its mesh spec; the weight gradient reduced as this file says."""
@@ -92,6 +93,55 @@ def add(x, b, x_spec: PartitionSpec, b_spec: PartitionSpec, mesh: Mesh):
 
     plus.defvjp(lambda x, b: (plus(x, b), None), backward)
     return plus(x, b)
+
+
+def gathered_copies(w, w_spec: PartitionSpec, axes: tuple, dtype, mesh: Mesh):
+    """w, split over the data-parallel `axes` as w_spec says, gathered whole over them in `dtype`:
+    one copy a device, [n, ...] with n on `axes`. For the weights that run beside the layers on the
+    same rows (a tied embedding's lookup and head, the positions, the final norm): each use adds its
+    gradient into the device's copy, where nothing is reduced, and the copies' gradient is reduced
+    once, in float32, by one reduce-scatter onto w's shards. Each of w's dimensions is split over
+    `axes` alone or not at all (copies_divide)."""
+    w_spec = without_unit_axes(w_spec, mesh.shape)
+    specs = [w_spec[d] if d < len(w_spec) else None for d in range(w.ndim)]
+    gathered = [(d, axis_names(a)) for d, a in enumerate(specs) if set(axis_names(a)) & set(axes)]
+    copy_spec = PartitionSpec(axes, *(None if (d, axis_names(a)) in gathered else a for d, a in enumerate(specs)))
+
+    def gather(w_local):
+        w_local = w_local.astype(dtype)
+        for d, over in gathered:
+            w_local = jax.lax.all_gather(w_local, over, axis=d, tiled=True)
+        return w_local[None]
+
+    def scatter(d_copy):
+        d_local = d_copy[0].astype(jnp.float32)
+        for d, over in gathered:
+            d_local = jax.lax.psum_scatter(d_local, over, scatter_dimension=d, tiled=True)
+        return d_local
+
+    # Both ways written out, and unchecked (nothing transposes them): JAX's transpose of the gather
+    # would reduce in the copies' dtype.
+    on_devices = lambda f, in_spec, out_spec: shard_map(f, mesh, (in_spec,), out_spec, checked=False)
+
+    @jax.custom_vjp
+    def copies(w):
+        return on_devices(gather, w_spec, copy_spec)(w)
+
+    def backward(_, d_copies):
+        return (on_devices(scatter, copy_spec, w_spec)(d_copies).astype(w.dtype),)
+
+    copies.defvjp(lambda w: (copies(w), None), backward)
+    return copies(w)
+
+
+def copies_divide(w_shape: tuple, w_spec: PartitionSpec, axes: tuple, mesh: Mesh) -> bool:
+    """Whether gathered_copies can hold w: each dimension split over `axes` alone, or not by them,
+    and divided by its axes."""
+    for d, n in enumerate(w_shape):
+        over = axis_names(w_spec[d] if d < len(w_spec) else None)
+        if set(over) & set(axes) and not set(over) <= set(axes) or n % math.prod(mesh.shape[a] for a in over):
+            return False
+    return True
 
 
 def _reduce(dw, reduction: tuple):

@@ -225,12 +225,13 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     stored = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage == 3)  # the weights' layout
     if gathered_over > 1:  # a layer's weights are gathered in the forward and again in the backward,
         # every micro-batch (one gather serves a full recompute and the backward); the rest
-        # (embeddings, final norm) once, and kept for the backward; in the compute dtype (ZeRO-3
+        # (embeddings, final norm) once a step, one copy a device that every micro-batch's lookup
+        # and head use (agx.parallel.weight_gradient.gathered_copies); in the compute dtype (ZeRO-3
         # gathers mixed-precision training's 16-bit weights, Rajbhandari et al. 2020). What no rule
         # splits over the data-parallel axes (biases without an 'embed' axis) is not gathered.
-        out["weight all-gather"] = micro * (2 * passes * stored["layers", "split"] + stored["rest", "split"]
-                                          + stored["positions", "split"]) * (
-            compute * ring(gathered_over))
+        rest = stored["rest", "split"] + stored["positions", "split"]
+        out["weight all-gather"] = (2 * passes * micro * stored["layers", "split"] + rest) * compute * ring(
+            gathered_over)
     # Gradients (ZeRO, Rajbhandari et al. 2020, sec. 5): where they are sharded, their reduce-scatter
     # is in the backward of every micro-batch (a micro-batch's full gradient is never held), and an
     # all-reduce of what the data-parallel axes do not split; data replicas keep theirs unreduced
@@ -257,7 +258,8 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
         # every stage: their gradients are summed over the stages once a step, an all-reduce of the
         # stored shard. (Megatron keeps them on the first and last stage and all-reduces a tied table
         # between the two: half these bytes, for p - 1 idle stages during the embedding and the head.)
-        outside = sum(stored[where, "split"] / gathered_over + stored[where, "whole"] for where in ("positions", "rest"))
+        outside = sum(stored[where, "split"] / gathered_over + stored[where, "whole"]
+                      for where in ("positions", "rest"))
         out["embedding and LM-head gradient all-reduce"] = 2 * outside * ring(p)
     b = cfg.train.batch_size // micro // (d * f)
     activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch

@@ -4,6 +4,8 @@ norm is not finite changes nothing but the step counters (Megatron's skipped ite
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,11 +17,13 @@ from agx.models.attention_choice import for_device
 from agx.models.gpt import GPT
 from agx.models.loss import cross_entropy
 from agx.parallel import one_f_one_b, pipeline
-from agx.parallel.batch import batch_sharding, split_microbatches
+from agx.parallel.batch import batch_sharding, row_groups, rows_of_groups, split_microbatches
 from agx.parallel.context import check_divides, load_balanced_order, reorder
 from agx.parallel.data_parallel import per_replica, reduce_replicas, replica_layout, replica_shardings, replicas
 from agx.parallel.mesh import BATCH_AXES, Layout
+from agx.parallel.padding import axis_names
 from agx.parallel.pipeline import Schedule, plan_schedule
+from agx.parallel.weight_gradient import copies_divide, gathered_copies
 from agx.parallel.zero import replicated
 from agx.training import accumulation
 from agx.training.optimizer import AdamW
@@ -48,6 +52,11 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     loss = lambda logits_BxTxV, targets_BxT: cross_entropy(logits_BxTxV, targets_BxT, m.vocab_size)
     stack_logical = gpt.stack_axes(m) if schedule else None  # traced once here, not in every trace of loss_fn
 
+    # the weights outside the layers, where the batch's axes split them and no pipeline runs: gathered
+    # into one copy a device for the embedding and the head (weight_gradient.gathered_copies)
+    copy_axes = tuple(a for a in axis_names(dict(layout.rules)["embed"]) if layout.mesh.shape[a] > 1)
+    outside_logical = gpt.outside_axes(m) if copy_axes and not schedule else None
+
     def loss_fn(params, tokens_BxT1, rng, layer_grad_sum=None):
         """layer_grad_sum: where the step accumulates into the layers' gradient sum in the backward
         (agx.training.accumulation), the sum so far; the layers' gradient then includes it."""
@@ -55,12 +64,16 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
         if C > 1:  # each device's positions together: the loss is a mean over all of them, in any order
             in_order = lambda x_BxT: layout.constrain(reorder(x_BxT, C), ("batch", "length"))
             tokens_BxT, targets_BxT = in_order(tokens_BxT), in_order(targets_BxT)
-        if schedule is None and layer_grad_sum is None:
-            logits_BxTxV = GPT(m, layout).apply({"params": params}, tokens_BxT, deterministic=not dropout,
-                                                positions_T=positions_T, rngs={"dropout": rng} if dropout else None)
-            return loss(logits_BxTxV, targets_BxT)
         params = dict(params)
         stack_LxW = params.pop("layers")
+        copied = outside_logical is not None and all(
+            copies_divide(w.shape, layout.spec(tuple(logical)), copy_axes, layout.mesh)
+            for w, logical in zip(jax.tree_util.tree_leaves(params), _leaves(outside_logical)))
+        if schedule is None and layer_grad_sum is None and not copied:
+            logits_BxTxV = GPT(m, layout).apply({"params": {**params, "layers": stack_LxW}}, tokens_BxT,
+                                                deterministic=not dropout, positions_T=positions_T,
+                                                rngs={"dropout": rng} if dropout else None)
+            return loss(logits_BxTxV, targets_BxT)
         if train and schedule and schedule.one_f_one_b:  # the embedding and the head run inside its loop
             layers = gpt.layers_fn(m, layout, not dropout, positions_T)
             embed, head = gpt.embed_fn(m, None, True, positions_T), gpt.head_fn(m, None)  # unconstrained
@@ -68,26 +81,52 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
                                     lambda p, y, t: loss(head(p, y), t), params, stack_LxW, stack_logical,
                                     tokens_BxT, targets_BxT, schedule, layout.constrain)
         embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
-        embed, head = gpt.embed_fn(m, layout, not dropout, positions_T), gpt.head_fn(m, layout)
-        if schedule is None:
-            x_BxTxD = embed(params, tokens_BxT, embed_rng)
-            rngs_L = gpt.layer_rngs(m, not dropout, layers_rng, m.num_layers)
-            y_BxTxD = accumulation.run_layers_into(gpt.layer_fn(m, layout, not dropout, positions_T), stack_LxW,
-                                                   layer_grad_sum, x_BxTxD, rngs_L, m.scan_unroll)
-            return loss(head(params, y_BxTxD), targets_BxT)
-        # Every stage embeds, and runs the head and the loss on, its own rows of the batch, with its
-        # own copy of the weights outside the layers (pipeline.stage_copies)
-        P, S = schedule.stages, layout.batch_split()
-        rows = lambda x_BxT: layout.constrain(pipeline.stage_rows(x_BxT, P, S), ("stage", "batch", "length"))
-        on_stages = lambda f, *in_axes: jax.vmap(f, in_axes=in_axes or 0, spmd_axis_name="pipeline")
-        copies = pipeline.stage_copies(params, P)
-        embed_rngs = jax.random.split(embed_rng, P) if dropout else None
-        x_PxnxTxD = on_stages(embed, 0, 0, 0 if dropout else None)(copies, rows(tokens_BxT), embed_rngs)
-        y_PxnxTxD = pipeline.run(gpt.layers_fn(m, layout, not dropout, positions_T), stack_LxW, stack_logical,
-                                 x_PxnxTxD, schedule, layout.constrain, S, layers_rng, bubble_value=bubble_value)
-        return on_stages(lambda p, y, t: loss(head(p, y), t))(copies, y_PxnxTxD, rows(targets_BxT)).mean()
+        if schedule is None and not copied:
+            x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
+            y_BxTxD = run_layers(x_BxTxD, stack_LxW, layers_rng, layer_grad_sum)
+            return loss(gpt.head_fn(m, layout)(params, y_BxTxD), targets_BxT)
+        # The embedding and the head run in groups of the batch's rows, each group with its own copy of
+        # the weights outside the layers, whose gradients from every group are summed once: one group a
+        # pipeline stage (pipeline.stage_copies), or one a device of the batch's axes (copy_axes)
+        if schedule:
+            axes, G, inner, copies = "pipeline", schedule.stages, layout, pipeline.stage_copies(params, schedule.stages)
+            S = layout.batch_split()
+        else:
+            axes, inner = copy_axes, layout.without(copy_axes)
+            G, S = math.prod(layout.mesh.shape[a] for a in axes), layout.batch_split() // math.prod(
+                layout.mesh.shape[a] for a in axes)
+            copies = jax.tree_util.tree_map(lambda w, logical: gathered_copies(
+                w, layout.spec(tuple(logical)), axes, m.dtype, layout.mesh), params, outside_logical)
+        groups = lambda x_BxZ, logical: jax.lax.with_sharding_constraint(
+            row_groups(x_BxZ, G, S), NamedSharding(layout.mesh, PartitionSpec(axes, *inner.spec(logical))))
+        on_groups = lambda f, *in_axes: jax.vmap(f, in_axes=in_axes or 0, spmd_axis_name=axes)
+        embed_rngs = jax.random.split(embed_rng, G) if dropout else None
+        x_GxnxTxD = on_groups(gpt.embed_fn(m, inner, not dropout, positions_T), 0, 0, 0 if dropout else None)(
+            copies, groups(tokens_BxT, ("batch", "length")), embed_rngs)
+        if schedule:
+            y_GxnxTxD = pipeline.run(gpt.layers_fn(m, layout, not dropout, positions_T), stack_LxW, stack_logical,
+                                     x_GxnxTxD, schedule, layout.constrain, S, layers_rng, bubble_value=bubble_value)
+        else:
+            x_BxTxD = layout.constrain(rows_of_groups(x_GxnxTxD, S), ("batch", "act_length", "act_embed"))
+            y_GxnxTxD = groups(run_layers(x_BxTxD, stack_LxW, layers_rng, layer_grad_sum),
+                               ("batch", "act_length", "act_embed"))
+        head = gpt.head_fn(m, inner)
+        return on_groups(lambda p, y, t: loss(head(p, y), t))(copies, y_GxnxTxD,
+                                                               groups(targets_BxT, ("batch", "length"))).mean()
+
+    def run_layers(x_BxTxD, stack_LxW, rng, layer_grad_sum):
+        """The layers in the model's own loop; their gradients added into layer_grad_sum where given."""
+        if layer_grad_sum is None:
+            return gpt.layers_fn(m, layout, not dropout, positions_T)(stack_LxW, x_BxTxD, rng)
+        rngs_L = gpt.layer_rngs(m, not dropout, rng, m.num_layers)
+        return accumulation.run_layers_into(gpt.layer_fn(m, layout, not dropout, positions_T), stack_LxW,
+                                            layer_grad_sum, x_BxTxD, rngs_L, m.scan_unroll)
 
     return loss_fn
+
+
+def _leaves(logical_tree) -> list:
+    return jax.tree_util.tree_leaves(logical_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def make_eval_step(cfg: Config, plan: StatePlan, mesh: Mesh, schedule: Schedule | None):
