@@ -61,9 +61,9 @@ def report(plan, system) -> str:
                  (f"{_gib(compiled.memory['total']):>16}" if compiled else ""))
     lines.append("  collectives per device per step (analytic minimum):")
     for purpose, n in plan.collectives.items() or {"none": 0}.items():
-        lines.append(f"    {purpose:<36}{_gib(n):>16}")
+        lines.append(f"    {purpose:<48}{_gib(n):>16}")
     if compiled:
-        from agx.planning.canonical import minimum_by_kind
+        from agx.planning.analytic import minimum_by_kind
 
         minimum = minimum_by_kind(plan.collectives)
         lines.append(f"  collectives in the compiled step (compiled on {compiled.devices} devices{compiled.note}),"

@@ -32,9 +32,36 @@ from agx.parallel.mesh import kv_heads_split, logical_rules
 from agx.parallel.padding import any_padded, axis_names, stored_shapes
 from agx.parallel.pipeline import Schedule
 from agx.parallel.zero import bytes_per_device
+from agx.planning.compiled import KINDS
 from agx.training import accumulation
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# What each purpose of the analytic minimum moves as, on a backend that forms every collective meant
+PURPOSE_KIND = {"weight all-gather": "all-gather", "updated-weight all-gather": "all-gather",
+                "KV-gradient all-gather": "all-gather", "gradient reduce-scatter": "reduce-scatter",
+                "tensor-parallel all-reduce": "all-reduce", "sequence-parallel all-gather": "all-gather",
+                "sequence-parallel reduce-scatter": "reduce-scatter", "KV-gradient all-reduce": "all-reduce",
+                "embedding and LM-head gradient all-reduce": "all-reduce", "gradient all-reduce": "all-reduce",
+                "sequence-parallel weight-gradient all-reduce": "all-reduce",
+                "sequence-parallel position-gradient all-gather": "all-gather",
+                "cross-entropy statistics all-reduce": "all-reduce", "pipeline send/receive": "collective-permute",
+                "circular weight regrouping": "all-to-all", "context K/V all-gather": "all-gather",
+                "context K/V-gradient reduce-scatter": "reduce-scatter", "context gradient all-reduce": "all-reduce"}
+
+
+def minimum_by_kind(minimum: dict) -> dict:
+    """The analytic minimum (by purpose) by kind. ZeRO-1's one gradient reduction a step is a
+    reduce-scatter onto the optimizer's shards, of the bytes the updated shards' all-gather moves
+    back, and an all-reduce of the rest (the weights ZeRO-1 keeps whole); ZeRO-0's is an all-reduce."""
+    out = dict.fromkeys(KINDS, 0)
+    for purpose, n in minimum.items():
+        if purpose != "gradient reduction":
+            out[PURPOSE_KIND[purpose]] += n
+    if "gradient reduction" in minimum:
+        scattered = minimum.get("updated-weight all-gather", 0)
+        out["reduce-scatter"] += scattered
+        out["all-reduce"] += minimum["gradient reduction"] - scattered
+    return out
 
 
 class StateShapes:

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 
 from agx.config import Config
+from agx.planning.analytic import minimum_by_kind
+from agx.planning.compiled import KINDS
 
 SMALL = ["model.num_layers=2", "model.d_model=256", "model.num_heads=8", "model.seq_len=128", "model.vocab_size=1024",
          "train.batch_size=32", "model.dtype=float32", "model.scan_unroll=1"]
@@ -34,35 +36,6 @@ LAYOUTS = {
         "gpt3_tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.zero_stage=3", "train.microbatches=4"]),
     "Llama GQA (8 heads, 2 KV), context=4 × data=2": ("llama_tiny", ["mesh.data=2", "mesh.context=4"]),
 }
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-# What each purpose of the analytic minimum moves as, on a backend that forms every collective meant
-PURPOSE_KIND = {"weight all-gather": "all-gather", "updated-weight all-gather": "all-gather",
-                "KV-gradient all-gather": "all-gather", "gradient reduce-scatter": "reduce-scatter",
-                "tensor-parallel all-reduce": "all-reduce", "sequence-parallel all-gather": "all-gather",
-                "sequence-parallel reduce-scatter": "reduce-scatter", "KV-gradient all-reduce": "all-reduce",
-                "embedding and LM-head gradient all-reduce": "all-reduce", "gradient all-reduce": "all-reduce",
-                "sequence-parallel weight-gradient all-reduce": "all-reduce",
-                "sequence-parallel position-gradient all-gather": "all-gather",
-                "cross-entropy statistics all-reduce": "all-reduce", "pipeline send/receive": "collective-permute",
-                "circular weight regrouping": "all-to-all", "context K/V all-gather": "all-gather",
-                "context K/V-gradient reduce-scatter": "reduce-scatter", "context gradient all-reduce": "all-reduce"}
-
-
-def minimum_by_kind(minimum: dict) -> dict:
-    """The analytic minimum (by purpose) by kind. ZeRO-1's one gradient reduction a step is a
-    reduce-scatter onto the optimizer's shards, of the bytes the updated shards' all-gather moves
-    back, and an all-reduce of the rest (the weights ZeRO-1 keeps whole); ZeRO-0's is an all-reduce."""
-    out = dict.fromkeys(KINDS, 0)
-    for purpose, n in minimum.items():
-        if purpose != "gradient reduction":
-            out[PURPOSE_KIND[purpose]] += n
-    if "gradient reduction" in minimum:
-        scattered = minimum.get("updated-weight all-gather", 0)
-        out["reduce-scatter"] += scattered
-        out["all-reduce"] += minimum["gradient reduction"] - scattered
-    return out
-
-
 @dataclass
 class Measured:
     cfg: Config
