@@ -97,8 +97,8 @@ def attention(layout: Layout, q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, attend, causal, c
     key_chunk_CxPp2 = np.concatenate([key_chunk_CxP, own_chunks_Cx2], axis=1)
     first_CxP = on_devices_table(first_CxP)
 
-    taken = _key_chunks(layout, key_chunk_CxPp2, c)
-    k_BxHxCxPp2xcxQ, v_BxHxCxPp2xcxQ = heads(taken(k_BxKxTxQ)), heads(taken(v_BxKxTxQ))
+    kv_2xBxKxCxPp2xcxQ = _key_chunks(layout, key_chunk_CxPp2, c)(jnp.stack([k_BxKxTxQ, v_BxKxTxQ]))
+    k_BxHxCxPp2xcxQ, v_BxHxCxPp2xcxQ = heads(kv_2xBxKxCxPp2xcxQ[0]), heads(kv_2xBxKxCxPp2xcxQ[1])
     diagonal_ctx, diagonal_lse = causal(q_BxHxCx2xcxQ, k_BxHxCxPp2xcxQ[:, :, :, P:], v_BxHxCxPp2xcxQ[:, :, :, P:])
     k_BxHxCxPxcxQ, v_BxHxCxPxcxQ = k_BxHxCxPp2xcxQ[:, :, :, :P], v_BxHxCxPp2xcxQ[:, :, :, :P]
     q_BxHxCxPxcxQ = jnp.where(first_CxP[:, :, None, None], q_BxHxCx2xcxQ[:, :, :, :1], q_BxHxCx2xcxQ[:, :, :, 1:])
@@ -116,42 +116,43 @@ def attention(layout: Layout, q_BxHxTxQ, k_BxKxTxQ, v_BxKxTxQ, attend, causal, c
 
 
 def _key_chunks(layout: Layout, key_chunk_CxN, c: int):
-    """x [B, K, T, Q] (T split over `context` in load-balanced order) -> [B, K, C, N, c, Q]: on
-    device i, the N chunks of c positions that row i of key_chunk_CxN names, in position order.
-    Each device gathers the whole sequence and takes its chunks; the backward sums each chunk's
-    gradient on its device, then reduce-scatters the sequence's back onto the devices. Both ways
-    written out, in a custom_vjp: JAX's transpose of the gather fails under 1F1B's vmaps, and so does
-    its check of the shard_maps, which nothing transposes."""
+    """x [2, B, K, T, Q], keys and values (T split over `context` in load-balanced order) ->
+    [2, B, K, C, N, c, Q]: on device i, the N chunks of c positions that row i of key_chunk_CxN
+    names, in position order. Each device gathers the whole sequence and takes its chunks; the
+    backward sums each chunk's gradient on its device, then reduce-scatters the sequence's back onto
+    the devices. Keys and values go together: one collective each way, never two that devices could
+    enter in different orders. Both ways written out, in a custom_vjp: JAX's transpose of the gather
+    fails under 1F1B's vmaps, and so does its check of the shard_maps, which nothing transposes."""
     spec = lambda logical: without_unit_axes(layout.spec(logical), layout.mesh.shape)
-    x_spec = spec(("batch", "kv_heads", "length", "kv"))
-    out_spec = spec(("batch", "kv_heads", "length", None, None, "kv"))
-    axes = x_spec[2]
+    x_spec = spec((None, "batch", "kv_heads", "length", "kv"))
+    out_spec = spec((None, "batch", "kv_heads", "length", None, None, "kv"))
+    axes = x_spec[3]
     table_spec = PartitionSpec(axes, None)  # row i on device i
     on_devices = lambda f, in_spec, out_spec: shard_map(f, layout.mesh, (in_spec, table_spec), out_spec, checked=False)
     C = len(key_chunk_CxN)
 
-    def in_position_order(x_bxkxTxQ):  # slot order (device j's chunks j and 2C-1-j) -> chunk order
-        x_bxkxCx2xcxQ = x_bxkxTxQ.reshape(*x_bxkxTxQ.shape[:2], C, 2, c, x_bxkxTxQ.shape[-1])
-        return jnp.concatenate([x_bxkxCx2xcxQ[:, :, :, 0], x_bxkxCx2xcxQ[:, :, ::-1, 1]], axis=2)
+    def in_position_order(x_2xbxkxTxQ):  # slot order (device j's chunks j and 2C-1-j) -> chunk order
+        x_2xbxkxCx2xcxQ = x_2xbxkxTxQ.reshape(*x_2xbxkxTxQ.shape[:3], C, 2, c, x_2xbxkxTxQ.shape[-1])
+        return jnp.concatenate([x_2xbxkxCx2xcxQ[:, :, :, :, 0], x_2xbxkxCx2xcxQ[:, :, :, ::-1, 1]], axis=3)
 
-    def take_mine(x_bxkxtxQ, mine_1xN):
-        x_bxkxTxQ = jax.lax.all_gather(x_bxkxtxQ, axes, axis=2, tiled=True)
-        return jnp.take(in_position_order(x_bxkxTxQ), mine_1xN[0], axis=2)[:, :, None]
+    def take_mine(x_2xbxkxtxQ, mine_1xN):
+        x_2xbxkxTxQ = jax.lax.all_gather(x_2xbxkxtxQ, axes, axis=3, tiled=True)
+        return jnp.take(in_position_order(x_2xbxkxTxQ), mine_1xN[0], axis=3)[:, :, :, None]
 
-    def give_back(d_bxkx1xNxcxQ, mine_1xN):
-        b, k, _, N, _, Q = d_bxkx1xNxcxQ.shape
-        d_bxkx2CxcxQ = jnp.zeros((b, k, 2 * C, c, Q), d_bxkx1xNxcxQ.dtype).at[:, :, mine_1xN[0]].add(
-            d_bxkx1xNxcxQ[:, :, 0])
-        first, second = d_bxkx2CxcxQ[:, :, :C], d_bxkx2CxcxQ[:, :, C:][:, :, ::-1]  # back to slot order
-        d_bxkxTxQ = jnp.stack([first, second], axis=3).reshape(b, k, 2 * C * c, Q)
-        return jax.lax.psum_scatter(d_bxkxTxQ, axes, scatter_dimension=2, tiled=True)
+    def give_back(d_2xbxkx1xNxcxQ, mine_1xN):
+        _, b, k, _, N, _, Q = d_2xbxkx1xNxcxQ.shape
+        d_2xbxkx2CxcxQ = jnp.zeros((2, b, k, 2 * C, c, Q), d_2xbxkx1xNxcxQ.dtype).at[:, :, :, mine_1xN[0]].add(
+            d_2xbxkx1xNxcxQ[:, :, :, 0])
+        first, second = d_2xbxkx2CxcxQ[:, :, :, :C], d_2xbxkx2CxcxQ[:, :, :, C:][:, :, :, ::-1]  # slot order
+        d_2xbxkxTxQ = jnp.stack([first, second], axis=4).reshape(2, b, k, 2 * C * c, Q)
+        return jax.lax.psum_scatter(d_2xbxkxTxQ, axes, scatter_dimension=3, tiled=True)
 
     @jax.custom_vjp
-    def chunks(x_BxKxTxQ):
-        return on_devices(take_mine, x_spec, out_spec)(x_BxKxTxQ, jnp.asarray(key_chunk_CxN))
+    def chunks(x_2xBxKxTxQ):
+        return on_devices(take_mine, x_spec, out_spec)(x_2xBxKxTxQ, jnp.asarray(key_chunk_CxN))
 
-    def backward(_, d_BxKxCxNxcxQ):
-        return (on_devices(give_back, out_spec, x_spec)(d_BxKxCxNxcxQ, jnp.asarray(key_chunk_CxN)),)
+    def backward(_, d_2xBxKxCxNxcxQ):
+        return (on_devices(give_back, out_spec, x_spec)(d_2xBxKxCxNxcxQ, jnp.asarray(key_chunk_CxN)),)
 
-    chunks.defvjp(lambda x_BxKxTxQ: (chunks(x_BxKxTxQ), None), backward)
+    chunks.defvjp(lambda x_2xBxKxTxQ: (chunks(x_2xBxKxTxQ), None), backward)
     return chunks
