@@ -93,8 +93,8 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
             S = layout.batch_split()
         else:
             axes, inner = copy_axes, layout.without(copy_axes)
-            G, S = math.prod(layout.mesh.shape[a] for a in axes), layout.batch_split() // math.prod(
-                layout.mesh.shape[a] for a in axes)
+            G = math.prod(layout.mesh.shape[a] for a in axes)
+            S = layout.batch_split() // G
             copies = jax.tree_util.tree_map(lambda w, logical: gathered_copies(
                 w, layout.spec(tuple(logical)), axes, m.dtype, layout.mesh), params, outside_logical)
         groups = lambda x_BxZ, logical: jax.lax.with_sharding_constraint(
