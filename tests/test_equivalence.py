@@ -27,8 +27,11 @@ def with_mesh(arch, mesh_name, zero_stage, **kwargs):
     return cfg
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("mesh", MESHES)
+# Every ZeRO stage where `data` splits the batch. ZeRO shards over `data` alone: on fsdp8 and tensor8
+# (data=1) stages 1 and 2 compile to the program of stage 0, the same HLO (stage 3 orders the axes
+# of 'embed' otherwise).
+@pytest.mark.parametrize("mesh,zero_stage", [(mesh, zero) for mesh in ("data8", "2x2x2") for zero in range(4)]
+                         + [(mesh, zero) for mesh in ("fsdp8", "tensor8") for zero in (0, 3)])
 def test_layout_matches_single_device(arch, mesh, zero_stage, corpus, reference):
     assert_same_run(run_steps(with_mesh(arch, mesh, zero_stage), corpus, jax.devices()), reference)
 

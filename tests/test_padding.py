@@ -132,19 +132,31 @@ def test_checkpoints_move_between_paddings(source, targets, corpus, tmp_path):
         assert step == 1 and loss == pytest.approx(losses[1], rel=2e-5), target
 
 
-def test_fsdp_over_3_gathers_no_more_than_the_padded_weights():
-    """d_model 256 over fsdp=3 is stored as 258: the compiled step's weight all-gathers are the
-    analytic minimum for the padded shapes, within 5%."""
+@pytest.mark.parametrize("mesh", [{"fsdp": 3}, {"data": 3, "fsdp": 2, "zero_stage": 3}])
+def test_padded_layouts_move_the_minimum_of_each_collective_kind_for_the_padded_weights(mesh):
+    """d_model 256 over 3 or 6 devices is stored as 258: the compiled step, accumulating 2
+    micro-batches into the gradient sum in the backward under full recompute, moves the analytic
+    minimum for the padded shapes of each kind, within the canonical layouts' bar (1.1x, and not
+    below 0.95x, up to 512 bytes of scalars). Its gradients are reduce-scattered, not all-reduced:
+    before the reductions padded at their edges (agx.parallel.weight_gradient) fsdp=3 all-reduced
+    19 MiB against a minimum of 0.04 and moved 0.7 MiB by all-to-all."""
+    settings = [f"mesh.{axis}={size}" for axis, size in {"data": 1, **mesh}.items()]
     cfg = load_experiment("gpt3_tiny", ["model.num_layers=2", "model.d_model=256", "model.num_heads=8",
                                         "model.seq_len=128", "model.vocab_size=1024", "train.batch_size=12",
-                                        "model.dtype=float32", "model.scan_unroll=1", "mesh.data=1", "mesh.fsdp=3"])
-    shape = {"pipeline": 1, "data": 1, "fsdp": 3, "context": 1, "tensor": 1}
+                                        "train.microbatches=2", "model.remat=full", "model.dtype=float32",
+                                        "model.scan_unroll=1", *settings])
+    shape = {"pipeline": 1, "data": 1, "fsdp": 1, "context": 1, "tensor": 1, **mesh}
+    shape.pop("zero_stage", None)
     shapes = analytic.StateShapes(cfg)
-    minimum = analytic.collective_bytes(cfg, shapes, shape, None)
+    minimum = analytic.minimum_by_kind(analytic.collective_bytes(cfg, shapes, shape, None))
     assert shapes.stored(cfg, shape).params["ln_f"]["scale"].shape == (258,)
     assert shapes.stored_param_counts(cfg, shape)[0] > param_count(cfg.model)
-    compiled = compile_step(cfg, jax.devices()[:3]).collectives
-    assert compiled["all-gather"]["bytes"] == pytest.approx(minimum["weight all-gather"], rel=0.05)
+    compiled = compile_step(cfg, jax.devices()[:cfg.mesh.data * cfg.mesh.fsdp]).collectives
+    assert set(compiled) <= {kind for kind, n in minimum.items() if n}, compiled
+    assert minimum["reduce-scatter"] > 0
+    for kind, n in minimum.items():
+        got = compiled.get(kind, {"bytes": 0})["bytes"]
+        assert 0.95 * n - 512 <= got <= 1.1 * n + 512, (kind, got, n)
 
 
 def test_hf_export_of_a_padded_run_equals_the_export_of_the_same_weights_unpadded(corpus, tmp_path):

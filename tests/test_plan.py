@@ -1,6 +1,6 @@
 """The planner: collective bytes read from the compiled HLO against the analytic minimum, planned
 memory against the arrays a real run allocates and against XLA's analysis for every GPT-3 size,
-the trillion-parameter plan on 64 Aurora nodes, AuroraGPT-70B on 8, the search's CSV and plot, and
+the trillion-parameter plans on 32 and 64 Aurora nodes, AuroraGPT-70B on 8, the search's CSV and plot, and
 bad input."""
 
 import csv
@@ -240,57 +240,64 @@ def plan_cli(*args, timeout=300):
                           timeout=timeout)
 
 
-# The layout `--search` chose for the trillion (the fewest nodes, fastest estimate): all 12 tiles
-# of 64 nodes, data=48 padding d_model 25600 to 25632; with full recompute, for selective recompute,
-# which keeps the projections under the pipeline since selective became a policy by name, compiles
-# to 66.8 GiB.
-AURORA_1T = ["--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64"] + [
-    a for s in ["mesh.pipeline=4", "mesh.data=48", "mesh.fsdp=1", "mesh.tensor=4", "mesh.zero_stage=3",
-                "mesh.sequence_parallel=true", "model.remat=full", "train.microbatches=1",
-                "pipeline.microbatches=64", "pipeline.repeats=2"] for a in ("--set", s)]
+def trillion(nodes: int, *settings: str) -> list[str]:
+    return ["--experiment", "gpt3_1t", "--system", "aurora", "--nodes", str(nodes)] + [
+        a for s in ("mesh.data=1", "mesh.zero_stage=3", "mesh.sequence_parallel=true", "model.remat=full", *settings)
+        for a in ("--set", s)]
+
+
+def planned(out: str) -> tuple[float, float, dict]:
+    """agx.plan's analytic and compiled total GiB, and its compiled and minimum GiB by collective kind."""
+    total = next(line for line in out.splitlines() if line.strip().startswith("total")).split()
+    section = out.split("and the minimum by kind:")[1].splitlines()[1:]
+    section = section[:next(i for i, line in enumerate(section) if line.split()[0] == "total") + 1]
+    gib = {line.split()[0]: [float(n.replace(",", "")) for n in re.findall(r"([\d,.]+) GiB", line)] for line in section}
+    return float(total[1]), float(total[3]), gib
+
+
+def assert_at_the_minimum(gib: dict):
+    """Gathers and reduce-scatters within 1.2x of the minimum (the issue's bar for the trillion), and
+    not below it (the minimum's floor); all-reduces only of biases and norms."""
+    assert set(gib) == {"all-gather", "reduce-scatter", "all-reduce", "total"}, gib
+    for kind in ("all-gather", "reduce-scatter", "total"):
+        compiled, minimum = gib[kind]
+        assert 0.999 * minimum <= compiled <= 1.2 * minimum, (kind, gib)
+    assert gib["all-reduce"][0] <= 1e-3 * gib["total"][0], gib
 
 
 @pytest.mark.slow
-def test_the_trillion_parameter_model_fits_on_64_aurora_nodes_planned_in_under_a_minute():
+def test_the_trillion_fits_on_32_aurora_nodes_every_tile_at_the_minimum_planned_in_under_a_minute():
+    """fsdp=48 × tensor=8 on all 384 tiles of 32 nodes, as Megatron-DeepSpeed could not: d_model
+    25600 over 48 is stored padded (25632), and the padded weights are gathered and their gradients
+    reduce-scattered as unpadded ones' (agx.parallel.weight_gradient), each layer's gradient added
+    into the sum in the backward (agx.training.accumulation). Measured 57.6 GiB compiled against 55.0
+    analytic, 1.00x the minimum of each kind; 71.3 GiB and 29,434 GiB of all-reduces before."""
     started = time.perf_counter()
-    result = plan_cli(*AURORA_1T)
+    result = plan_cli(*trillion(32, "mesh.fsdp=48", "mesh.tensor=8", "train.microbatches=16"))
     elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
-    assert "fits in 64 GiB: yes (compiled figure)" in out and "compiled on 768 devices" in out
-    total = next(line for line in out.splitlines() if line.strip().startswith("total")).split()
-    analytic_gib, compiled_gib = float(total[1]), float(total[3])
-    assert 0 < analytic_gib < 64 and 0 < compiled_gib < 64
+    assert "fits in 64 GiB: yes (compiled figure)" in result.stdout and "compiled on 384 devices" in result.stdout
+    analytic_gib, compiled_gib, gib = planned(result.stdout)
+    assert analytic_gib <= compiled_gib <= 1.15 * analytic_gib < 64, (analytic_gib, compiled_gib)
+    assert_at_the_minimum(gib)
     assert elapsed < 60, elapsed
-
-
-# The trillion's layout in the "every byte" issue: fsdp=64 × tensor=8 on 64 Aurora nodes' 512 tiles
-ISSUE_1T = ["--experiment", "gpt3_1t", "--system", "aurora", "--nodes", "64"] + [
-    a for s in ["mesh.data=1", "mesh.fsdp=64", "mesh.tensor=8", "mesh.zero_stage=3", "mesh.sequence_parallel=true",
-                "model.remat=full", "train.microbatches=16"] for a in ("--set", s)]
 
 
 @pytest.mark.slow
 def test_the_trillions_compiled_step_moves_at_most_the_minimum_and_a_fifth_in_the_memory_planned():
-    """Weight gathers in bf16, gradients reduce-scattered in f32 each micro-batch, and sequence
+    """The layout of the "every byte" issue, fsdp=64 × tensor=8 on 64 Aurora nodes' 512 tiles.
+    Weight gathers in bf16, gradients reduce-scattered in f32 each micro-batch, and sequence
     parallelism's gathers and reduce-scatters, with the full recompute's: each kind and the total
     within 1.2x of the analytic minimum (measured 1.00x), and none below it (the minimum's floor).
     Memory: the compiled step within 1.15x of the analytic figure (measured 1.06x on jax 0.10, 1.12x
     on 0.5), and not below it: 62.6 GiB before the optimizer ran in place, the layers' gradients were
     summed in the backward (agx.training.accumulation) and the row-parallel weights gathered along
     their outer dimension (agx.parallel.weight_gradient)."""
-    result = plan_cli(*ISSUE_1T)
+    result = plan_cli(*trillion(64, "mesh.fsdp=64", "mesh.tensor=8", "train.microbatches=16"))
     assert result.returncode == 0, result.stderr[-3000:]
-    total = next(line for line in result.stdout.splitlines() if line.strip().startswith("total")).split()
-    analytic_gib, compiled_gib = float(total[1]), float(total[3])
+    analytic_gib, compiled_gib, gib = planned(result.stdout)
     assert analytic_gib <= compiled_gib <= 1.15 * analytic_gib, (analytic_gib, compiled_gib)
-    section = result.stdout.split("and the minimum by kind:")[1].splitlines()[1:5]
-    gib = {line.split()[0]: [float(n.replace(",", "")) for n in re.findall(r"([\d,.]+) GiB", line)] for line in section}
-    assert set(gib) == {"all-gather", "reduce-scatter", "all-reduce", "total"}, section
-    for kind in ("all-gather", "reduce-scatter", "total"):
-        compiled, minimum = gib[kind]
-        assert 0.999 * minimum <= compiled <= 1.2 * minimum, (kind, section)
-    assert gib["all-reduce"][0] <= 1e-3 * gib["total"][0], section  # biases and norms only
+    assert_at_the_minimum(gib)
 
 
 def test_the_trillions_own_mesh_takes_all_768_tiles_of_64_aurora_nodes_padding_its_weights():

@@ -4,8 +4,11 @@ JAX shards an array only evenly, in every release. DeepSpeed's ZeRO does not ask
 partition. agx does the same where the data-parallel axes are concerned: a weight dimension that its
 `fsdp` (and, under ZeRO, `data`) axes do not divide is *stored* rounded up to the next multiple,
 zeros at the end. The model never sees the padding: the step slices each weight back to its logical
-shape inside the jitted function, where uneven intermediates are allowed. The padding's gradient is
-then zero, and AdamW (with weight decay) keeps a zero at zero, so it stays zero for ever and adds
+shape inside the jitted function, where uneven intermediates are allowed (each layer's weights where
+the layer runs, when the backward adds into the gradient sum: agx.training.accumulation). agx's own
+collectives pad at their edges as XLA pads an uneven shard (agx.parallel.weight_gradient), so a
+padded weight is gathered and its gradient reduce-scattered as an unpadded one's. The padding's
+gradient is then zero, and AdamW (with weight decay) keeps a zero at zero, so it stays zero for ever and adds
 nothing to the gradient norm.
 
 Parameters, gradients and optimizer state are stored at one padded shape, the multiple of every
@@ -66,12 +69,6 @@ def stored_shapes(abstract, spec_trees: list, mesh_shape: dict, what: str):
                                                 lambda path=path: f"{what} {jax.tree_util.keystr(path)}"), leaf.dtype)
               for i, (path, leaf) in enumerate(leaves_with_path)]
     return jax.tree_util.tree_unflatten(tree, stored)
-
-
-def any_padded(stored, logical) -> bool:
-    """Whether any leaf of a stored tree is larger than the same leaf at its logical shape."""
-    leaves = jax.tree_util.tree_leaves
-    return any(a.shape != b.shape for a, b in zip(leaves(stored), leaves(logical)))
 
 
 def pad_to(x, shape: tuple):

@@ -9,16 +9,20 @@ their transposes: the table's gradient is scattered into each device's rows and 
 over the axes that gathered its columns, summed over those that split only the batch or the
 sequence. Left to XLA, the lookup became all-to-alls and the table's gradient an all-reduce.
 Without sequence parallelism the tensor ranks' sum is left to XLA: an all-reduce either way.
+Columns that their axes do not divide (padded sharding) are padded before the gather and cut after
+it, as agx.parallel.weight_gradient does.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from agx.compat import shard_map
-from agx.parallel.padding import axis_names, without_unit_axes
+from agx.parallel.padding import axis_names, pad_to, without_unit_axes
 
 
 def lookup(table_VxD, ids_BxT, mesh: Mesh, table_spec: PartitionSpec, ids_spec: PartitionSpec,
@@ -28,9 +32,14 @@ def lookup(table_VxD, ids_BxT, mesh: Mesh, table_spec: PartitionSpec, ids_spec: 
     table_spec, ids_spec, rows_spec = (without_unit_axes(s, mesh.shape) for s in (table_spec, ids_spec, rows_spec))
     vocab_axes, column_axes = axis_names(table_spec[0]), axis_names(table_spec[1])
     scatter = bool(vocab_axes) and set(vocab_axes) <= set(axis_names(rows_spec[1]))  # sequence parallel
+    V, D = table_VxD.shape
+    columns = math.prod(mesh.shape[a] for a in column_axes)
+    table_VxD = pad_to(table_VxD, (V, -(-D // columns) * columns))
 
     def local(table_vxd, ids_bxt):
-        table_vxD = jax.lax.all_gather(table_vxd, column_axes, axis=1, tiled=True) if column_axes else table_vxd
+        table_vxD = table_vxd
+        if column_axes:
+            table_vxD = jax.lax.slice_in_dim(jax.lax.all_gather(table_vxd, column_axes, axis=1, tiled=True), 0, D, axis=1)
         v = table_vxD.shape[0]
         first = jax.lax.axis_index(vocab_axes) * v if vocab_axes else 0
         local_ids_bxt = ids_bxt - first

@@ -14,8 +14,11 @@ shards, so a bf16 model gathers bf16 weights. Its gradient is summed in float32 
 as Megatron reduces a bf16 model's gradients (`accumulate_allreduce_grads_in_fp32`): a sum of bf16
 partials over 64 devices would round at every step of the ring.
 
-Where a weight's stored shape does not divide over its axes (padded sharding, agx.parallel.padding)
-the shard_map cannot take it, and the matmul is left to XLA whole.
+A weight dimension that its data-parallel axes do not divide (padded sharding, agx.parallel.padding)
+is padded at the shard_map's edge, as XLA pads an uneven shard (each of n rows over k devices holds
+ceil(n/k)): the partial gradient is padded with zeros to that multiple before its reduce-scatter and
+cut back after it, and a weight gathered here is padded before its gather and cut after it. Padding
+and cutting only the last shard's padding, XLA moves nothing for them.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from agx.compat import shard_map
-from agx.parallel.padding import axis_names, without_unit_axes
-
+from agx.parallel.padding import axis_names, pad_to, unpad_to, without_unit_axes
 
 
 def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_spec: PartitionSpec, mesh: Mesh):
@@ -53,7 +55,8 @@ def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_
 
     # The weight's gathered dimensions first, as collectives gather along the outermost (a weight
     # gathered along its last dimension had its whole layer stack relaid out for it).
-    order = [d for d, _ in scatters] + [d for d in range(len(w_letters)) if d not in dict(scatters)]
+    scattered = [d for d, *_ in scatters]
+    order = scattered + [d for d in range(len(w_letters)) if d not in scattered]
     gathered_first = f"{x_letters},{''.join(w_letters[d] for d in order)}->{out}"
     product_of_gathered = lambda x, w_first: jnp.einsum(gathered_first, x, w_first)
 
@@ -65,7 +68,7 @@ def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_
         x, cast = saved
         dx = jax.vjp(lambda x_: product_of_gathered(x_, cast), x)[1](dy)[0]
         dw = shard_map(local_gradient, mesh, in_specs=(x_spec, y_spec), out_specs=w_spec)(x, dy)
-        return dx, dw.astype(w.dtype)
+        return dx, unpad_to(dw, w.shape).astype(w.dtype)
 
     product.defvjp(forward, backward)
     return product(x, w)
@@ -89,7 +92,8 @@ def add(x, b, x_spec: PartitionSpec, b_spec: PartitionSpec, mesh: Mesh):
         return x + b.astype(x.dtype)
 
     def backward(_, dy):
-        return dy, shard_map(local_gradient, mesh, in_specs=(x_spec,), out_specs=b_spec)(dy).astype(b.dtype)
+        db = shard_map(local_gradient, mesh, in_specs=(x_spec,), out_specs=b_spec)(dy)
+        return dy, unpad_to(db, b.shape).astype(b.dtype)
 
     plus.defvjp(lambda x, b: (plus(x, b), None), backward)
     return plus(x, b)
@@ -101,21 +105,24 @@ def gathered_copies(w, w_spec: PartitionSpec, axes: tuple, dtype, mesh: Mesh):
     same rows (a tied embedding's lookup and head, the positions, the final norm): each use adds its
     gradient into the device's copy, where nothing is reduced, and the copies' gradient is reduced
     once, in float32, by one reduce-scatter onto w's shards. Each of w's dimensions is split over
-    `axes` alone or not at all (copies_divide)."""
+    `axes` alone or not at all (copies_divide); one they do not divide is padded as this file says."""
     w_spec = without_unit_axes(w_spec, mesh.shape)
     specs = [w_spec[d] if d < len(w_spec) else None for d in range(w.ndim)]
     gathered = [(d, axis_names(a)) for d, a in enumerate(specs) if set(axis_names(a)) & set(axes)]
     copy_spec = PartitionSpec(axes, *(None if (d, axis_names(a)) in gathered else a for d, a in enumerate(specs)))
+    padded = tuple(-(-n // k) * k for n, k in zip(w.shape, (math.prod(mesh.shape[a] for a in axis_names(s))
+                                                             for s in specs)))
 
     def gather(w_local):
         w_local = w_local.astype(dtype)
         for d, over in gathered:
-            w_local = jax.lax.all_gather(w_local, over, axis=d, tiled=True)
+            w_local = jax.lax.slice_in_dim(jax.lax.all_gather(w_local, over, axis=d, tiled=True), 0, w.shape[d], axis=d)
         return w_local[None]
 
     def scatter(d_copy):
         d_local = d_copy[0].astype(jnp.float32)
         for d, over in gathered:
+            d_local = pad_to(d_local, (*d_local.shape[:d], padded[d], *d_local.shape[d + 1:]))
             d_local = jax.lax.psum_scatter(d_local, over, scatter_dimension=d, tiled=True)
         return d_local
 
@@ -125,37 +132,43 @@ def gathered_copies(w, w_spec: PartitionSpec, axes: tuple, dtype, mesh: Mesh):
 
     @jax.custom_vjp
     def copies(w):
-        return on_devices(gather, w_spec, copy_spec)(w)
+        return on_devices(gather, w_spec, copy_spec)(pad_to(w, padded))
 
     def backward(_, d_copies):
-        return (on_devices(scatter, copy_spec, w_spec)(d_copies).astype(w.dtype),)
+        return (unpad_to(on_devices(scatter, copy_spec, w_spec)(d_copies), w.shape).astype(w.dtype),)
 
     copies.defvjp(lambda w: (copies(w), None), backward)
     return copies(w)
 
 
 def copies_divide(w_shape: tuple, w_spec: PartitionSpec, axes: tuple, mesh: Mesh) -> bool:
-    """Whether gathered_copies can hold w: each dimension split over `axes` alone, or not by them,
-    and divided by its axes."""
+    """Whether gathered_copies can hold w: each dimension split over `axes` alone (padded where they
+    do not divide it), or not by them and divided by its axes."""
     for d, n in enumerate(w_shape):
         over = axis_names(w_spec[d] if d < len(w_spec) else None)
-        if set(over) & set(axes) and not set(over) <= set(axes) or n % math.prod(mesh.shape[a] for a in over):
+        if set(over) & set(axes):
+            if not set(over) <= set(axes):
+                return False
+        elif n % math.prod(mesh.shape[a] for a in over):
             return False
     return True
 
 
 def _reduce(dw, reduction: tuple):
-    """A device's partial weight gradient, reduce-scattered onto its shards and all-reduced (_reduction)."""
+    """A device's partial weight gradient, reduce-scattered onto its shards (padded first where its
+    axes do not divide it) and all-reduced (_reduction)."""
     scatters, sums = reduction
-    for dim, axes in scatters:
+    for dim, axes, padded in scatters:
+        dw = pad_to(dw, (*dw.shape[:dim], padded, *dw.shape[dim + 1:]))
         dw = jax.lax.psum_scatter(dw, axes, scatter_dimension=dim, tiled=True)
     return jax.lax.psum(dw, sums) if sums else dw
 
 
 def _reduction(equation, w, x_spec, w_spec, y_spec, mesh):
-    """The weight gradient's collectives: ([(weight dimension, axes reduce-scattered onto it)],
-    axes all-reduced), or None where the shard_map cannot hold them (a dimension its axes do not
-    divide; an index split one way in x and another in the weight)."""
+    """The weight gradient's collectives: ([(weight dimension, axes reduce-scattered onto it, its size
+    padded to their multiple)], axes all-reduced), or None where the shard_map cannot hold them (a
+    dimension split alike in x and the weight that its axes do not divide; an index split one way in
+    x and another in the weight)."""
     ins, out = equation.split("->")
     x_letters, w_letters = ins.split(",")
     axes_of = lambda spec, i: axis_names(spec[i] if i < len(spec) else None)
@@ -165,18 +178,18 @@ def _reduction(equation, w, x_spec, w_spec, y_spec, mesh):
             axes = axes_of(spec, i)
             if split_by.setdefault(letter, axes) != axes:
                 return None
-    for i, n in enumerate(w.shape):
-        if n % math.prod(mesh.shape[a] for a in axes_of(w_spec, i)):
-            return None
     summed = {a for letter, axes in split_by.items() if letter not in w_letters for a in axes}
     scatters = []
     for i, letter in enumerate(w_letters):
         target = axes_of(w_spec, i)
+        k = math.prod(mesh.shape[a] for a in target)
         if target == split_by[letter]:
+            if w.shape[i] % k:
+                return None
             continue
         if split_by[letter] or not set(target) <= summed:
             return None
-        scatters.append((i, target))
+        scatters.append((i, target, -(-w.shape[i] // k) * k))
         summed -= set(target)
     if not scatters and not summed:
         return None

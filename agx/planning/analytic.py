@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec
 from agx.config import Config
 from agx.errors import UserError
 from agx.parallel.mesh import kv_heads_split, logical_rules
-from agx.parallel.padding import any_padded, axis_names, stored_shapes
+from agx.parallel.padding import axis_names, stored_shapes
 from agx.parallel.pipeline import Schedule
 from agx.parallel.zero import bytes_per_device
 from agx.planning.compiled import KINDS
@@ -75,7 +75,7 @@ class StateShapes:
         boxed = jax.eval_shape(init_fn(cfg, make_optimizer(cfg)), jax.random.key(0))
         self.logical, self.abstract = nn.get_partition_spec(boxed), nn.meta.unbox(boxed)
         # a search asks for the same mesh under many settings
-        self._shard_bytes, self._stored, self._counts, self._spec_trees = {}, {}, {}, {}
+        self._shard_bytes, self._stored, self._counts, self._spec_trees, self._split = {}, {}, {}, {}, {}
 
     def shard_bytes(self, part: str, sharded_over_data: bool, cfg: Config, mesh_shape: dict,
                     itemsize: int | None = None) -> int:
@@ -110,6 +110,12 @@ class StateShapes:
         (where: 'layers', 'positions' (learned) or 'rest', how: 'split' by the data-parallel axes (over `data` too where
         over_data), 'whole' where no rule splits them (biases without an 'embed' axis), 'tensor'
         where `tensor` does not split them either: each tensor rank's whole copy)."""
+        key = (cfg.mesh.zero_stage, cfg.mesh.sequence_parallel, tuple(sorted(mesh_shape.items())), over_data)
+        if key not in self._split:
+            self._split[key] = self._data_split_bytes(cfg, mesh_shape, over_data)
+        return self._split[key]
+
+    def _data_split_bytes(self, cfg: Config, mesh_shape: dict, over_data: bool) -> dict:
         stored = self.stored(cfg, mesh_shape)
         if isinstance(stored, str):
             raise UserError(stored)
@@ -164,8 +170,7 @@ def memory(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedul
     if mesh_shape["fsdp"] > 1 or (zero == 3 and mesh_shape["data"] > 1):  # a layer's weights gathered, and the next
         gathered = 2 * shapes.stored_param_counts(cfg, mesh_shape)[1] / m.num_layers / t * 4
     grads = shapes.shard_bytes("params", zero >= 2, cfg, mesh_shape, itemsize=4)
-    stack_padded = any_padded(shapes.stored(cfg, mesh_shape).params["layers"], shapes.abstract.params["layers"])
-    if cfg.train.microbatches > 1 and not accumulation.applies(cfg, schedule is not None, stack_padded):
+    if cfg.train.microbatches > 1 and not accumulation.applies(cfg, schedule is not None):
         grads *= 2  # a micro-batch's gradients, whole, beside their running sum
     result = {"params": shapes.shard_bytes("params", zero >= 3, cfg, mesh_shape),
               "grads": grads,

@@ -23,19 +23,23 @@ import jax
 import jax.numpy as jnp
 
 from agx.config import Config
+from agx.parallel.padding import unpad_to
 
 
-def applies(cfg: Config, pipelined: bool, stack_padded: bool) -> bool:
+def applies(cfg: Config, pipelined: bool) -> bool:
     """Whether the step runs its layers this way: under full recompute, with the layers in the
-    model's own loop (not a pipeline's) and stored at their own shapes (unpadded)."""
-    return cfg.model.remat == "full" and not pipelined and not stack_padded
+    model's own loop (not a pipeline's)."""
+    return cfg.model.remat == "full" and not pipelined
 
 
-def run_layers_into(layer, stack_LxW, sum_LxW, x_BxTxD, rngs_L, unroll: int = 1):
+def run_layers_into(layer, stack_LxW, sum_LxW, x_BxTxD, rngs_L, shapes_LxW, unroll: int = 1):
     """The layers of `stack_LxW` on x, one after another: layer(params, x, rng) -> x, in loops of
     `unroll` layers an iteration. Differentiated, the gradient of `stack_LxW` is `sum_LxW` plus this
-    pass's own gradient; `sum_LxW` has none."""
-    return _run(layer, unroll, stack_LxW, sum_LxW, x_BxTxD, rngs_L)
+    pass's own gradient; `sum_LxW` has none. The stack comes at its stored shapes, as the sum
+    (padded where the mesh does not divide it: agx.parallel.padding), and each layer's weights are
+    cut to `shapes_LxW`'s where it runs: their gradient comes padded, as the sum is."""
+    cut = lambda w: jax.tree_util.tree_map(lambda a, shape: unpad_to(a, shape.shape[1:]), w, shapes_LxW)
+    return _run(lambda w, x_BxTxD, rng: layer(cut(w), x_BxTxD, rng), unroll, stack_LxW, sum_LxW, x_BxTxD, rngs_L)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))

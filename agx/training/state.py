@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from agx.config import Config, ModelConfig
 from agx.errors import UserError
 from agx.models.gpt import GPT
-from agx.parallel.padding import any_padded, pad_to, stored_shapes, unpad_to
+from agx.parallel.padding import pad_to, stored_shapes, unpad_to
 from agx.parallel.zero import ZeroLayouts, mesh_specs, replicated, zero_layouts
 from agx.training.optimizer import AdamW
 
@@ -61,11 +61,6 @@ class StatePlan:
         """ShapeDtypeStructs that carry their shardings: what a checkpoint restores into."""
         return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       self.abstract, self.shardings)
-
-    @property
-    def layers_padded(self) -> bool:
-        """Whether the mesh pads any weight of the layer stack (agx.parallel.padding)."""
-        return any_padded(self.abstract.params["layers"], self.logical.params["layers"])
 
     @property
     def num_params(self) -> int:

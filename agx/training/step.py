@@ -37,13 +37,15 @@ def pipeline_schedule(cfg: Config, mesh_shape) -> Schedule | None:
                          cfg.train.microbatches)
 
 
-def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train: bool, bubble_value: float = 0.0):
+def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train: bool, bubble_value: float = 0.0,
+                  stack_shapes=None):
     """(params, tokens_Bx(T+1), rng) -> mean next-token loss; dropout only when training.
 
     The one place where the model's layers are scheduled: the model's own loop without pipeline
     stages, else its pieces run by the pipeline (GPipe or circular), or by 1F1B when training,
     whose loop computes each micro-batch's loss and gradients at once.
-    bubble_value: what idle pipeline stages start from (a test fills them with NaN)."""
+    bubble_value: what idle pipeline stages start from (a test fills them with NaN).
+    stack_shapes: the layer stack's shapes, where the step accumulates into its gradient sum (below)."""
     C = layout.sequence_split()
     check_divides(cfg.model.seq_len, C)
     m = for_device(cfg.model, layout.mesh.devices.flat[0], C).applied(cfg.model)  # model.attention=auto chosen
@@ -59,7 +61,8 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
 
     def loss_fn(params, tokens_BxT1, rng, layer_grad_sum=None):
         """layer_grad_sum: where the step accumulates into the layers' gradient sum in the backward
-        (agx.training.accumulation), the sum so far; the layers' gradient then includes it."""
+        (agx.training.accumulation), the sum so far; the layers' gradient then includes it, and
+        params['layers'] comes at the sum's stored shapes (padded where the mesh pads it)."""
         tokens_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
         if C > 1:  # each device's positions together: the loss is a mean over all of them, in any order
             in_order = lambda x_BxT: layout.constrain(reorder(x_BxT, C), ("batch", "length"))
@@ -120,7 +123,7 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
             return gpt.layers_fn(m, layout, not dropout, positions_T)(stack_LxW, x_BxTxD, rng)
         rngs_L = gpt.layer_rngs(m, not dropout, rng, m.num_layers)
         return accumulation.run_layers_into(gpt.layer_fn(m, layout, not dropout, positions_T), stack_LxW,
-                                            layer_grad_sum, x_BxTxD, rngs_L, m.scan_unroll)
+                                            layer_grad_sum, x_BxTxD, rngs_L, stack_shapes, m.scan_unroll)
 
     return loss_fn
 
@@ -146,17 +149,20 @@ def make_train_step(cfg: Config, tx: AdamW, plan: StatePlan, mesh: Mesh, schedul
     accumulated = replica_shardings(plan.grad_shardings) if R > 1 else plan.grad_shardings
     constrain_grads = lambda g: jax.lax.with_sharding_constraint(g, accumulated)
     reduce = (lambda g: reduce_replicas(g, plan.grad_shardings, plan.update_shardings, R)) if R > 1 else (lambda g: g)
-    loss_fn = loss_function(cfg, layout, schedule, train=True)
+    loss_fn = loss_function(cfg, layout, schedule, train=True, stack_shapes=plan.logical.params["layers"])
 
     def step_loss(params, tokens_BxT1, rng, step, layer_grad_sum=None):
-        loss = loss_fn(plan.unpad_params(params), tokens_BxT1, rng, layer_grad_sum)  # padding's gradient: zero
+        model_params = plan.unpad_params(params)  # the padding's gradient: zero
+        if layer_grad_sum is not None:  # the stack as stored, as the sum: each layer cut where it runs
+            model_params["layers"] = params["layers"]
+        loss = loss_fn(model_params, tokens_BxT1, rng, layer_grad_sum)
         if cfg.train.fault_nan_steps:  # the fault drill: these steps' loss, and so their gradients, are NaN
             loss = loss * jnp.where(jnp.isin(step + 1, jnp.array(cfg.train.fault_nan_steps)), jnp.nan, 1.0)
         return loss
 
     grad_fn = jax.value_and_grad(step_loss)
     # the layers' gradients added to their sum inside the backward (agx.training.accumulation)
-    fused = accumulation.applies(cfg, schedule is not None, plan.layers_padded)
+    fused = accumulation.applies(cfg, schedule is not None)
     if R > 1:
         grad_fn = per_replica(grad_fn, R, mesh)
 
