@@ -243,7 +243,56 @@ def activation_bytes(cfg: Config, mesh_shape: dict, schedule: Schedule | None) -
 
 
 def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedule: Schedule | None) -> dict:
-    """The least each device must send per step for this layout (ring algorithms), by purpose."""
+    """The least each device must send per step for this layout, by purpose. Each collective is a
+    ring: an all-gather or a reduce-scatter over n devices sends (n-1)/n of the whole array, an
+    all-reduce twice that. M: the step's micro-batches (train.microbatches); W: a device's share of
+    the weights as stored (padded), whole over the data-parallel axes, in float32; a: one layer's
+    input for one micro-batch, [b, T, D] in the compute dtype.
+
+    - **Weight all-gather** (ZeRO-3 and FSDP; Rajbhandari et al. 2020, sec. 5): a layer's weights are
+      gathered in the forward and again in the backward, every micro-batch (one gather serves a full
+      recompute and the backward): 2·M·W_layers, in the compute dtype (ZeRO-3 gathers mixed-precision
+      training's 16-bit weights). Under a pipeline a chunk of 1/R of a stage's weights is used every
+      loop iteration (1F1B: every tick, forward and backward), and gathered each time, bubbles
+      included: holding a stage's weights whole across the loop would cost what sharding them saves.
+      The weights outside the layers (embeddings, final norm) once a step: one copy a device that
+      every micro-batch's lookup and head use (agx.parallel.weight_gradient.gathered_copies). What
+      no rule splits over the data-parallel axes (biases without an 'embed' axis) is not gathered.
+    - **Gradient reduce-scatter** (ZeRO-2, ZeRO-3, FSDP; ibid.): where gradients are sharded, each
+      micro-batch's (and each pipeline iteration's) is reduce-scattered in its backward, in float32
+      (a full gradient is never held); what the data-parallel axes do not split is all-reduced.
+    - **Gradient reduction** (ZeRO-0 and 1 with `data` replicas; agx.parallel.data_parallel): the
+      replicas keep their gradients unreduced until one reduction a step. ZeRO-1: a reduce-scatter
+      onto the optimizer's shards of each weight `data` shards there, an all-reduce of the rest
+      (biases), then the **updated-weight all-gather**; ZeRO-0: an all-reduce of everything.
+    - **Embedding and LM-head gradient all-reduce** (pipelines): every stage embeds and runs the head
+      for its own rows (agx.parallel.pipeline), the tables, positions and final norm whole on every
+      stage, summed over the stages once a step. (Megatron keeps them on the first and last stage
+      and all-reduces a tied table between the two: half these bytes, for p-1 idle stages during the
+      embedding and the head.)
+    - **Tensor parallelism** (Shoeybi et al. 2019, fig. 4): two all-reduces of `a` a layer forward,
+      two backward, plus the embedding's and the LM head's. With sequence parallelism each is an
+      all-gather before the column-parallel matmul and a reduce-scatter after the row-parallel one,
+      of the same bytes (Korthikanti et al. 2022, sec. 4.2.2). A full recompute runs the layer's
+      forward again and needs again what feeds a matmul or the backward: the attention's all-reduce
+      (the MLP's input), not the MLP's (the layer's output); with sequence parallelism both
+      all-gathers and the attention's reduce-scatter. (Megatron's full recompute reruns the MLP's.)
+    - **Sequence-parallel weight-gradient all-reduce** (Korthikanti et al. 2022, sec. 4.2.2; Megatron's
+      all-reduce of the layer norms' gradients): the weights `tensor` does not split but that meet
+      the sequence split over it (norms, the row-parallel biases), every micro-batch; the learned
+      positions' gradient, each rank's own positions, is gathered.
+    - **Cross-entropy statistics all-reduce** (Shoeybi et al. 2019, sec. 3): the vocab-parallel loss's
+      per-token maximum, target logit and sum of exponentials, float32.
+    - **KV-gradient collectives**: grouped-query attention with the KV heads whole on every tensor
+      rank (whole_kv_gradient_bytes).
+    - **Context parallelism** (agx.parallel.context): each layer gathers the KV heads' keys and values
+      forward (again in the backward under full recompute) and reduce-scatters their gradients back;
+      the weights, whole over `context`, have their gradients all-reduced over it in the backward.
+    - **Pipeline send/receive**: every iteration, forward and backward, the stage outputs and the
+      micro-batch buffer, which is then rotated back in order (and back in the backward); 1F1B:
+      every tick, one micro-batch forward and one gradient back. With R > 1, the **circular weight
+      regrouping** of the stored layer order, and back: each device its own shard.
+    """
     m = cfg.model
     p, d, f, t = mesh_shape["pipeline"], mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
     micro, C = cfg.train.microbatches, mesh_shape.get("context", 1)
@@ -252,29 +301,18 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     compute = DTYPE_BYTES[m.dtype] / 4  # a weight is cast to the compute dtype on its shards, then gathered
     # layer passes per micro-batch, bubbles included (idle stages compute on zeros)
     passes = schedule.iterations / (schedule.repeats * schedule.microbatches) if schedule else 1
+    weight_passes = schedule.iterations / schedule.repeats if schedule else 1  # a stage's weights used, a micro-batch
     out = {}
     gathered_over = f * (d if cfg.mesh.zero_stage == 3 else 1)
     stored = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage == 3)  # the weights' layout
-    if gathered_over > 1:  # a layer's weights are gathered in the forward and again in the backward,
-        # every micro-batch (one gather serves a full recompute and the backward); the rest
-        # (embeddings, final norm) once a step, one copy a device that every micro-batch's lookup
-        # and head use (agx.parallel.weight_gradient.gathered_copies); in the compute dtype (ZeRO-3
-        # gathers mixed-precision training's 16-bit weights, Rajbhandari et al. 2020). What no rule
-        # splits over the data-parallel axes (biases without an 'embed' axis) is not gathered.
+    if gathered_over > 1:
         rest = stored["rest", "split"] + stored["positions", "split"]
-        out["weight all-gather"] = (2 * passes * micro * stored["layers", "split"] + rest) * compute * ring(
+        out["weight all-gather"] = (2 * weight_passes * micro * stored["layers", "split"] + rest) * compute * ring(
             gathered_over)
-    # Gradients (ZeRO, Rajbhandari et al. 2020, sec. 5): where they are sharded, their reduce-scatter
-    # is in the backward of every micro-batch (a micro-batch's full gradient is never held), and an
-    # all-reduce of what the data-parallel axes do not split; data replicas keep theirs unreduced
-    # until one reduction a step (agx.parallel.data_parallel): under ZeRO-1 a reduce-scatter onto the
-    # optimizer's shards of each weight that `data` shards there (and an all-reduce of the rest,
-    # biases, which it does not), then an all-gather of the updated shards; under ZeRO-0 an
-    # all-reduce of everything.
     sharded_in_backward = f * (d if cfg.mesh.zero_stage >= 2 else 1)
     if sharded_in_backward > 1:
         grads = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage >= 2)
-        total = lambda how: sum(grads[where, how] for where in ("layers", "positions", "rest"))
+        total = lambda how: weight_passes * grads["layers", how] + grads["positions", how] + grads["rest", how]
         out["gradient reduce-scatter"] = micro * total("split") * ring(sharded_in_backward)
         out["gradient all-reduce"] = micro * 2 * total("whole") * ring(sharded_in_backward)
     if cfg.mesh.zero_stage <= 2 and d > 1:
@@ -282,61 +320,41 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
         split = 0  # of which the weights that ZeRO shards over data
         if cfg.mesh.zero_stage >= 1:
             split = (whole - shapes.shard_bytes("params", True, cfg, mesh_shape, itemsize=4)) * d / (d - 1)
-            out["updated-weight all-gather"] = split * ring(d)  # the updated shards gathered back
+            out["updated-weight all-gather"] = split * ring(d)
         if cfg.mesh.zero_stage <= 1:
             out["gradient reduction"] = (2 * whole - split) * ring(d)
-    if p > 1:  # every stage embeds and runs the LM head for its own rows (agx.parallel.pipeline),
-        # and the tables (tied: one), the learned positions and the final norm are stored whole on
-        # every stage: their gradients are summed over the stages once a step, an all-reduce of the
-        # stored shard. (Megatron keeps them on the first and last stage and all-reduces a tied table
-        # between the two: half these bytes, for p - 1 idle stages during the embedding and the head.)
+    if p > 1:
         outside = sum(stored[where, "split"] / gathered_over + stored[where, "whole"]
                       for where in ("positions", "rest"))
         out["embedding and LM-head gradient all-reduce"] = 2 * outside * ring(p)
     b = cfg.train.batch_size // micro // (d * f)
-    activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # one layer's input, per micro-batch
-    if t > 1:  # Megatron: two all-reduces per layer forward, two backward, plus embedding and LM head
-        # (Shoeybi et al. 2019, fig. 4). With sequence parallelism each is an all-gather before the
-        # column-parallel matmul and a reduce-scatter after the row-parallel one, of the same bytes
-        # (Korthikanti et al. 2022, sec. 4.2.2). A full recompute runs the layer's forward again
-        # before its backward and needs again what feeds a matmul or the backward: the attention's
-        # all-reduce (the MLP's input), not the MLP's (the layer's output); with sequence
-        # parallelism both all-gathers and the attention's reduce-scatter. (Megatron's full
-        # recompute reruns the MLP's too.)
+    activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # a
+    if t > 1:
         layers, full = micro * m.num_layers / p * passes, m.remat == "full"
         if cfg.mesh.sequence_parallel:
             out["sequence-parallel all-gather"] = ((6 if full else 4) * layers + 2 * micro) * activation * ring(t)
             out["sequence-parallel reduce-scatter"] = ((5 if full else 4) * layers + 2 * micro) * activation * ring(t)
         else:
             out["tensor-parallel all-reduce"] = ((5 if full else 4) * layers + 2 * micro) * 2 * activation * ring(t)
-    if t > 1 and cfg.mesh.sequence_parallel:  # the weights that `tensor` does not split but that meet
-        # the sequence split over it (norms, the row-parallel biases) have their gradients summed
-        # over it, every micro-batch (Korthikanti et al. 2022, sec. 4.2.2; Megatron's all-reduce of
-        # the layer norms' gradients); the learned positions' gradient, each rank's own positions,
-        # is gathered
-        unsplit = (stored["layers", "tensor"] + stored["rest", "tensor"]) / gathered_over
+    if t > 1 and cfg.mesh.sequence_parallel:
+        unsplit = (weight_passes * stored["layers", "tensor"] + stored["rest", "tensor"]) / gathered_over
         out["sequence-parallel weight-gradient all-reduce"] = micro * 2 * unsplit * ring(t)
         out["sequence-parallel position-gradient all-gather"] = micro * stored["positions", "tensor"] * ring(t)
-    if t > 1:  # the vocab-parallel cross-entropy's per-token maximum, target logit and sum of exponentials
-        # (Megatron's three all-reduces, Shoeybi et al. 2019, sec. 3), float32, for a device's tokens
+    if t > 1:  # for a device's tokens
         out["cross-entropy statistics all-reduce"] = micro * 3 * b * m.seq_len / (C * p) * 4 * 2 * ring(t)
     if t > 1 and not kv_heads_split(m.kv_heads, t):
         out.update(whole_kv_gradient_bytes(cfg, b, t, micro * m.num_layers / p * passes))
-    if C > 1:  # agx.parallel.context: each layer gathers the KV heads' keys and values, [b, K, s, Q] each,
-        # forward (again in the backward under full remat), and sums their gradients back onto their
-        # devices; the weights, whole over `context`, have their gradients summed over it in the backward
+    if C > 1:  # [b, K, s, Q] keys and values
         kv = 2 * b * m.seq_len * m.kv_heads * m.head_dim / (t if kv_heads_split(m.kv_heads, t) else 1)
         kv *= DTYPE_BYTES[m.dtype] * micro * m.num_layers / p * passes * ring(C)
         out["context K/V all-gather"] = kv * (2 if m.remat == "full" else 1)
         out["context K/V-gradient reduce-scatter"] = kv
         out["context gradient all-reduce"] = micro * 2 * shapes.shard_bytes(
             "params", cfg.mesh.zero_stage >= 2, cfg, mesh_shape, itemsize=4) * ring(C)
-    if schedule:  # every iteration, forward and backward: the stage outputs and the micro-batch buffer,
-        # which is then rotated back in order (and back in the backward; agx.parallel.pipeline);
-        # 1F1B: every tick, one micro-batch forward and one gradient back
+    if schedule:
         K = schedule.microbatches // p
         sent = 2 * schedule.iterations * (1 if schedule.one_f_one_b else 1 + K) + (0 if schedule.one_f_one_b else 2 * K)
         out["pipeline send/receive"] = micro * sent * activation / schedule.microbatches
-        if schedule.repeats > 1:  # the stored layer order regrouped for the circular schedule, and back
-            out["circular weight regrouping"] = micro * 2 * layer_weights * ring(p)
+        if schedule.repeats > 1:
+            out["circular weight regrouping"] = micro * 2 * layer_weights / gathered_over * ring(p)
     return {k: int(v) for k, v in out.items()}
