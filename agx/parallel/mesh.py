@@ -180,8 +180,9 @@ class Layout:
     def lookup(self, table_VxD, ids_BxT):
         """The embedding rows of `ids` [B, T]: [B, T, D]. By agx.parallel.vocab's lookup where the
         table's columns are split (FSDP, ZeRO-3) or the sequence is (sequence parallelism), and the
-        mesh divides the vocabulary and the rows (padded columns are padded there); else by XLA, whose lookup is then the one meant (the rules may place
-        the rows apart first: 'lookup_batch', 'lookup_embed')."""
+        mesh divides the vocabulary and the rows (columns it does not divide are padded there); else
+        by XLA, whose lookup is then the one meant (the rules may place the rows apart first:
+        'lookup_batch', 'lookup_embed')."""
         specs = (self.spec(("vocab", "embed")), self.spec(("batch", "length")), self._stream_specs()[0])
         split = self.tensor_stack() > 1 or math.prod(self.mesh.shape[a] for a in axis_names(specs[0][1])) > 1
         rows_shape = (*ids_BxT.shape, table_VxD.shape[1])

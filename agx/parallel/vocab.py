@@ -38,8 +38,9 @@ def lookup(table_VxD, ids_BxT, mesh: Mesh, table_spec: PartitionSpec, ids_spec: 
 
     def local(table_vxd, ids_bxt):
         table_vxD = table_vxd
-        if column_axes:
-            table_vxD = jax.lax.slice_in_dim(jax.lax.all_gather(table_vxd, column_axes, axis=1, tiled=True), 0, D, axis=1)
+        if column_axes:  # gathered whole, its padding cut
+            gathered_vxD = jax.lax.all_gather(table_vxd, column_axes, axis=1, tiled=True)
+            table_vxD = jax.lax.slice_in_dim(gathered_vxD, 0, D, axis=1)
         v = table_vxD.shape[0]
         first = jax.lax.axis_index(vocab_axes) * v if vocab_axes else 0
         local_ids_bxt = ids_bxt - first
