@@ -41,6 +41,12 @@ def without_unit_axes(spec: PartitionSpec, mesh_shape) -> PartitionSpec:
     return PartitionSpec(*(names[0] if len(names) == 1 else names or None for names in kept))
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple: the stored size of n rows over `multiple` shards, as XLA pads an
+    uneven shard (ceil(n / multiple) rows each)."""
+    return -(-n // multiple) * multiple
+
+
 def stored_shape(shape: tuple, specs: list[PartitionSpec], mesh_shape: dict, what) -> tuple[int, ...]:
     """`shape` with each dimension rounded up to a multiple of the mesh axes that shard it in any of
     `specs`; a UserError in one line where `tensor` or `pipeline` does not divide it. `what()` names
@@ -55,7 +61,7 @@ def stored_shape(shape: tuple, specs: list[PartitionSpec], mesh_shape: dict, wha
                 raise UserError(f"mesh axes {spec[i]} of size {strict} do not divide dimension {n} of {what()} "
                                 f"{tuple(shape)}: tensor and pipeline sizes must divide the model's dimensions")
             multiple = math.lcm(multiple, math.prod(mesh_shape[a] for a in names))
-        stored.append(-(-n // multiple) * multiple)
+        stored.append(round_up(n, multiple))
     return tuple(stored)
 
 

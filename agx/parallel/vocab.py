@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from agx.compat import shard_map
-from agx.parallel.padding import axis_names, pad_to, without_unit_axes
+from agx.parallel.padding import axis_names, pad_to, round_up, without_unit_axes
 
 
 def lookup(table_VxD, ids_BxT, mesh: Mesh, table_spec: PartitionSpec, ids_spec: PartitionSpec,
@@ -34,7 +34,7 @@ def lookup(table_VxD, ids_BxT, mesh: Mesh, table_spec: PartitionSpec, ids_spec: 
     scatter = bool(vocab_axes) and set(vocab_axes) <= set(axis_names(rows_spec[1]))  # sequence parallel
     V, D = table_VxD.shape
     columns = math.prod(mesh.shape[a] for a in column_axes)
-    table_VxD = pad_to(table_VxD, (V, -(-D // columns) * columns))
+    table_VxD = pad_to(table_VxD, (V, round_up(D, columns)))
 
     def local(table_vxd, ids_bxt):
         table_vxD = table_vxd

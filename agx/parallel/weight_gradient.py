@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from agx.compat import shard_map
-from agx.parallel.padding import axis_names, pad_to, unpad_to, without_unit_axes
+from agx.parallel.padding import axis_names, pad_to, round_up, unpad_to, without_unit_axes
 
 
 def matmul(equation: str, x, w, x_spec: PartitionSpec, w_spec: PartitionSpec, y_spec: PartitionSpec, mesh: Mesh):
@@ -110,8 +110,7 @@ def gathered_copies(w, w_spec: PartitionSpec, axes: tuple, dtype, mesh: Mesh):
     specs = [w_spec[d] if d < len(w_spec) else None for d in range(w.ndim)]
     gathered = [(d, axis_names(a)) for d, a in enumerate(specs) if set(axis_names(a)) & set(axes)]
     copy_spec = PartitionSpec(axes, *(None if (d, axis_names(a)) in gathered else a for d, a in enumerate(specs)))
-    padded = tuple(-(-n // k) * k for n, k in zip(w.shape, (math.prod(mesh.shape[a] for a in axis_names(s))
-                                                             for s in specs)))
+    padded = tuple(round_up(n, math.prod(mesh.shape[a] for a in axis_names(s))) for n, s in zip(w.shape, specs))
 
     def gather(w_local):
         w_local = w_local.astype(dtype)
@@ -189,7 +188,7 @@ def _reduction(equation, w, x_spec, w_spec, y_spec, mesh):
             continue
         if split_by[letter] or not set(target) <= summed:
             return None
-        scatters.append((i, target, -(-w.shape[i] // k) * k))
+        scatters.append((i, target, round_up(w.shape[i], k)))
         summed -= set(target)
     if not scatters and not summed:
         return None
