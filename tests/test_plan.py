@@ -95,6 +95,23 @@ def test_data_replicas_reduce_the_gradients_once_a_step_at_the_minimum(zero_stag
     assert all(c["in_loops"] == 0 for c in compiled.values()), compiled
 
 
+@pytest.mark.parametrize("mesh", [("mesh.data=2", "mesh.fsdp=4", "mesh.zero_stage=2"),
+                                  ("mesh.data=8", "mesh.zero_stage=3")])
+def test_zero_2_and_zero_3_over_data_reduce_scatter_each_micro_batch_onto_the_gradients_shards(mesh):
+    """ZeRO-2 keeps the weights whole over `data` and shards their gradients over it: the backward
+    reduce-scatters each micro-batch's gradients straight onto the gradient's shards (it had
+    reduce-scattered them onto the weight's and all-reduced over `data`: 1.17x and 1.81x at data=8).
+    ZeRO-3 over `data` alone (fsdp=1) gathers the weights outside the layers into one copy a device,
+    as over `fsdp` (it had gathered the head's weights twice: 1.06x). Each kind at 1.1x its minimum
+    at most and 0.95x at least, as the canonical layouts."""
+    minimum, compiled, _ = both(small(*mesh, "train.microbatches=2"))
+    minimum = canonical_layouts.minimum_by_kind(minimum)
+    for kind in canonical_layouts.KINDS:
+        moved = compiled.get(kind, {"bytes": 0})["bytes"]
+        assert 0.95 * minimum[kind] - 512 <= moved <= 1.1 * minimum[kind] + 512, (kind, moved, minimum)
+    assert compiled["reduce-scatter"]["in_loops"] == compiled["reduce-scatter"]["bytes"]  # each micro-batch's
+
+
 def test_fsdp_and_sequence_parallel_reductions_are_reduce_scatters_on_a_backend_that_forms_none():
     """XLA's CPU backend turns no all-reduce into a reduce-scatter, so these are agx's own
     (agx.parallel.weight_gradient, .sequence, .vocab). FSDP: each micro-batch's weight gradients

@@ -116,11 +116,14 @@ class Layout:
 
     split_attention: where the rules split a sequence ('length') over devices, the causal attention
     that works across the split (agx.parallel.context), called by the model with its own attention
-    functions; None where each device holds whole sequences."""
+    functions; None where each device holds whole sequences.
+    gradient_rules: where the weights' gradients are reduced to, where that differs from the weights'
+    own rules (ZeRO-2: the gradients sharded over `data`, the weights whole); None: the same."""
 
     mesh: Mesh
     rules: tuple
     split_attention: Callable | None = field(default=None, compare=False)
+    gradient_rules: tuple | None = None
 
     def sequence_split(self) -> int:
         """How many ways a sequence's positions ('length') are split over devices."""
@@ -141,7 +144,8 @@ class Layout:
         """This layout with `axes` taken out of every rule: the layout inside a vmap over them
         (spmd_axis_name), which splits the vmapped dimension over them instead."""
         drop = lambda names: tuple(a for a in axis_names(names) if a not in axes) or None
-        return dataclasses.replace(self, rules=tuple((name, drop(names)) for name, names in self.rules))
+        dropped = lambda rules: rules and tuple((name, drop(names)) for name, names in rules)
+        return dataclasses.replace(self, rules=dropped(self.rules), gradient_rules=dropped(self.gradient_rules))
 
     def tensor_stack(self) -> int:
         """J: the stacked slices in which the model's tensor-parallel matmuls meet the residual
@@ -168,14 +172,14 @@ class Layout:
 
     def matmul(self, equation: str, x, w, x_logical: tuple, w_logical: tuple, y_logical: tuple):
         """einsum(equation, x, w) of an activation and a weight, the weight's gradient reduced onto
-        its shards by the collectives meant (agx.parallel.weight_gradient)."""
-        specs = (self.spec(x_logical), self.spec(w_logical), self.spec(y_logical))
+        the gradient's shards by the collectives meant (agx.parallel.weight_gradient)."""
+        specs = (self.spec(x_logical), self.gradient_spec(w_logical), self.spec(y_logical))
         return weight_gradient.matmul(equation, x, w, *specs, self.mesh)
 
     def add(self, x, b, x_logical: tuple, b_logical: tuple):
-        """x + b of an activation and a bias (or the positions), b's gradient reduced onto its shards
-        by the collectives meant (agx.parallel.weight_gradient)."""
-        return weight_gradient.add(x, b, self.spec(x_logical), self.spec(b_logical), self.mesh)
+        """x + b of an activation and a bias (or the positions), b's gradient reduced onto the
+        gradient's shards by the collectives meant (agx.parallel.weight_gradient)."""
+        return weight_gradient.add(x, b, self.spec(x_logical), self.gradient_spec(b_logical), self.mesh)
 
     def lookup(self, table_VxD, ids_BxT):
         """The embedding rows of `ids` [B, T]: [B, T, D]. By agx.parallel.vocab's lookup where the
@@ -196,6 +200,10 @@ class Layout:
 
     def spec(self, logical: tuple) -> PartitionSpec:
         return nn.logical_to_mesh_axes(logical, self.rules)
+
+    def gradient_spec(self, logical: tuple) -> PartitionSpec:
+        """Where the gradient of a weight of these logical axes is reduced to."""
+        return nn.logical_to_mesh_axes(logical, self.gradient_rules or self.rules)
 
     def sharding(self, logical: tuple) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(logical))

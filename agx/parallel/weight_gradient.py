@@ -99,18 +99,22 @@ def add(x, b, x_spec: PartitionSpec, b_spec: PartitionSpec, mesh: Mesh):
     return plus(x, b)
 
 
-def gathered_copies(w, w_spec: PartitionSpec, axes: tuple, dtype, mesh: Mesh):
-    """w, split over the data-parallel `axes` as w_spec says, gathered whole over them in `dtype`:
-    one copy a device, [n, ...] with n on `axes`. For the weights that run beside the layers on the
-    same rows (a tied embedding's lookup and head, the positions, the final norm): each use adds its
-    gradient into the device's copy, where nothing is reduced, and the copies' gradient is reduced
-    once, in float32, by one reduce-scatter onto w's shards. Each of w's dimensions is split over
-    `axes` alone or not at all (copies_divide); one they do not divide is padded as this file says."""
-    w_spec = without_unit_axes(w_spec, mesh.shape)
-    specs = [w_spec[d] if d < len(w_spec) else None for d in range(w.ndim)]
-    gathered = [(d, axis_names(a)) for d, a in enumerate(specs) if set(axis_names(a)) & set(axes)]
-    copy_spec = PartitionSpec(axes, *(None if (d, axis_names(a)) in gathered else a for d, a in enumerate(specs)))
-    padded = tuple(round_up(n, math.prod(mesh.shape[a] for a in axis_names(s))) for n, s in zip(w.shape, specs))
+def gathered_copies(w, w_spec: PartitionSpec, dw_spec: PartitionSpec, axes: tuple, dtype, mesh: Mesh):
+    """w, laid out by w_spec, gathered whole over the data-parallel `axes` in `dtype`: one copy a
+    device, [n, ...] with n on `axes`. For the weights that run beside the layers on the same rows (a
+    tied embedding's lookup and head, the positions, the final norm): each use adds its gradient
+    into the device's copy, where nothing is reduced, and the copies' gradient is reduced once, in
+    float32, onto the gradient's shards (dw_spec: w_spec, or under ZeRO-2 also split over `data`) by
+    one reduce-scatter, summed over any of `axes` that split no dimension of it. Each of w's
+    dimensions is split over `axes` alone or not at all (copies_divide); one they do not divide is
+    padded as this file says."""
+    w_spec, dw_spec = (without_unit_axes(s, mesh.shape) for s in (w_spec, dw_spec))
+    split = lambda spec: [(d, axis_names(spec[d] if d < len(spec) else None)) for d in range(w.ndim)]
+    gathered, scattered = ([(d, over) for d, over in split(spec) if set(over) & set(axes)] for spec in (w_spec, dw_spec))
+    summed = tuple(a for a in axes if all(a not in over for _, over in scattered))
+    copy_spec = PartitionSpec(axes, *(None if set(over) & set(axes) else over or None for _, over in split(w_spec)))
+    padded = lambda spec: tuple(round_up(n, math.prod(mesh.shape[a] for a in over)) for n, (_, over) in
+                                zip(w.shape, split(spec)))
 
     def gather(w_local):
         w_local = w_local.astype(dtype)
@@ -120,10 +124,10 @@ def gathered_copies(w, w_spec: PartitionSpec, axes: tuple, dtype, mesh: Mesh):
 
     def scatter(d_copy):
         d_local = d_copy[0].astype(jnp.float32)
-        for d, over in gathered:
-            d_local = pad_to(d_local, (*d_local.shape[:d], padded[d], *d_local.shape[d + 1:]))
+        for d, over in scattered:
+            d_local = pad_to(d_local, (*d_local.shape[:d], padded(dw_spec)[d], *d_local.shape[d + 1:]))
             d_local = jax.lax.psum_scatter(d_local, over, scatter_dimension=d, tiled=True)
-        return d_local
+        return jax.lax.psum(d_local, summed) if summed else d_local
 
     # Both ways written out, and unchecked (nothing transposes them): JAX's transpose of the gather
     # would reduce in the copies' dtype.
@@ -131,25 +135,28 @@ def gathered_copies(w, w_spec: PartitionSpec, axes: tuple, dtype, mesh: Mesh):
 
     @jax.custom_vjp
     def copies(w):
-        return on_devices(gather, w_spec, copy_spec)(pad_to(w, padded))
+        return on_devices(gather, w_spec, copy_spec)(pad_to(w, padded(w_spec)))
 
     def backward(_, d_copies):
-        return (unpad_to(on_devices(scatter, copy_spec, w_spec)(d_copies), w.shape).astype(w.dtype),)
+        return (unpad_to(on_devices(scatter, copy_spec, dw_spec)(d_copies), w.shape).astype(w.dtype),)
 
     copies.defvjp(lambda w: (copies(w), None), backward)
     return copies(w)
 
 
-def copies_divide(w_shape: tuple, w_spec: PartitionSpec, axes: tuple, mesh: Mesh) -> bool:
-    """Whether gathered_copies can hold w: each dimension split over `axes` alone (padded where they
-    do not divide it), or not by them and divided by its axes."""
-    for d, n in enumerate(w_shape):
-        over = axis_names(w_spec[d] if d < len(w_spec) else None)
-        if set(over) & set(axes):
-            if not set(over) <= set(axes):
+def copies_divide(w_shape: tuple, specs: tuple, axes: tuple, mesh: Mesh) -> bool:
+    """Whether gathered_copies can hold a weight laid out by specs (the weight's and its gradient's):
+    each dimension split over `axes` alone (padded where they do not divide it), or not by them and
+    divided by its axes, in each."""
+    for spec in specs:
+        spec = without_unit_axes(spec, mesh.shape)
+        for d, n in enumerate(w_shape):
+            over = axis_names(spec[d] if d < len(spec) else None)
+            if set(over) & set(axes):
+                if not set(over) <= set(axes):
+                    return False
+            elif n % math.prod(mesh.shape[a] for a in over):
                 return False
-        elif n % math.prod(mesh.shape[a] for a in over):
-            return False
     return True
 
 

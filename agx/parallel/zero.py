@@ -1,13 +1,16 @@
 """ZeRO stages as sharding choices over the `data` axis.
 
 Stage 0 replicates weights, gradients and optimizer state over `data`; stage 1 shards the optimizer
-state; 2 also the gradients; 3 also the weights. (`fsdp` always shards all three.) XLA then inserts
-the collectives that DeepSpeed hand-codes: all-reduce or reduce-scatter of gradients, all-gather of
-updated weights.
+state; 2 also the gradients; 3 also the weights. (`fsdp` always shards all three.) The collectives
+that DeepSpeed hand-codes are agx's where a gradient is reduced (agx.parallel.weight_gradient and
+.data_parallel: under ZeRO-2 the backward reduce-scatters onto the gradient's shards, which the
+parameters' layout carries as its gradient rules) and XLA's where the layouts alone say what moves
+(the updated weights' all-gather).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -40,7 +43,10 @@ def zero_layouts(mesh: Mesh, mesh_cfg: MeshConfig, kv_heads: int) -> ZeroLayouts
             Layout(mesh, logical_rules(mesh_cfg.zero_stage >= min_stage, mesh_cfg.sequence_parallel, split_kv,
                                        batch_order=mesh_cfg.zero_stage == 3)))
 
-    return ZeroLayouts(params=layout(3), grads=layout(2), opt_state=layout(1))
+    params, grads = layout(3), layout(2)
+    # the model's backward reduces each weight's gradient straight onto the gradient's shards
+    params = params if grads.rules == params.rules else dataclasses.replace(params, gradient_rules=grads.rules)
+    return ZeroLayouts(params=params, grads=grads, opt_state=layout(1))
 
 
 def bytes_per_device(arrays, specs, mesh_shape, what: str, itemsize: int | None = None) -> int:

@@ -54,9 +54,11 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     loss = lambda logits_BxTxV, targets_BxT: cross_entropy(logits_BxTxV, targets_BxT, m.vocab_size)
     stack_logical = gpt.stack_axes(m) if schedule else None  # traced once here, not in every trace of loss_fn
 
-    # the weights outside the layers, where the batch's axes split them and no pipeline runs: gathered
-    # into one copy a device for the embedding and the head (weight_gradient.gathered_copies)
-    copy_axes = tuple(a for a in axis_names(dict(layout.rules)["embed"]) if layout.mesh.shape[a] > 1)
+    # the weights outside the layers, where the batch's axes split their gradients and no pipeline runs:
+    # gathered into one copy a device for the embedding and the head (weight_gradient.gathered_copies),
+    # the copies in the batch's order
+    copy_axes = tuple(a for a in axis_names(layout.spec(("batch",))[0])
+                      if a in axis_names(layout.gradient_spec(("embed",))[0]) and layout.mesh.shape[a] > 1)
     outside_logical = gpt.outside_axes(m) if copy_axes and not schedule else None
 
     def loss_fn(params, tokens_BxT1, rng, layer_grad_sum=None):
@@ -70,7 +72,8 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
         params = dict(params)
         stack_LxW = params.pop("layers")
         copied = outside_logical is not None and all(
-            copies_divide(w.shape, layout.spec(tuple(logical)), copy_axes, layout.mesh)
+            copies_divide(w.shape, (layout.spec(tuple(logical)), layout.gradient_spec(tuple(logical))), copy_axes,
+                          layout.mesh)
             for w, logical in zip(jax.tree_util.tree_leaves(params), _leaves(outside_logical)))
         if schedule is None and layer_grad_sum is None and not copied:
             logits_BxTxV = GPT(m, layout).apply({"params": {**params, "layers": stack_LxW}}, tokens_BxT,
@@ -99,7 +102,8 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
             G = math.prod(layout.mesh.shape[a] for a in axes)
             S = layout.batch_split() // G
             copies = jax.tree_util.tree_map(lambda w, logical: gathered_copies(
-                w, layout.spec(tuple(logical)), axes, m.dtype, layout.mesh), params, outside_logical)
+                w, layout.spec(tuple(logical)), layout.gradient_spec(tuple(logical)), axes, m.dtype, layout.mesh),
+                params, outside_logical)
         groups = lambda x_BxZ, logical: jax.lax.with_sharding_constraint(
             row_groups(x_BxZ, G, S), NamedSharding(layout.mesh, PartitionSpec(axes, *inner.spec(logical))))
         on_groups = lambda f, *in_axes: jax.vmap(f, in_axes=in_axes or 0, spmd_axis_name=axes)
