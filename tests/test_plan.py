@@ -112,6 +112,19 @@ def test_zero_2_and_zero_3_over_data_reduce_scatter_each_micro_batch_onto_the_gr
     assert compiled["reduce-scatter"]["in_loops"] == compiled["reduce-scatter"]["bytes"]  # each micro-batch's
 
 
+def test_a_pipeline_with_zero_3_moves_its_minimum_which_counts_the_stage_recomputes_gathers():
+    """GPipe over 2 stages of 2 layers, ZeRO-3 over data=2 × fsdp=2: each loop iteration gathers a
+    stage's weights three times (forward, the stage's recompute, backward) and reduce-scatters their
+    gradient, bubbles included; the minimum counts them so (it counted two gathers, and this
+    layout's all-gathers moved 1.5x it). Each kind at 1.1x its minimum at most and 0.95x at least."""
+    minimum, compiled, _ = both(small("model.num_layers=4", "mesh.pipeline=2", "mesh.data=2", "mesh.fsdp=2",
+                                      "mesh.zero_stage=3", "pipeline.microbatches=4"))
+    minimum = canonical_layouts.minimum_by_kind(minimum)
+    for kind in canonical_layouts.KINDS:
+        moved = compiled.get(kind, {"bytes": 0})["bytes"]
+        assert 0.95 * minimum[kind] - 512 <= moved <= 1.1 * minimum[kind] + 512, (kind, moved, minimum)
+
+
 def test_fsdp_and_sequence_parallel_reductions_are_reduce_scatters_on_a_backend_that_forms_none():
     """XLA's CPU backend turns no all-reduce into a reduce-scatter, so these are agx's own
     (agx.parallel.weight_gradient, .sequence, .vocab). FSDP: each micro-batch's weight gradients

@@ -255,6 +255,10 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
       training's 16-bit weights). Under a pipeline a chunk of 1/R of a stage's weights is used every
       loop iteration (1F1B: every tick, forward and backward), and gathered each time, bubbles
       included: holding a stage's weights whole across the loop would cost what sharding them saves.
+      And three times, not two, where a chunk has more than one layer: a pipeline keeps only each
+      stage's input and recomputes the chunk in the backward (1F1B: from its stash), a remat whose
+      gathers cannot serve the backward's without holding the chunk's gathered weights from the
+      recompute's first layer to its last.
       The weights outside the layers (embeddings, final norm) once a step: one copy a device that
       every micro-batch's lookup and head use (agx.parallel.weight_gradient.gathered_copies). What
       no rule splits over the data-parallel axes (biases without an 'embed' axis) is not gathered.
@@ -307,7 +311,9 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     stored = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage == 3)  # the weights' layout
     if gathered_over > 1:
         rest = stored["rest", "split"] + stored["positions", "split"]
-        out["weight all-gather"] = (2 * weight_passes * micro * stored["layers", "split"] + rest) * compute * ring(
+        chunk_layers = m.num_layers // (p * schedule.repeats) if schedule else 1
+        gathers = 3 if chunk_layers > 1 else 2  # forward, (a pipeline's chunk recompute,) backward
+        out["weight all-gather"] = (gathers * weight_passes * micro * stored["layers", "split"] + rest) * compute * ring(
             gathered_over)
     sharded_in_backward = f * (d if cfg.mesh.zero_stage >= 2 else 1)
     if sharded_in_backward > 1:
