@@ -107,14 +107,16 @@ def plain_run(corpus):
     return run_steps(cfg, corpus, jax.devices()[:1], steps=2)
 
 
-@pytest.mark.parametrize("prm,mesh,zero_stage,remat,schedule", [
-    ((4, 2, 4), {"fsdp": 2}, 3, "full", "gpipe"),
-    ((2, 1, 2), {"data": 2, "tensor": 2}, 1, "selective", "gpipe"),
-    ((4, 1, 4), {"data": 2}, 2, "full", "1f1b"),
+@pytest.mark.parametrize("prm,mesh,zero_stage,sequence_parallel,remat,schedule", [
+    ((4, 2, 4), {"fsdp": 2}, 3, False, "full", "gpipe"),
+    # data replicas' vmap around the stages' around agx's vocab-parallel lookup: refused by JAX's
+    # check on the newest stack until the lookup's shard_map ran unchecked
+    ((2, 1, 2), {"data": 2, "tensor": 2}, 1, True, "selective", "gpipe"),
+    ((4, 1, 4), {"data": 2}, 2, False, "full", "1f1b"),
 ])
-def test_training_steps_with_accumulation_and_remat_match_the_plain_model(prm, mesh, zero_stage, remat, schedule,
-                                                                          corpus, plain_run):
-    cfg = pipelined(*prm, zero_stage=zero_stage, schedule=schedule, **mesh)
+def test_training_steps_with_accumulation_and_remat_match_the_plain_model(prm, mesh, zero_stage, sequence_parallel,
+                                                                          remat, schedule, corpus, plain_run):
+    cfg = pipelined(*prm, zero_stage=zero_stage, sequence_parallel=sequence_parallel, schedule=schedule, **mesh)
     cfg.train.microbatches, cfg.model.remat = 2, remat
     assert_same_run(run_steps(cfg, corpus, jax.devices(), steps=2), plain_run)
 

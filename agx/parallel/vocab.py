@@ -50,8 +50,11 @@ def lookup(table_VxD, ids_BxT, mesh: Mesh, table_spec: PartitionSpec, ids_spec: 
             return jax.lax.psum_scatter(rows_bxtxD, vocab_axes, scatter_dimension=1, tiled=True)
         return rows_bxtxD[None]
 
-    if scatter:
-        return shard_map(local, mesh, in_specs=(table_spec, ids_spec), out_specs=rows_spec)(table_VxD, ids_BxT)
+    if scatter:  # unchecked: JAX's check refused it under two vmaps with spmd_axis_name (data replicas
+        # around pipeline stages); its one collective, a reduce-scatter, transposes to the same
+        # all-gather either way (the layouts' gradients match one device's: tests/test_pipeline.py)
+        return shard_map(local, mesh, in_specs=(table_spec, ids_spec), out_specs=rows_spec, checked=False)(
+            table_VxD, ids_BxT)
     # Else each vocabulary shard's rows, stacked on its axes and summed by XLA: an all-reduce, whose
     # gradient is each shard's copy, with nothing to reduce (a shard_map's psum would reduce it on
     # jax 0.5.0, which transposes psum to psum).

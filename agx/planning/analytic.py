@@ -360,7 +360,8 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     if schedule:
         K = schedule.microbatches // p
         sent = 2 * schedule.iterations * (1 if schedule.one_f_one_b else 1 + K) + (0 if schedule.one_f_one_b else 2 * K)
-        out["pipeline send/receive"] = micro * sent * activation / schedule.microbatches
+        split = C * (t if cfg.mesh.sequence_parallel else 1)  # the residual stream's ('act_length')
+        out["pipeline send/receive"] = micro * sent * activation / schedule.microbatches / split
         if schedule.repeats > 1:
             out["circular weight regrouping"] = micro * 2 * layer_weights / gathered_over * ring(p)
     return {k: int(v) for k, v in out.items()}

@@ -59,7 +59,16 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     # the copies in the batch's order
     copy_axes = tuple(a for a in axis_names(layout.spec(("batch",))[0])
                       if a in axis_names(layout.gradient_spec(("embed",))[0]) and layout.mesh.shape[a] > 1)
-    outside_logical = gpt.outside_axes(m) if copy_axes and not schedule else None
+    one_f_one_b_loop = train and schedule is not None and schedule.one_f_one_b  # 1F1B: also in its loop
+    outside_logical = gpt.outside_axes(m) if copy_axes and (not schedule or one_f_one_b_loop) else None
+    G = math.prod(layout.mesh.shape[a] for a in copy_axes)
+    inner, S = layout.without(copy_axes), layout.batch_split() // G
+
+    def copies_of(params, axes: tuple):
+        """params gathered into one copy a device of `axes` (weight_gradient.gathered_copies)."""
+        return jax.tree_util.tree_map(lambda w, logical: gathered_copies(
+            w, layout.spec(tuple(logical)), layout.gradient_spec(tuple(logical)), axes, m.dtype, layout.mesh),
+            params, outside_logical)
 
     def loss_fn(params, tokens_BxT1, rng, layer_grad_sum=None):
         """layer_grad_sum: where the step accumulates into the layers' gradient sum in the backward
@@ -80,12 +89,24 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
                                                 deterministic=not dropout, positions_T=positions_T,
                                                 rngs={"dropout": rng} if dropout else None)
             return loss(logits_BxTxV, targets_BxT)
-        if train and schedule and schedule.one_f_one_b:  # the embedding and the head run inside its loop
+        if one_f_one_b_loop:  # the embedding and the head run inside its loop, on each stage's copy
             layers = gpt.layers_fn(m, layout, not dropout, positions_T)
-            embed, head = gpt.embed_fn(m, None, True, positions_T), gpt.head_fn(m, None)  # unconstrained
-            return one_f_one_b.loss(lambda p, t: embed(p, t, None), lambda w, x: layers(w, x, None),
-                                    lambda p, y, t: loss(head(p, y), t), params, stack_LxW, stack_logical,
-                                    tokens_BxT, targets_BxT, schedule, layout.constrain)
+            P = schedule.stages
+            # unconstrained: agx's lookup, a shard_map, does not run under its two vmaps (stages, copies)
+            embed, head = gpt.embed_fn(m, None, True, positions_T), gpt.head_fn(m, None)
+            if copied:  # a stage's copy: one a device of the batch's axes, each for its own rows
+                copies_P = jax.tree_util.tree_map(lambda c: c.reshape(P, G, *c.shape[1:]),
+                                                  copies_of(params, ("pipeline", *copy_axes)))
+                groups, on_groups = _row_groups(inner, copy_axes, G, S)
+                embed_rows = lambda c_G, t_bxT: rows_of_groups(
+                    on_groups(lambda c, t: embed(c, t, None))(c_G, groups(t_bxT, ("batch", "length"))), S)
+                head_loss = lambda c_G, y_bxTxD, t_bxT: on_groups(lambda c, y, t: loss(head(c, y), t))(
+                    c_G, groups(y_bxTxD, ("batch", "act_length", "act_embed")), groups(t_bxT, ("batch", "length"))).mean()
+            else:  # whole on every device of a stage
+                copies_P = pipeline.stage_copies(params, P)
+                embed_rows, head_loss = lambda p, t: embed(p, t, None), lambda p, y, t: loss(head(p, y), t)
+            return one_f_one_b.loss(embed_rows, lambda w, x: layers(w, x, None), head_loss, copies_P, stack_LxW,
+                                    stack_logical, tokens_BxT, targets_BxT, schedule, layout.constrain)
         embed_rng, layers_rng = jax.random.split(rng) if dropout else (None, None)
         if schedule is None and not copied:
             x_BxTxD = gpt.embed_fn(m, layout, not dropout, positions_T)(params, tokens_BxT, embed_rng)
@@ -95,29 +116,25 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
         # the weights outside the layers, whose gradients from every group are summed once: one group a
         # pipeline stage (pipeline.stage_copies), or one a device of the batch's axes (copy_axes)
         if schedule:
-            axes, G, inner, copies = "pipeline", schedule.stages, layout, pipeline.stage_copies(params, schedule.stages)
-            S = layout.batch_split()
+            within, n, S_of = layout, schedule.stages, layout.batch_split()
+            groups, on_groups = _row_groups(layout, "pipeline", n, S_of)
+            copies = pipeline.stage_copies(params, n)
         else:
-            axes, inner = copy_axes, layout.without(copy_axes)
-            G = math.prod(layout.mesh.shape[a] for a in axes)
-            S = layout.batch_split() // G
-            copies = jax.tree_util.tree_map(lambda w, logical: gathered_copies(
-                w, layout.spec(tuple(logical)), layout.gradient_spec(tuple(logical)), axes, m.dtype, layout.mesh),
-                params, outside_logical)
-        groups = lambda x_BxZ, logical: jax.lax.with_sharding_constraint(
-            row_groups(x_BxZ, G, S), NamedSharding(layout.mesh, PartitionSpec(axes, *inner.spec(logical))))
-        on_groups = lambda f, *in_axes: jax.vmap(f, in_axes=in_axes or 0, spmd_axis_name=axes)
-        embed_rngs = jax.random.split(embed_rng, G) if dropout else None
-        x_GxnxTxD = on_groups(gpt.embed_fn(m, inner, not dropout, positions_T), 0, 0, 0 if dropout else None)(
+            within, n, S_of = inner, G, S
+            groups, on_groups = _row_groups(inner, copy_axes, G, S)
+            copies = copies_of(params, copy_axes)
+        embed_rngs = jax.random.split(embed_rng, n) if dropout else None
+        x_GxnxTxD = on_groups(gpt.embed_fn(m, within, not dropout, positions_T), 0, 0, 0 if dropout else None)(
             copies, groups(tokens_BxT, ("batch", "length")), embed_rngs)
         if schedule:
             y_GxnxTxD = pipeline.run(gpt.layers_fn(m, layout, not dropout, positions_T), stack_LxW, stack_logical,
-                                     x_GxnxTxD, schedule, layout.constrain, S, layers_rng, bubble_value=bubble_value)
+                                     x_GxnxTxD, schedule, layout.constrain, S_of, layers_rng,
+                                     bubble_value=bubble_value)
         else:
             x_BxTxD = layout.constrain(rows_of_groups(x_GxnxTxD, S), ("batch", "act_length", "act_embed"))
             y_GxnxTxD = groups(run_layers(x_BxTxD, stack_LxW, layers_rng, layer_grad_sum),
                                ("batch", "act_length", "act_embed"))
-        head = gpt.head_fn(m, inner)
+        head = gpt.head_fn(m, within)
         return on_groups(lambda p, y, t: loss(head(p, y), t))(copies, y_GxnxTxD,
                                                                groups(targets_BxT, ("batch", "length"))).mean()
 
@@ -130,6 +147,16 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
                                             layer_grad_sum, x_BxTxD, rngs_L, stack_shapes, m.scan_unroll)
 
     return loss_fn
+
+
+def _row_groups(within: Layout, axes, G: int, S: int):
+    """(groups, on_groups) for G groups of the batch's rows over the mesh `axes`: groups(x_BxZ,
+    logical) is row_groups' [G, B/G, ...] laid out on `axes` and as `within` lays out the rest;
+    on_groups(f, *in_axes) vmaps f over the groups."""
+    groups = lambda x_BxZ, logical: jax.lax.with_sharding_constraint(
+        row_groups(x_BxZ, G, S), NamedSharding(within.mesh, PartitionSpec(axes, *within.spec(logical))))
+    on_groups = lambda f, *in_axes: jax.vmap(f, in_axes=in_axes or 0, spmd_axis_name=axes)
+    return groups, on_groups
 
 
 def _leaves(logical_tree) -> list:
