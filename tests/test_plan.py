@@ -112,15 +112,18 @@ def test_zero_2_and_zero_3_over_data_reduce_scatter_each_micro_batch_onto_the_gr
     assert compiled["reduce-scatter"]["in_loops"] == compiled["reduce-scatter"]["bytes"]  # each micro-batch's
 
 
-def test_a_pipeline_with_zero_3_moves_its_minimum_which_counts_the_stage_recomputes_gathers():
-    """GPipe over 2 stages of 2 layers, ZeRO-3 over data=2 × fsdp=2: each loop iteration gathers a
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_pipeline_with_zero_3_moves_its_minimum_which_counts_the_stage_recomputes_gathers(schedule):
+    """2 stages of 2 layers, ZeRO-3 over data=2 × fsdp=2: each loop iteration (1F1B: tick) gathers a
     stage's weights three times (forward, the stage's recompute, backward) and reduce-scatters their
     gradient, bubbles included; the minimum counts them so (it counted two gathers, and this
-    layout's all-gathers moved 1.5x it). Each kind at 1.1x its minimum at most and 0.95x at least;
-    not all-to-alls: jax 0.5.0 moves 0.125 MiB of the micro-batch buffer so in the backward (the
-    newest, none), which the minimum does not count."""
+    layout's all-gathers moved 1.5x it). 1F1B's stages each run the embedding and the head on
+    their own copy, one a device, reduced once (each tick's gradient of them was all-reduced: 26x
+    the minimum's all-reduces at fsdp=4). Each kind at 1.1x its minimum at most and 0.95x at least;
+    not all-to-alls: jax 0.5.0 moves 0.1-0.3 MiB of activations so (the newest, none), which the
+    minimum does not count."""
     minimum, compiled, _ = both(small("model.num_layers=4", "mesh.pipeline=2", "mesh.data=2", "mesh.fsdp=2",
-                                      "mesh.zero_stage=3", "pipeline.microbatches=4"))
+                                      "mesh.zero_stage=3", "pipeline.microbatches=4", f"pipeline.schedule={schedule}"))
     minimum = canonical_layouts.minimum_by_kind(minimum)
     for kind in ("all-gather", "reduce-scatter", "all-reduce", "collective-permute"):
         moved = compiled.get(kind, {"bytes": 0})["bytes"]
