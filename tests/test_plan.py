@@ -112,18 +112,27 @@ def test_zero_2_and_zero_3_over_data_reduce_scatter_each_micro_batch_onto_the_gr
     assert compiled["reduce-scatter"]["in_loops"] == compiled["reduce-scatter"]["bytes"]  # each micro-batch's
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_a_pipeline_with_zero_3_moves_its_minimum_which_counts_the_stage_recomputes_gathers(schedule):
-    """2 stages of 2 layers, ZeRO-3 over data=2 × fsdp=2: each loop iteration (1F1B: tick) gathers a
-    stage's weights three times (forward, the stage's recompute, backward) and reduce-scatters their
-    gradient, bubbles included; the minimum counts them so (it counted two gathers, and this
-    layout's all-gathers moved 1.5x it). 1F1B's stages each run the embedding and the head on
-    their own copy, one a device, reduced once (each tick's gradient of them was all-reduced: 26x
-    the minimum's all-reduces at fsdp=4). Each kind at 1.1x its minimum at most and 0.95x at least;
-    not all-to-alls: jax 0.5.0 moves 0.1-0.3 MiB of activations so (the newest, none), which the
-    minimum does not count."""
-    minimum, compiled, _ = both(small("model.num_layers=4", "mesh.pipeline=2", "mesh.data=2", "mesh.fsdp=2",
-                                      "mesh.zero_stage=3", "pipeline.microbatches=4", f"pipeline.schedule={schedule}"))
+PIPELINES = {
+    "GPipe, data=2 × fsdp=2, ZeRO-3": ("gpt3_tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.zero_stage=3"]),
+    "1F1B, data=2 × fsdp=2, ZeRO-3": ("gpt3_tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.zero_stage=3",
+                                                   "pipeline.schedule=1f1b"]),
+}
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_pipelines_move_their_minimum_which_counts_what_the_stage_recompute_moves_again(name):
+    """2 stages of 2 layers. Each loop iteration (1F1B: tick) recomputes a stage from its kept input,
+    so it gathers a stage's sharded weights three times (forward, recompute, backward); the layers'
+    gradients are reduced every iteration, bubbles included. The minimum counts them so (it counted
+    two gathers: 1.5x the minimum's all-gathers). 1F1B's stages each run the embedding and the head
+    on their own copy, one a device, reduced once (each tick's gradient of them was all-reduced:
+    26x the minimum's all-reduces at fsdp=4). Each kind at 1.1x its minimum at most and 0.95x at
+    least; not all-to-alls: jax 0.5.0 moves 0.1-0.3 MiB of activations so (the newest, none),
+    which the minimum does not count."""
+    experiment, settings = PIPELINES[name]
+    cfg = load_experiment(experiment, SMALL + ["model.num_layers=4", "mesh.pipeline=2", "pipeline.microbatches=4",
+                                               *settings])
+    minimum, compiled, _ = both(cfg)
     minimum = canonical_layouts.minimum_by_kind(minimum)
     for kind in ("all-gather", "reduce-scatter", "all-reduce", "collective-permute"):
         moved = compiled.get(kind, {"bytes": 0})["bytes"]

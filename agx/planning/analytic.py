@@ -262,7 +262,8 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
       The weights outside the layers (embeddings, final norm) once a step: one copy a device that
       every micro-batch's lookup and head use (agx.parallel.weight_gradient.gathered_copies). What
       no rule splits over the data-parallel axes (biases without an 'embed' axis) is not gathered.
-    - **Gradient reduce-scatter** (ZeRO-2, ZeRO-3, FSDP; ibid.): where gradients are sharded, each
+    - **Gradient reduce-scatter** (ZeRO-2, ZeRO-3, FSDP; ibid.): where gradients are sharded (ZeRO-2:
+      onto the gradient's shards, the weight whole over `data`), each
       micro-batch's (and each pipeline iteration's) is reduce-scattered in its backward, in float32
       (a full gradient is never held); what the data-parallel axes do not split is all-reduced.
     - **Gradient reduction** (ZeRO-0 and 1 with `data` replicas; agx.parallel.data_parallel): the
@@ -281,6 +282,10 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
       forward again and needs again what feeds a matmul or the backward: the attention's all-reduce
       (the MLP's input), not the MLP's (the layer's output); with sequence parallelism both
       all-gathers and the attention's reduce-scatter. (Megatron's full recompute reruns the MLP's.)
+      A pipeline's chunk recompute (above) runs each layer's forward once more, both its
+      collectives, where a chunk has more than one layer (with one, XLA merges it with the layer's
+      own recompute or backward). The embedding's and the head's: GPipe's stages each for their
+      own rows (1/p of them); 1F1B's every stage every tick, as its layers.
     - **Sequence-parallel weight-gradient all-reduce** (Korthikanti et al. 2022, sec. 4.2.2; Megatron's
       all-reduce of the layer norms' gradients): the weights `tensor` does not split but that meet
       the sequence split over it (norms, the row-parallel biases), every micro-batch; the learned
@@ -290,11 +295,14 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     - **KV-gradient collectives**: grouped-query attention with the KV heads whole on every tensor
       rank (whole_kv_gradient_bytes).
     - **Context parallelism** (agx.parallel.context): each layer gathers the KV heads' keys and values
-      forward (again in the backward under full recompute) and reduce-scatters their gradients back;
-      the weights, whole over `context`, have their gradients all-reduced over it in the backward.
+      forward (again in the backward under full recompute, and in a pipeline's chunk recompute)
+      and reduce-scatters their gradients back; the weights, whole over `context`, have their
+      gradients all-reduced over it in the backward (a pipeline's layers, every loop iteration).
     - **Pipeline send/receive**: every iteration, forward and backward, the stage outputs and the
       micro-batch buffer, which is then rotated back in order (and back in the backward); 1F1B:
-      every tick, one micro-batch forward and one gradient back. With R > 1, the **circular weight
+      every tick, one micro-batch forward and one gradient back; each device its part of the
+      residual stream (split over `context`, and `tensor` under sequence parallelism). With R > 1,
+      the **circular weight
       regrouping** of the stored layer order, and back: each device its own shard.
     """
     m = cfg.model
@@ -306,13 +314,13 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     # layer passes per micro-batch, bubbles included (idle stages compute on zeros)
     passes = schedule.iterations / (schedule.repeats * schedule.microbatches) if schedule else 1
     weight_passes = schedule.iterations / schedule.repeats if schedule else 1  # a stage's weights used, a micro-batch
+    chunk_layers = m.num_layers // (p * schedule.repeats) if schedule else 1  # a pipeline's, each loop iteration
     out = {}
     gathered_over = f * (d if cfg.mesh.zero_stage == 3 else 1)
     stored = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage == 3)  # the weights' layout
     if gathered_over > 1:
         rest = stored["rest", "split"] + stored["positions", "split"]
-        chunk_layers = m.num_layers // (p * schedule.repeats) if schedule else 1
-        gathers = 3 if chunk_layers > 1 else 2  # forward, (a pipeline's chunk recompute,) backward
+        gathers = 3 if chunk_layers > 1 else 2  # forward, (the chunk's recompute,) backward
         out["weight all-gather"] = (gathers * weight_passes * micro * stored["layers", "split"] + rest) * compute * ring(
             gathered_over)
     sharded_in_backward = f * (d if cfg.mesh.zero_stage >= 2 else 1)
@@ -335,13 +343,18 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
         out["embedding and LM-head gradient all-reduce"] = 2 * outside * ring(p)
     b = cfg.train.batch_size // micro // (d * f)
     activation = b * m.seq_len * m.d_model * DTYPE_BYTES[m.dtype]  # a
+    # a pipeline's chunk recompute: each layer's forward again, both its collectives (with one layer a
+    # chunk, XLA merges it with the layer's own recompute or backward)
+    restage = 2 if chunk_layers > 1 else 0
+    # the embedding's and the head's: each GPipe stage for its own rows; 1F1B's every stage, every tick
+    ends = 2 * micro * (1 if not schedule else passes if schedule.one_f_one_b else 1 / p)
     if t > 1:
         layers, full = micro * m.num_layers / p * passes, m.remat == "full"
         if cfg.mesh.sequence_parallel:
-            out["sequence-parallel all-gather"] = ((6 if full else 4) * layers + 2 * micro) * activation * ring(t)
-            out["sequence-parallel reduce-scatter"] = ((5 if full else 4) * layers + 2 * micro) * activation * ring(t)
+            out["sequence-parallel all-gather"] = (((6 if full else 4) + restage) * layers + ends) * activation * ring(t)
+            out["sequence-parallel reduce-scatter"] = (((5 if full else 4) + restage) * layers + ends) * activation * ring(t)
         else:
-            out["tensor-parallel all-reduce"] = ((5 if full else 4) * layers + 2 * micro) * 2 * activation * ring(t)
+            out["tensor-parallel all-reduce"] = (((5 if full else 4) + restage) * layers + ends) * 2 * activation * ring(t)
     if t > 1 and cfg.mesh.sequence_parallel:
         unsplit = (weight_passes * stored["layers", "tensor"] + stored["rest", "tensor"]) / gathered_over
         out["sequence-parallel weight-gradient all-reduce"] = micro * 2 * unsplit * ring(t)
@@ -353,10 +366,13 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     if C > 1:  # [b, K, s, Q] keys and values
         kv = 2 * b * m.seq_len * m.kv_heads * m.head_dim / (t if kv_heads_split(m.kv_heads, t) else 1)
         kv *= DTYPE_BYTES[m.dtype] * micro * m.num_layers / p * passes * ring(C)
-        out["context K/V all-gather"] = kv * (2 if m.remat == "full" else 1)
+        out["context K/V all-gather"] = kv * ((2 if m.remat == "full" else 1) + restage // 2)
         out["context K/V-gradient reduce-scatter"] = kv
-        out["context gradient all-reduce"] = micro * 2 * shapes.shard_bytes(
-            "params", cfg.mesh.zero_stage >= 2, cfg, mesh_shape, itemsize=4) * ring(C)
+        # the layers' gradients every pipeline loop iteration, as their reduce-scatters (above)
+        grads = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage >= 2)
+        layer_shard = grads["layers", "split"] / sharded_in_backward + grads["layers", "whole"]
+        out["context gradient all-reduce"] = micro * 2 * (shapes.shard_bytes(
+            "params", cfg.mesh.zero_stage >= 2, cfg, mesh_shape, itemsize=4) + (weight_passes - 1) * layer_shard) * ring(C)
     if schedule:
         K = schedule.microbatches // p
         sent = 2 * schedule.iterations * (1 if schedule.one_f_one_b else 1 + K) + (0 if schedule.one_f_one_b else 2 * K)

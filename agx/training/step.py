@@ -92,8 +92,8 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
         if one_f_one_b_loop:  # the embedding and the head run inside its loop, on each stage's copy
             layers = gpt.layers_fn(m, layout, not dropout, positions_T)
             P = schedule.stages
-            # unconstrained: agx's lookup, a shard_map, does not run under its two vmaps (stages, copies)
-            embed, head = gpt.embed_fn(m, None, True, positions_T), gpt.head_fn(m, None)
+            within = inner if copied else layout
+            embed, head = gpt.embed_fn(m, within, True, positions_T), gpt.head_fn(m, within)
             if copied:  # a stage's copy: one a device of the batch's axes, each for its own rows
                 copies_P = jax.tree_util.tree_map(lambda c: c.reshape(P, G, *c.shape[1:]),
                                                   copies_of(params, ("pipeline", *copy_axes)))
