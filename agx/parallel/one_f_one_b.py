@@ -39,7 +39,8 @@ def loss(embed_fn, stage_fn, head_loss_fn, params_P, stack_LxW, logical_W, token
 
     def with_gradients(params_P, stack_LxW, tokens_BxT, targets_BxT):
         stack_PxlxW = jax.tree_util.tree_map(lambda w: w[0], stage_view(stack_LxW, logical_W, 1, P, constrain))
-        value, grads = _ticks(embed_fn, stage_fn, head_loss_fn, params_P, stack_PxlxW, split_microbatches(tokens_BxT, M),
+        value, grads = _ticks(embed_fn, stage_fn, head_loss_fn, params_P, stack_PxlxW,
+                              split_microbatches(tokens_BxT, M),
                               split_microbatches(targets_BxT, M), P, M, constrain)
         d_params, d_stack_PxlxW = grads
         d_stack_LxW = jax.tree_util.tree_map(lambda g, w: g.reshape(w.shape), d_stack_PxlxW, stack_LxW)

@@ -110,7 +110,8 @@ def gathered_copies(w, w_spec: PartitionSpec, dw_spec: PartitionSpec, axes: tupl
     padded as this file says."""
     w_spec, dw_spec = (without_unit_axes(s, mesh.shape) for s in (w_spec, dw_spec))
     split = lambda spec: [(d, axis_names(spec[d] if d < len(spec) else None)) for d in range(w.ndim)]
-    gathered, scattered = ([(d, over) for d, over in split(spec) if set(over) & set(axes)] for spec in (w_spec, dw_spec))
+    on_axes = lambda spec: [(d, over) for d, over in split(spec) if set(over) & set(axes)]
+    gathered, scattered = on_axes(w_spec), on_axes(dw_spec)
     summed = tuple(a for a in axes if all(a not in over for _, over in scattered))
     copy_spec = PartitionSpec(axes, *(None if set(over) & set(axes) else over or None for _, over in split(w_spec)))
     padded = lambda spec: tuple(round_up(n, math.prod(mesh.shape[a] for a in over)) for n, (_, over) in

@@ -321,8 +321,8 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     if gathered_over > 1:
         rest = stored["rest", "split"] + stored["positions", "split"]
         gathers = 3 if chunk_layers > 1 else 2  # forward, (the chunk's recompute,) backward
-        out["weight all-gather"] = (gathers * weight_passes * micro * stored["layers", "split"] + rest) * compute * ring(
-            gathered_over)
+        layers_gathered = gathers * weight_passes * micro * stored["layers", "split"]
+        out["weight all-gather"] = (layers_gathered + rest) * compute * ring(gathered_over)
     sharded_in_backward = f * (d if cfg.mesh.zero_stage >= 2 else 1)
     if sharded_in_backward > 1:
         grads = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage >= 2)
@@ -350,11 +350,12 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
     ends = 2 * micro * (1 if not schedule else passes if schedule.one_f_one_b else 1 / p)
     if t > 1:
         layers, full = micro * m.num_layers / p * passes, m.remat == "full"
+        moved = lambda per_layer: ((per_layer + restage) * layers + ends) * activation * ring(t)
         if cfg.mesh.sequence_parallel:
-            out["sequence-parallel all-gather"] = (((6 if full else 4) + restage) * layers + ends) * activation * ring(t)
-            out["sequence-parallel reduce-scatter"] = (((5 if full else 4) + restage) * layers + ends) * activation * ring(t)
+            out["sequence-parallel all-gather"] = moved(6 if full else 4)
+            out["sequence-parallel reduce-scatter"] = moved(5 if full else 4)
         else:
-            out["tensor-parallel all-reduce"] = (((5 if full else 4) + restage) * layers + ends) * 2 * activation * ring(t)
+            out["tensor-parallel all-reduce"] = 2 * moved(5 if full else 4)
     if t > 1 and cfg.mesh.sequence_parallel:
         unsplit = (weight_passes * stored["layers", "tensor"] + stored["rest", "tensor"]) / gathered_over
         out["sequence-parallel weight-gradient all-reduce"] = micro * 2 * unsplit * ring(t)
@@ -371,8 +372,8 @@ def collective_bytes(cfg: Config, shapes: StateShapes, mesh_shape: dict, schedul
         # the layers' gradients every pipeline loop iteration, as their reduce-scatters (above)
         grads = shapes.data_split_bytes(cfg, mesh_shape, cfg.mesh.zero_stage >= 2)
         layer_shard = grads["layers", "split"] / sharded_in_backward + grads["layers", "whole"]
-        out["context gradient all-reduce"] = micro * 2 * (shapes.shard_bytes(
-            "params", cfg.mesh.zero_stage >= 2, cfg, mesh_shape, itemsize=4) + (weight_passes - 1) * layer_shard) * ring(C)
+        shard = shapes.shard_bytes("params", cfg.mesh.zero_stage >= 2, cfg, mesh_shape, itemsize=4)
+        out["context gradient all-reduce"] = micro * 2 * (shard + (weight_passes - 1) * layer_shard) * ring(C)
     if schedule:
         K = schedule.microbatches // p
         sent = 2 * schedule.iterations * (1 if schedule.one_f_one_b else 1 + K) + (0 if schedule.one_f_one_b else 2 * K)

@@ -54,9 +54,9 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
     loss = lambda logits_BxTxV, targets_BxT: cross_entropy(logits_BxTxV, targets_BxT, m.vocab_size)
     stack_logical = gpt.stack_axes(m) if schedule else None  # traced once here, not in every trace of loss_fn
 
-    # the weights outside the layers, where the batch's axes split their gradients and no pipeline runs:
-    # gathered into one copy a device for the embedding and the head (weight_gradient.gathered_copies),
-    # the copies in the batch's order
+    # the weights outside the layers, where the batch's axes split their gradients and no pipeline runs
+    # (or 1F1B's): gathered into one copy a device for the embedding and the head
+    # (weight_gradient.gathered_copies), the copies in the batch's order
     copy_axes = tuple(a for a in axis_names(layout.spec(("batch",))[0])
                       if a in axis_names(layout.gradient_spec(("embed",))[0]) and layout.mesh.shape[a] > 1)
     one_f_one_b_loop = train and schedule is not None and schedule.one_f_one_b  # 1F1B: also in its loop
@@ -101,7 +101,8 @@ def loss_function(cfg: Config, layout: Layout, schedule: Schedule | None, train:
                 embed_rows = lambda c_G, t_bxT: rows_of_groups(
                     on_groups(lambda c, t: embed(c, t, None))(c_G, groups(t_bxT, ("batch", "length"))), S)
                 head_loss = lambda c_G, y_bxTxD, t_bxT: on_groups(lambda c, y, t: loss(head(c, y), t))(
-                    c_G, groups(y_bxTxD, ("batch", "act_length", "act_embed")), groups(t_bxT, ("batch", "length"))).mean()
+                    c_G, groups(y_bxTxD, ("batch", "act_length", "act_embed")),
+                    groups(t_bxT, ("batch", "length"))).mean()
             else:  # whole on every device of a stage
                 copies_P = pipeline.stage_copies(params, P)
                 embed_rows, head_loss = lambda p, t: embed(p, t, None), lambda p, y, t: loss(head(p, y), t)
