@@ -45,7 +45,7 @@ MADE_HERE = []  # the session's own folders, removed when it ends (pytest_sessio
 
 def session_folder(variable: str, prefix: str) -> str:
     """The folder that `variable` names (one a developer keeps between runs), or else a fresh one for
-    this session: made by the process that loads this file first (pytest, or with -n 3 its
+    this session: made by the process that loads this file first (pytest, or with -n 2 its
     controller), and inherited through the environment by the workers and subprocesses it starts."""
     if variable not in os.environ:
         os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
@@ -80,7 +80,7 @@ from agx.recipes import llama_model  # noqa: E402
 from agx.training.loop import Trainer  # noqa: E402
 
 
-# Under pytest-xdist (`-n 3`, as the README's test command runs), each module runs whole on one
+# Under pytest-xdist (`-n 2`, as the README's test command runs), each module runs whole on one
 # worker (--dist loadfile), so that its module-scoped fixtures are built once. The slowest modules
 # go first (measured with --durations), so that the workers finish together. (Not xdist_group
 # markers: with pytest 9.2 and pytest-xdist 3.8 they group nothing.)
