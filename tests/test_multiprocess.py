@@ -33,10 +33,16 @@ def run(command, workdir, *settings, env=None, timeout=300):
     return result
 
 
+# The gradient norm of a two-process run differed from one process's by 1.3e-5 to 7.5e-5 (relative)
+# in runs on a loaded machine (2026-12-02, on that morning's code too): a summation order that
+# depends on the load, suspected in the CPU collectives, not traced. The loss still agrees to 1e-5.
+RTOL = {"loss": 1e-5, "grad_norm": 2e-4, "lr": 1e-5}
+
+
 def assert_same_steps(run_records, reference, steps):
     for step in steps:
-        for key in ("loss", "grad_norm", "lr"):
-            np.testing.assert_allclose(run_records[step][key], reference[step][key], rtol=1e-5,
+        for key, rtol in RTOL.items():
+            np.testing.assert_allclose(run_records[step][key], reference[step][key], rtol=rtol,
                                        err_msg=f"step {step} {key}")
         if "eval_loss" in reference[step]:
             np.testing.assert_allclose(run_records[step]["eval_loss"], reference[step]["eval_loss"], rtol=1e-5)
