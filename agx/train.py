@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from agx.config import Config, load_experiment
-from agx.errors import RunError, UserError, cli_exit
+from agx.errors import RunError, UserError, cli_exit, whole_lines_on_stderr
 from agx import runtime
 
 
@@ -84,6 +84,11 @@ def main(argv=None) -> int:
                         help="checkpoints, metrics, logs (default: runs/EXPERIMENT); a second run resumes there")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan; build nothing")
     args = parser.parse_args(argv)
+    with whole_lines_on_stderr():
+        return _run(args, started)
+
+
+def _run(args, started: float) -> int:
     try:
         cfg = load_experiment(args.experiment, args.set)
         if args.dry_run:

@@ -57,6 +57,33 @@ def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
     assert all(line.startswith("agx: ") for line in result.stderr.splitlines()), result.stderr
 
 
+WHILE_A_THREAD_PRINTS = """
+import sys, threading
+from agx.errors import RunError, cli_exit, whole_lines_on_stderr
+half_written, error_written = threading.Event(), threading.Event()
+
+def library_thread():  # as TensorStore's print a traceback: piece by piece
+    sys.stderr.write("    self."); half_written.set(); error_written.wait(); sys.stderr.write("_check_closed()\\n")
+
+with whole_lines_on_stderr():
+    thread = threading.Thread(target=library_thread); thread.start(); half_written.wait()
+    code = cli_exit(RunError("a checkpoint save failed")); error_written.set(); thread.join()
+sys.exit(code)
+"""
+
+
+@pytest.mark.stack_independent  # Python's streams only
+def test_the_error_line_stays_whole_while_a_library_thread_is_mid_line_on_stderr():
+    """CI's full-disk run: agx's error line landed inside a TensorStore traceback line."""
+    for unbuffered in ("1", ""):
+        env = {**CLI_ENV, "PYTHONUNBUFFERED": unbuffered}
+        result = subprocess.run([sys.executable, "-c", WHILE_A_THREAD_PRINTS], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == ["agx: error: a checkpoint save failed", "    self._check_closed()"], \
+            result.stderr
+
+
 def test_bad_mesh_fails_before_training_starts(tmp_path):
     result = agx_train("--experiment", "gpt3_tiny", "--set", "mesh.data=3", "--workdir", str(tmp_path))
     assert result.returncode == 2 and "agx: error: mesh pipeline=1,data=3,fsdp=1,context=1,tensor=1" in result.stderr
