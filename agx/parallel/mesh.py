@@ -66,10 +66,10 @@ def process_hosts() -> list[str]:
     """Each process's host name, in process order: one all-gather, which every process must join."""
     if jax.process_count() == 1:
         return [socket.gethostname()]
-    from jax.experimental import multihost_utils
+    from agx.runtime.agreement import gather_from_processes
 
     name = np.frombuffer(socket.gethostname().encode()[:255].ljust(256, b"\0"), np.uint8)
-    names = np.asarray(multihost_utils.process_allgather(name)).reshape(jax.process_count(), -1)
+    names = gather_from_processes(name)
     return [bytes(row).rstrip(b"\0").decode() for row in names]
 
 
