@@ -46,10 +46,10 @@ def gather_from_processes(value: np.ndarray) -> np.ndarray:
     all-gather over every device; it returns once every local device has finished it.
 
     `multihost_utils.process_allgather` returns when the first local device has its copy. On CPUs
-    the next program's collectives could then start beside the others' gather (XLA's CPU client
-    orders launches, not completions), and gloo paired the two programs' messages: a two-process
-    run's gradient norm off by 1e-5 in the step after an agreement, or an abort
-    (`op.preamble.length <= op.nbytes`)."""
+    the next program's collectives could then start beside the other devices' gather (XLA's CPU
+    client orders launches, not completions), and gloo pairs messages by their order: suspected in
+    two-process runs that aborted (`op.preamble.length <= op.nbytes`) or whose gradient norm drifted
+    by 1e-5 under load (README, "The two-process resume test and load")."""
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
