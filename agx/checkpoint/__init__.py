@@ -31,12 +31,10 @@ import os
 import re
 import shutil
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -45,7 +43,7 @@ from agx.checkpoint.checksums import ChecksumMismatch, MissingFiles
 from agx.compat import grain
 from agx.config import Config, ModelConfig
 from agx.errors import RunError, UserError
-from agx.runtime.agreement import every_process_says, gather_from_processes
+from agx.runtime.agreement import every_process_says
 
 # The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple", "num_kv_heads",
@@ -330,9 +328,9 @@ class Checkpoints:
 def _all_processes_here(name: str) -> None:
     """A barrier across processes (none in a single-process run)."""
     if jax.process_count() > 1:
-        names = gather_from_processes(np.uint32(zlib.crc32(name.encode())))
-        if len(set(names.tolist())) > 1:
-            raise RunError(f"the processes are at different barriers (this process at {name!r}); every process stops")
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"agx: {name}")
 
 
 def chunked(tree):

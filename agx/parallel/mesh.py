@@ -66,10 +66,10 @@ def process_hosts() -> list[str]:
     """Each process's host name, in process order: one all-gather, which every process must join."""
     if jax.process_count() == 1:
         return [socket.gethostname()]
-    from agx.runtime.agreement import gather_from_processes
+    from jax.experimental import multihost_utils
 
     name = np.frombuffer(socket.gethostname().encode()[:255].ljust(256, b"\0"), np.uint8)
-    names = gather_from_processes(name)
+    names = np.asarray(multihost_utils.process_allgather(name)).reshape(jax.process_count(), -1)
     return [bytes(row).rstrip(b"\0").decode() for row in names]
 
 

@@ -150,7 +150,7 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
                 # Every local device done with the step before another program's collectives start
                 # (the evaluation's, the stop agreement's): two CPU programs in flight crossed gloo
                 # messages (`op.preamble.length <= op.nbytes`) in two-process runs; suspected, not
-                # proven (agx.runtime.agreement.gather_from_processes).
+                # proven (README, "The two-process resume test and load").
                 jax.block_until_ready(state)
                 step_s = time.perf_counter() - timer
                 profile.after(step)
