@@ -30,7 +30,7 @@ MAY_IMPORT = {  # layer -> the layers below it that it may import (and itself)
     "runtime": {"floor", "config"},
     "models": {"floor", "config", "parallel"},  # and of parallel only the layouts (MODEL_MAY_IMPORT)
     "checkpoint": {"floor", "config", "runtime"},  # runtime: processes agree on what to restore
-    "training": {"floor", "config", "models", "parallel", "data", "runtime", "checkpoint"},  # runtime: when to stop
+    "training": {"floor", "config", "models", "parallel", "data", "checkpoint"},
     "interop": {"floor", "config", "models", "parallel", "data", "checkpoint"},
     "planning": {"floor", "config", "models", "parallel", "data", "runtime", "checkpoint", "training"},
     "entry": {"floor", "config", "models", "parallel", "data", "runtime", "checkpoint", "training", "interop",

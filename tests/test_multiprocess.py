@@ -36,8 +36,7 @@ def run(command, workdir, *settings, env=None, timeout=300):
 # Straight runs, one process or two, repeat bit for bit under load (three at once, 2026-12-02). After
 # a restore, under load (this file beside the equivalence tests on two workers), the resumed
 # two-process run's first step differed from one process's: loss 6e-7, gradient norm 1e-5 (and a
-# later step up to 8e-5), while the steps between matched to every digit: programs with collectives in
-# flight at once (README, "The two-process resume test and load"); two runs after the fix did not drift.
+# later step up to 8e-5), while the steps between matched to every digit. Not traced; see the README.
 RTOL = {"loss": 1e-5, "grad_norm": 2e-4, "lr": 1e-5}
 
 

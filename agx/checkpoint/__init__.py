@@ -31,12 +31,10 @@ import os
 import re
 import shutil
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -45,7 +43,7 @@ from agx.checkpoint.checksums import ChecksumMismatch, MissingFiles
 from agx.compat import grain
 from agx.config import Config, ModelConfig
 from agx.errors import RunError, UserError
-from agx.runtime.agreement import every_process_says, gather_from_processes
+from agx.runtime.agreement import every_process_says
 
 # The model fields that fix the parameters' shapes; the others (dtype, remat, dropout) may change.
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size", "vocab_multiple", "num_kv_heads",
@@ -123,8 +121,6 @@ class Checkpoints:
             ocp.type_handlers.register_type_handler(
                 jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
-        if jax.process_count() > 1:
-            _orbax_barriers_through_the_coordination_service()
         # Old steps are renamed into TRASH first (atomic), then deleted: a kill mid-delete must not
         # leave a half-deleted step that still lists as complete.
         # Each step is committed with its checksums (agx/checkpoint/checksums.py).
@@ -332,22 +328,9 @@ class Checkpoints:
 def _all_processes_here(name: str) -> None:
     """A barrier across processes (none in a single-process run)."""
     if jax.process_count() > 1:
-        names = gather_from_processes(np.uint32(zlib.crc32(name.encode())))
-        if len(set(names.tolist())) > 1:
-            raise RunError(f"the processes are at different barriers (this process at {name!r}); every process stops")
+        from jax.experimental import multihost_utils
 
-
-def _orbax_barriers_through_the_coordination_service() -> None:
-    """Orbax's own barriers (several in each save, restore and manager start) are otherwise
-    `multihost_utils.sync_global_devices`: all-gathers that return when the first local device is
-    done (see gather_from_processes). Orbax 0.11, the xpu stack's pin, has no such switch."""
-    from absl import flags
-
-    name = "experimental_orbax_use_distributed_barrier"
-    if name in flags.FLAGS:
-        if not flags.FLAGS.is_parsed():  # agx parses no absl flags; Orbax reads this one at each barrier
-            flags.FLAGS.mark_as_parsed()
-        flags.FLAGS[name].value = True
+        multihost_utils.sync_global_devices(f"agx: {name}")
 
 
 def chunked(tree):

@@ -1,4 +1,4 @@
-"""One answer from every process of the job: within a deadline, or through the devices.
+"""One answer from every process of the job, within a deadline.
 
 Processes can see different things: one host's view of a shared file system may be stale. A
 decision taken on what each process sees alone then differs between processes, and those that
@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-
-import numpy as np
 
 from agx.errors import RunError
 
@@ -39,27 +37,3 @@ def every_process_says(question: str, answer, timeout_s: float) -> list:
             raise RunError(f"process {process} did not say within runtime.init_timeout_s={timeout_s:g} s "
                            f"{question} (is its file system hung?); every process stops") from None
     return answers
-
-
-def gather_from_processes(value: np.ndarray) -> np.ndarray:
-    """Each process's `value` (the same shape on each), stacked in process order, through one
-    all-gather over every device; it returns once every local device has finished it.
-
-    `multihost_utils.process_allgather` returns when the first local device has its copy. On CPUs
-    the next program's collectives could then start beside the other devices' gather (XLA's CPU
-    client orders launches, not completions), and gloo pairs messages by their order: two-process
-    runs aborted (`op.preamble.length <= op.nbytes`) or their gradient norm drifted by 1e-5 under
-    load (README, "The two-process resume test and load")."""
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    value = np.asarray(value)
-    if jax.process_count() == 1:
-        return value[None]
-    devices = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
-    mesh = Mesh(devices, ("processes", "local"))
-    rows = [jax.device_put(value[None], device) for device in jax.local_devices()]
-    stacked = jax.make_array_from_single_device_arrays((jax.process_count(), *value.shape),
-                                                      NamedSharding(mesh, PartitionSpec("processes")), rows)
-    everyone = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))(stacked)
-    return np.asarray(jax.block_until_ready(everyone).addressable_data(0))

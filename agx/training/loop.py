@@ -149,8 +149,8 @@ def train(cfg: Config, workdir: Path, started: float | None = None) -> TrainStat
                 metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
                 # Every local device done with the step before another program's collectives start
                 # (the evaluation's, the stop agreement's): two CPU programs in flight crossed gloo
-                # messages (`op.preamble.length <= op.nbytes`) in two-process runs (README, "The
-                # two-process resume test and load"; agx.runtime.agreement.gather_from_processes).
+                # messages (`op.preamble.length <= op.nbytes`) in two-process runs; suspected, not
+                # proven (README, "The two-process resume test and load").
                 jax.block_until_ready(state)
                 step_s = time.perf_counter() - timer
                 profile.after(step)

@@ -35,12 +35,12 @@ class StopRequest:
         """The first stop signal any process received; every process calls this after each step."""
         import jax
 
-        from agx.runtime.agreement import gather_from_processes
-
         if jax.process_count() == 1:
             return self.signal_name
+        from jax.experimental import multihost_utils
+
         received = self.signal_name and signal.Signals[self.signal_name].value
-        everyone = gather_from_processes(np.int32(received or 0))
+        everyone = multihost_utils.process_allgather(np.int32(received or 0))
         first = next((int(s) for s in np.ravel(everyone) if s), 0)
         return signal.Signals(first).name if first else None
 
